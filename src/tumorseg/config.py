@@ -1,0 +1,315 @@
+"""params.yaml -> one validated, typed config object.
+
+This is the only module that reads ``params.yaml``. Everything downstream receives plain values
+from the :class:`Config` object, so a setting has exactly one source and one default.
+
+A *profile* (``profile: quick``) deep-merges ``profiles.<name>`` over the file's values before
+validation, so the reference settings stay written in ``params.yaml`` while demos and CI run small.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A bad ``params.yaml``: the message names the key and what is wrong with it."""
+
+
+class _Strict(BaseModel):
+    # forbid: an unknown (e.g. misspelled) key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+Probability = Field(ge=0.0, le=1.0)
+
+
+class DataConfig(_Strict):
+    source: Literal["auto", "kaggle", "local", "synthetic"] = "auto"
+    kaggle_dataset: str = "divyaiyer123/brain-tumor-segmentation-with-mask"
+    network_timeout_s: float = Field(5.0, gt=0, le=120)
+    local_path: str | None = None
+    image_dir: str = "images"
+    mask_dir: str = "masks"
+    mask_suffix: str = ""
+    synthetic_count: int = Field(600, ge=1, le=1_000_000)
+    synthetic_size: int = Field(256, ge=32, le=4096)
+
+
+class PrepareConfig(_Strict):
+    on_error: Literal["skip", "fail"] = "skip"
+    mask_threshold: int = Field(127, ge=0, le=254)
+    empty_masks: Literal["skip", "keep"] = "skip"
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    group_by: str = "block:20"
+    size_strata: int = Field(3, ge=1, le=20)
+    workers: int = Field(0, ge=0, le=256)
+
+    @field_validator("group_by")
+    @classmethod
+    def _check_group_by(cls, value: str) -> str:
+        if value == "none":
+            return value
+        kind, _, arg = value.partition(":")
+        if kind == "block":
+            if not arg.isdigit() or int(arg) < 1:
+                raise ValueError("block:N needs a positive integer N, e.g. block:20")
+            return value
+        if kind == "regex":
+            try:
+                pattern = re.compile(arg)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {arg!r}: {exc}") from None
+            if pattern.groups < 1:
+                raise ValueError("regex:PATTERN needs one capture group holding the patient id")
+            return value
+        raise ValueError("must be 'none', 'block:N' or 'regex:PATTERN'")
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> "PrepareConfig":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave room for training (< 1)")
+        return self
+
+
+class _Transform(_Strict):
+    p: float = Probability
+
+
+class LimitTransform(_Transform):
+    limit: float = Field(ge=0.0)
+
+
+class ElasticTransform(_Transform):
+    alpha: float = Field(ge=0.0)
+    sigma: float = Field(gt=0.0)
+
+
+class BrightnessContrast(_Transform):
+    brightness: float = Field(ge=0.0, le=1.0)
+    contrast: float = Field(ge=0.0, le=1.0)
+
+
+class NoiseTransform(_Transform):
+    std: float = Field(ge=0.0, le=1.0)
+
+
+class AugmentConfig(_Strict):
+    copies_per_image: int = Field(2, ge=0, le=100)
+    preview_pairs: int = Field(6, ge=1, le=50)
+    rotate: LimitTransform = LimitTransform(p=0.5, limit=15)
+    translate: LimitTransform = LimitTransform(p=0.5, limit=0.0625)
+    scale: LimitTransform = LimitTransform(p=0.5, limit=0.1)
+    hflip: _Transform = _Transform(p=0.5)
+    vflip: _Transform = _Transform(p=0.2)
+    elastic: ElasticTransform = ElasticTransform(p=0.2, alpha=30.0, sigma=6.0)
+    brightness_contrast: BrightnessContrast = BrightnessContrast(p=0.5, brightness=0.15, contrast=0.15)
+    noise: NoiseTransform = NoiseTransform(p=0.3, std=0.03)
+    crop_pad: LimitTransform = LimitTransform(p=0.3, limit=0.08)
+
+    @field_validator("translate", "crop_pad")
+    @classmethod
+    def _fraction_limit(cls, value: LimitTransform) -> LimitTransform:
+        if value.limit >= 0.5:
+            raise ValueError("limit is a fraction of the image size and must be < 0.5")
+        return value
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_limit(cls, value: LimitTransform) -> LimitTransform:
+        if value.limit >= 1.0:
+            raise ValueError("limit is a relative zoom and must be < 1")
+        return value
+
+
+class LossConfig(_Strict):
+    """The reference loss: weighted BCE + soft Dice + Tversky."""
+
+    bce_weight: float = Field(1.0, ge=0.0)
+    dice_weight: float = Field(1.0, ge=0.0)
+    tversky_weight: float = Field(1.0, ge=0.0)
+    tversky_alpha: float = Field(0.3, ge=0.0, le=1.0)  # weight of false positives
+    tversky_beta: float = Field(0.7, ge=0.0, le=1.0)  # weight of false negatives
+    smooth: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _some_term(self) -> "LossConfig":
+        if self.bce_weight + self.dice_weight + self.tversky_weight <= 0:
+            raise ValueError("at least one of bce_weight, dice_weight, tversky_weight must be > 0")
+        return self
+
+
+class UNetConfig(_Strict):
+    """Base U-Net trained from scratch; HAC and CASPP are switchable for ablations."""
+
+    base_filters: int = Field(32, ge=4, le=256)
+    depth: int = Field(4, ge=2, le=5)
+    use_hac: bool = True
+    use_caspp: bool = True
+    caspp_rates: tuple[int, ...] = (1, 2, 4, 6)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    bn_momentum: float = Field(0.9, gt=0.0, lt=1.0)
+
+    @field_validator("caspp_rates")
+    @classmethod
+    def _positive_rates(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(rate < 1 for rate in value):
+            raise ValueError("needs one or more dilation rates >= 1")
+        return value
+
+
+class UMobileNetV2Config(_Strict):
+    """MobileNetV2 encoder + U-Net decoder."""
+
+    alpha: float = Field(1.0, gt=0.0, le=1.4)
+    encoder_weights: str = "imagenet"  # imagenet | none | path to a .h5/.keras weights file
+    decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # keras.applications builds BatchNorm with momentum 0.999; from scratch its moving statistics
+    # lag so far behind that inference-mode predictions are empty. 0.9 tracks them.
+    bn_momentum: float = Field(0.9, gt=0.0, lt=1.0)
+    freeze_epochs: int = Field(0, ge=0)
+    fine_tune_lr_factor: float = Field(0.1, gt=0.0, le=1.0)
+
+    @field_validator("decoder_filters")
+    @classmethod
+    def _five_stages(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if len(value) != 5 or any(f < 1 for f in value):
+            raise ValueError("needs 5 positive filter counts (strides 16, 8, 4, 2, 1)")
+        return value
+
+
+class ModelsConfig(_Strict):
+    unet: UNetConfig = UNetConfig()
+    umobilenetv2: UMobileNetV2Config = UMobileNetV2Config()
+
+
+class Config(_Strict):
+    """The whole validated configuration (after the profile is applied)."""
+
+    profile: str = "full"
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(8, ge=1, le=4096)
+    image_size: int = Field(256, ge=32, le=2048)
+    seed: int = Field(42, ge=0, le=2**31 - 1)
+    data: DataConfig = DataConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    augment: AugmentConfig = AugmentConfig()
+    loss: LossConfig = LossConfig()
+    models: ModelsConfig = ModelsConfig()
+
+    @field_validator("image_size")
+    @classmethod
+    def _divisible_by_32(cls, value: int) -> int:
+        if value % 32:
+            raise ValueError(f"must be divisible by 32 (the models downsample 5 times), got {value}")
+        return value
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted-key view (``data.source``), e.g. for logging as MLflow params."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any], path: str = "") -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        dotted = f"{path}{key}"
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value, dotted + ".")
+        elif isinstance(value, dict) and key in merged:
+            raise ConfigError(f"params: profiles override `{dotted}` with a section, but it is a value")
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def resolve_profile(raw: dict[str, Any]) -> dict[str, Any]:
+    """Apply ``profiles[profile]`` over the file's values; drop the ``profiles`` table."""
+    raw = dict(raw)
+    profiles = raw.pop("profiles", None) or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError("params: `profiles` must be a mapping of profile name -> overrides")
+    name = raw.get("profile", "full")
+    if name == "full":
+        return raw
+    if name not in profiles:
+        known = ", ".join(["full", *profiles]) or "full"
+        raise ConfigError(f"params: `profile` is {name!r}, which is not defined; use one of: {known}")
+    override = profiles[name] or {}
+    if not isinstance(override, dict):
+        raise ConfigError(f"params: `profiles.{name}` must be a mapping of overrides")
+    if "profile" in override or "profiles" in override:
+        raise ConfigError(f"params: `profiles.{name}` may not set `profile` or `profiles`")
+    return _deep_merge(raw, override)
+
+
+def _format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (misspelled, or not a setting of this version)"
+        elif item["type"] != "value_error" and not isinstance(item.get("input"), dict):
+            message += f" (got {item.get('input')!r})"
+        lines.append(f"  `{key}`: {message}")
+    return "invalid params:\n" + "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate an already-parsed params mapping (profile applied here)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("params: the file must hold a mapping of keys to values")
+    try:
+        return Config.model_validate(resolve_profile(raw))
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error)) from None
+
+
+def load_config(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate ``params.yaml``; ``overrides`` are dotted keys applied before the profile."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found (run from the project root or pass --params)") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if overrides:
+        raw = _deep_merge(raw, _unflatten(overrides))
+    try:
+        return config_from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        node = tree
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
