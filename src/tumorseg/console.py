@@ -1,0 +1,68 @@
+"""Shared front-end behaviour of the CLI and the DVC stage scripts.
+
+Errors that come from bad input or settings (not bugs) are printed as one readable line with
+no traceback; set ``TUMORSEG_DEBUG=1`` to see the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+from tumorseg.config import ConfigError
+from tumorseg.data.prepare import NoValidPairs, PrepareError
+from tumorseg.data.sources import SourceError
+from tumorseg.io import OutputError
+
+F = TypeVar("F", bound=Callable[..., int | None])
+
+# Exit codes: 1 = a user-fixable error (message says what), 2 = nothing valid to work on.
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, SourceError, PrepareError, OutputError, FileNotFoundError)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def show_progress() -> bool:
+    """Progress bars on a terminal; off in CI logs and pipes unless asked for."""
+    forced = os.environ.get("TUMORSEG_PROGRESS")
+    if forced is not None:
+        return forced not in ("0", "false", "no")
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def friendly_errors(func: F) -> F:
+    """Turn expected errors into ``error: ...`` on stderr and an exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            return func(*args, **kwargs) or 0
+        except NoValidPairs as exc:
+            _report(exc)
+            return 2
+        except USER_ERRORS as exc:
+            _report(exc)
+            return 1
+        except KeyboardInterrupt:
+            print("interrupted: outputs were left as they were before this run", file=sys.stderr)
+            return 130
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _report(exc: BaseException) -> None:
+    if os.environ.get("TUMORSEG_DEBUG"):
+        import traceback
+
+        traceback.print_exception(exc)
+    print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,148 @@
+"""The reference augmentation, built with albumentations from ``params.yaml``'s ``augment`` section.
+
+One :func:`build_augmentation` serves both the offline augment stage and on-the-fly use in
+training, so the two can never drift apart. Image and mask always pass through the same
+``Compose`` call (albumentations applies the geometric part to both, with nearest-neighbour for
+the mask, and the intensity part to the image only), so they stay aligned and the mask binary.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import (offline machines)
+
+import albumentations as A  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from tumorseg.io import atomic_directory, atomic_write_json, atomic_write_png  # noqa: E402
+
+
+def build_augmentation(settings: dict[str, Any], seed: int | None) -> A.Compose:
+    """Compose the eight reference transform kinds; each has its own probability and limits.
+
+    ``settings`` is ``Config.augment.model_dump()``. Geometric transforms pad with black
+    (background), never with reflected anatomy that would put a second tumour in the image.
+    """
+    s = settings
+    constant = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0}
+    transforms = [
+        A.Affine(rotate=(-s["rotate"]["limit"], s["rotate"]["limit"]), p=s["rotate"]["p"], **constant),
+        A.Affine(
+            translate_percent={"x": (-s["translate"]["limit"], s["translate"]["limit"]), "y": (-s["translate"]["limit"], s["translate"]["limit"])},
+            p=s["translate"]["p"],
+            **constant,
+        ),
+        A.Affine(scale=(1 - s["scale"]["limit"], 1 + s["scale"]["limit"]), p=s["scale"]["p"], **constant),
+        A.HorizontalFlip(p=s["hflip"]["p"]),
+        A.VerticalFlip(p=s["vflip"]["p"]),
+        A.ElasticTransform(alpha=s["elastic"]["alpha"], sigma=s["elastic"]["sigma"], p=s["elastic"]["p"], **constant),
+        A.CropAndPad(percent=(-s["crop_pad"]["limit"], s["crop_pad"]["limit"]), keep_size=True, p=s["crop_pad"]["p"], **constant),
+        A.RandomBrightnessContrast(
+            brightness_limit=s["brightness_contrast"]["brightness"],
+            contrast_limit=s["brightness_contrast"]["contrast"],
+            p=s["brightness_contrast"]["p"],
+        ),
+        A.GaussNoise(std_range=(0.0, s["noise"]["std"]), p=s["noise"]["p"]),
+    ]
+    return A.Compose(transforms, seed=seed)
+
+
+def apply(pipeline: A.Compose, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Augment one pair; the mask comes back exactly {0, 255}."""
+    result = pipeline(image=image, mask=mask)
+    out_mask = np.where(result["mask"] > 127, 255, 0).astype(np.uint8)
+    return result["image"], out_mask
+
+
+@dataclass
+class AugmentReport:
+    source_pairs: int
+    augmented_pairs: int
+    copies_per_image: int
+
+
+def _read_gray(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise ValueError(f"{path} cannot be read as an image; re-run the prepare stage (`dvc repro -f prepare`)")
+    return image
+
+
+def augment_dataset(
+    train_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    settings: dict[str, Any],
+    copies_per_image: int,
+    seed: int,
+    progress: bool = True,
+) -> AugmentReport:
+    """Write ``copies_per_image`` augmented copies of every training pair to ``out_dir``.
+
+    Copies are named ``<id>__aug<k>.png`` so a copy is always traceable to (and split with) its
+    original. Only the training split is ever augmented. Replaced atomically.
+    """
+    train_dir, out_dir = Path(train_dir), Path(out_dir)
+    names = sorted(p.name for p in (train_dir / "images").glob("*.png"))
+    pipeline = build_augmentation(settings, seed)
+    with atomic_directory(out_dir) as staging:
+        for name in tqdm(names, desc="augment", unit="pair", disable=not progress):
+            image = _read_gray(train_dir / "images" / name)
+            mask = _read_gray(train_dir / "masks" / name)
+            for copy in range(copies_per_image):
+                aug_image, aug_mask = apply(pipeline, image, mask)
+                out_name = f"{Path(name).stem}__aug{copy + 1}.png"
+                atomic_write_png(staging / "images" / out_name, aug_image)
+                atomic_write_png(staging / "masks" / out_name, aug_mask)
+        (staging / "images").mkdir(exist_ok=True)
+        (staging / "masks").mkdir(exist_ok=True)
+        report = AugmentReport(len(names), len(names) * copies_per_image, copies_per_image)
+        atomic_write_json(staging / "report.json", report.__dict__)
+    return report
+
+
+def outline(mask: np.ndarray) -> np.ndarray:
+    """Boolean image of the mask's boundary pixels (for overlays)."""
+    binary = (mask > 127).astype(np.uint8)
+    return (binary - cv2.erode(binary, np.ones((3, 3), np.uint8))).astype(bool)
+
+
+def overlay_outline(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (0, 255, 0)) -> np.ndarray:
+    """Grayscale image as BGR with the mask outline drawn in ``colour``."""
+    canvas = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image.copy()
+    canvas[outline(mask)] = colour
+    return canvas
+
+
+def preview_grid(train_dir: str | Path, settings: dict[str, Any], *, rows: int, copies: int, seed: int) -> np.ndarray:
+    """Rows of (original, augmented copies...) with the mask outline drawn on each tile."""
+    train_dir = Path(train_dir)
+    names = sorted(p.name for p in (train_dir / "images").glob("*.png"))
+    if not names:
+        raise ValueError(f"no training images in {train_dir / 'images'}")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(names), size=min(rows, len(names)), replace=False))
+    pipeline = build_augmentation(settings, seed)
+    lines = []
+    for index in chosen:
+        image = _read_gray(train_dir / "images" / names[index])
+        mask = _read_gray(train_dir / "masks" / names[index])
+        tiles = [overlay_outline(image, mask, (0, 0, 255))]
+        for _ in range(copies):
+            tiles.append(overlay_outline(*apply(pipeline, image, mask)))
+        lines.append(np.concatenate([_pad(t) for t in tiles], axis=1))
+    return np.concatenate(lines, axis=0)
+
+
+def _pad(tile: np.ndarray, border: int = 2) -> np.ndarray:
+    return cv2.copyMakeBorder(tile, border, border, border, border, cv2.BORDER_CONSTANT, value=(255, 255, 255))
+
+
+def write_preview(path: str | Path, grid: np.ndarray) -> Path:
+    return atomic_write_png(path, grid)

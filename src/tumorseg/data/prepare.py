@@ -1,0 +1,456 @@
+"""Pair-validate, resize and split image/mask pairs into ``OUT/{train,val,test}/{images,masks}``.
+
+Bad data never crashes the stage: every pair that fails a check is skipped with a named reason
+(or, with ``on_error="fail"``, stops the stage with a message naming the file). The split is
+grouped (by patient id, or by contiguous blocks of file numbers where neighbouring numbers are
+slices of one patient) so no patient — and no duplicate image — lands on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+from tumorseg.data.sources import IMAGE_EXTENSIONS
+from tumorseg.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text, encode_png
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+MAX_PIXELS = 64_000_000  # larger "images" are almost surely not MRI slices; refuse before decoding
+
+# Skip reasons (stable strings: they are keys in report.json).
+ORPHAN_IMAGE = "orphan_image"
+ORPHAN_MASK = "orphan_mask"
+AMBIGUOUS_NAME = "ambiguous_name"
+EMPTY_FILE = "empty_file"
+UNREADABLE = "unreadable"
+TOO_LARGE = "too_large"
+SIZE_MISMATCH = "size_mismatch"
+EMPTY_MASK = "empty_mask"
+DUPLICATE_IMAGE = "duplicate_image"
+
+
+class PrepareError(RuntimeError):
+    """A pair failed a check under ``on_error=fail``, or the input cannot be prepared at all."""
+
+
+class NoValidPairs(PrepareError):
+    """Nothing survived the checks: the stage exits with code 2."""
+
+
+@dataclass
+class PairOutcome:
+    """The result of checking one pair (computed in a worker process)."""
+
+    name: str
+    image_path: str
+    mask_path: str
+    reason: str | None = None
+    detail: str = ""
+    sha256: str = ""
+    pixel_hash: str = ""
+    area_fraction: float = 0.0
+    height: int = 0
+    width: int = 0
+    mask_binarised: bool = False
+
+
+@dataclass
+class PrepareReport:
+    valid_pairs: int
+    skipped: list[dict[str, str]]
+    skipped_by_reason: dict[str, int]
+    masks_binarised: int
+    splits: dict[str, int]
+    groups: dict[str, int]
+    group_by: str
+    image_size: int
+    seconds: float = field(default=0.0, compare=False)
+
+    def to_json(self) -> dict:
+        payload = asdict(self)
+        payload.pop("seconds")  # timing is not a reproducible output; printed, not stored
+        return payload
+
+
+# --------------------------------------------------------------------------------------------
+# Pairing by name
+# --------------------------------------------------------------------------------------------
+
+
+def _list_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise PrepareError(f"{folder} is not a folder")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def pair_files(images_dir: Path, masks_dir: Path, mask_suffix: str = "") -> tuple[list[tuple[str, Path, Path]], list[PairOutcome]]:
+    """Match images to masks by file stem (``stem`` ↔ ``stem + mask_suffix``, any image extension)."""
+    images: dict[str, list[Path]] = {}
+    for path in _list_images(images_dir):
+        images.setdefault(path.stem, []).append(path)
+    masks: dict[str, list[Path]] = {}
+    for path in _list_images(masks_dir):
+        stem = path.stem
+        if mask_suffix:
+            if not stem.endswith(mask_suffix):
+                masks.setdefault(f"\0{stem}", []).append(path)  # cannot match any image
+                continue
+            stem = stem[: -len(mask_suffix)]
+        masks.setdefault(stem, []).append(path)
+
+    pairs, problems = [], []
+    for stem in sorted(set(images) | set(masks)):
+        image_list, mask_list = images.get(stem, []), masks.get(stem, [])
+        display = stem.lstrip("\0")
+        if len(image_list) > 1 or len(mask_list) > 1:
+            names = ", ".join(p.name for p in image_list + mask_list)
+            first = (image_list or mask_list)[0]
+            problems.append(PairOutcome(display, str(first), "", AMBIGUOUS_NAME, f"several files share the name {display!r}: {names}"))
+        elif not mask_list:
+            problems.append(PairOutcome(display, str(image_list[0]), "", ORPHAN_IMAGE, f"no mask named {display}{mask_suffix}.* in {masks_dir}"))
+        elif not image_list:
+            problems.append(PairOutcome(display, "", str(mask_list[0]), ORPHAN_MASK, f"no image named {display}.* in {images_dir}"))
+        else:
+            pairs.append((display, image_list[0], mask_list[0]))
+    return pairs, problems
+
+
+# --------------------------------------------------------------------------------------------
+# Checking and resizing one pair (runs in worker processes)
+# --------------------------------------------------------------------------------------------
+
+
+def _decode(data: bytes) -> np.ndarray | None:
+    array = np.frombuffer(data, dtype=np.uint8)
+    try:
+        return cv2.imdecode(array, cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        return None
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """Width/height from a PNG header without decoding, to refuse decompression bombs cheaply."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
+
+
+def to_gray_uint8(image: np.ndarray) -> np.ndarray:
+    """Any decoded image (gray/BGR/BGRA, 8/16-bit/float) -> 8-bit single channel."""
+    if image.ndim == 3:
+        if image.shape[2] == 4:
+            image = image[:, :, :3]
+        if image.shape[2] == 3:
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        else:
+            image = image[:, :, 0]
+    if image.dtype == np.uint8:
+        return image
+    image = image.astype(np.float64)
+    low, high = float(image.min()), float(image.max())
+    if high <= low:
+        return np.zeros(image.shape, np.uint8)
+    return np.round((image - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def binarise_mask(mask: np.ndarray, threshold: int) -> tuple[np.ndarray, bool]:
+    """Return a {0,255} mask and whether the input held other values (0/1 masks are scaled)."""
+    if mask.ndim == 3:
+        mask = mask[:, :, :3].max(axis=2)
+    values = np.unique(mask)
+    if values.size <= 2 and set(values.tolist()) <= {0, 255}:
+        return mask.astype(np.uint8), False
+    if set(values.tolist()) <= {0, 1}:
+        return (mask > 0).astype(np.uint8) * 255, True
+    if mask.dtype != np.uint8:
+        mask = to_gray_uint8(mask)
+    return (mask > threshold).astype(np.uint8) * 255, True
+
+
+def _read(path: Path) -> tuple[bytes | None, np.ndarray | None, str | None, str]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, None, UNREADABLE, f"cannot read {path.name}: {exc.strerror or exc}"
+    if not data:
+        return data, None, EMPTY_FILE, f"{path.name} is 0 bytes"
+    header = _header_size(data)
+    if header and header[0] * header[1] > MAX_PIXELS:
+        return data, None, TOO_LARGE, f"{path.name} is {header[0]}x{header[1]} (> {MAX_PIXELS:,} pixels)"
+    image = _decode(data)
+    if image is None or image.size == 0:
+        return data, None, UNREADABLE, f"{path.name} is not a decodable image (corrupt or unsupported format)"
+    if image.shape[0] * image.shape[1] > MAX_PIXELS:
+        return data, None, TOO_LARGE, f"{path.name} is {image.shape[1]}x{image.shape[0]} (> {MAX_PIXELS:,} pixels)"
+    return data, image, None, ""
+
+
+def check_pair(name: str, image_path: Path, mask_path: Path, size: int, threshold: int, empty_masks: str, staging: Path) -> PairOutcome:
+    """Validate one pair; on success write the resized PNGs to ``staging/all/{images,masks}``."""
+    outcome = PairOutcome(name, str(image_path), str(mask_path))
+    for path, role in ((image_path, "image"), (mask_path, "mask")):
+        data, decoded, reason, detail = _read(path)
+        if reason:
+            outcome.reason, outcome.detail = reason, f"{role}: {detail}"
+            return outcome
+        if role == "image":
+            outcome.sha256 = hashlib.sha256(data).hexdigest()
+            image = to_gray_uint8(decoded)
+        else:
+            mask, outcome.mask_binarised = binarise_mask(decoded, threshold)
+    if image.shape != mask.shape:
+        outcome.reason = SIZE_MISMATCH
+        outcome.detail = f"image is {image.shape[1]}x{image.shape[0]} but mask is {mask.shape[1]}x{mask.shape[0]}"
+        return outcome
+    outcome.height, outcome.width = image.shape
+    outcome.pixel_hash = hashlib.sha256(image.tobytes() + str(image.shape).encode()).hexdigest()
+    outcome.area_fraction = float(np.count_nonzero(mask)) / mask.size
+    if outcome.area_fraction == 0.0 and empty_masks == "skip":
+        outcome.reason, outcome.detail = EMPTY_MASK, "mask has no tumour pixels (set prepare.empty_masks: keep to use it)"
+        return outcome
+
+    # Area interpolation when shrinking (no aliasing), linear when enlarging; masks nearest so they
+    # stay exactly {0, 255}.
+    shrinking = image.shape[0] > size or image.shape[1] > size
+    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
+    atomic_write_bytes(staging / "all" / "images" / f"{name}.png", encode_png(image))
+    atomic_write_bytes(staging / "all" / "masks" / f"{name}.png", encode_png(mask))
+    return outcome
+
+
+def _worker_init() -> None:
+    cv2.setNumThreads(1)  # parallelism comes from processes; nested threads only contend
+
+
+def _check_star(args: tuple) -> PairOutcome:
+    return check_pair(*args)
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------------------------
+# Grouping and splitting
+# --------------------------------------------------------------------------------------------
+
+_LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+
+
+def group_ids(names: list[str], group_by: str) -> list[str]:
+    """Patient-like group of each file: its own name, a block of numbers, or a regex capture."""
+    kind, _, arg = group_by.partition(":")
+    groups = []
+    for name in names:
+        if kind == "block":
+            match = _LAST_NUMBER.search(name)
+            groups.append(f"block{(int(match.group(1)) - 1) // int(arg)}" if match else f"file:{name}")
+        elif kind == "regex":
+            match = re.search(arg, name)
+            groups.append(f"id:{match.group(1)}" if match else f"file:{name}")
+        else:
+            groups.append(f"file:{name}")
+    return groups
+
+
+def size_strata(area_fractions: np.ndarray, n_strata: int) -> np.ndarray:
+    """Quantile bin (0 = smallest tumours) of each area fraction."""
+    if n_strata <= 1 or len(area_fractions) < n_strata:
+        return np.zeros(len(area_fractions), dtype=int)
+    edges = np.quantile(area_fractions, np.linspace(0, 1, n_strata + 1)[1:-1])
+    return np.searchsorted(edges, area_fractions, side="right")
+
+
+def _split_off(groups: np.ndarray, strata: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split unique groups in two, stratified when every stratum has at least two groups."""
+    if fraction <= 0 or len(groups) < 2:
+        return groups, groups[:0]
+    n_out = max(1, int(round(fraction * len(groups))))
+    if n_out >= len(groups):
+        n_out = len(groups) - 1
+    counts = Counter(strata.tolist())
+    stratify = strata if min(counts.values()) >= 2 and n_out >= len(counts) and len(groups) - n_out >= len(counts) else None
+    keep, out = train_test_split(groups, test_size=n_out, random_state=seed, stratify=stratify)
+    return np.sort(keep), np.sort(out)
+
+
+def assign_splits(names: list[str], area_fractions: list[float], *, group_by: str, n_strata: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split pairs into train/val/test by group, stratified by the group's median tumour size.
+
+    Fractions apply to groups; with equal-sized groups they are also the pair fractions.
+    Returns (split per pair, group per pair).
+    """
+    groups = group_ids(names, group_by)
+    frame = pd.DataFrame({"group": groups, "area": area_fractions})
+    per_group = frame.groupby("group", sort=True)["area"].median()
+    unique = per_group.index.to_numpy()
+    strata = size_strata(per_group.to_numpy(), n_strata)
+    rest, test = _split_off(unique, strata, test_fraction, seed)
+    rest_strata = strata[np.isin(unique, rest)]
+    remaining = 1.0 - test_fraction
+    train, val = _split_off(rest, rest_strata, val_fraction / remaining if remaining > 0 else 0.0, seed + 1)
+    lookup = {g: "train" for g in train} | {g: "val" for g in val} | {g: "test" for g in test}
+    return [lookup[g] for g in groups], groups
+
+
+# --------------------------------------------------------------------------------------------
+# The prepare stage
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_dataset(
+    images_dir: str | Path,
+    masks_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    size: int,
+    on_error: str = "skip",
+    mask_threshold: int = 127,
+    empty_masks: str = "skip",
+    mask_suffix: str = "",
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    group_by: str = "block:20",
+    n_strata: int = 3,
+    seed: int = 42,
+    workers: int = 0,
+    progress: bool = True,
+    report_extra: dict | None = None,
+) -> PrepareReport:
+    """Check, resize and split every pair; write the split folders, manifest.csv and report.json.
+
+    The output folder is replaced atomically, so an interrupted or failed run leaves the previous
+    output untouched and the inputs are only ever read. ``report_extra`` (e.g. the data source
+    record) is added to report.json.
+    """
+    started = time.perf_counter()
+    images_dir, masks_dir, out_dir = Path(images_dir), Path(masks_dir), Path(out_dir)
+    pairs, problems = pair_files(images_dir, masks_dir, mask_suffix)
+    if on_error == "fail" and problems:
+        first = problems[0]
+        raise PrepareError(f"{first.image_path or first.mask_path}: {first.reason}: {first.detail}")
+
+    workers = workers or default_workers()
+    with atomic_directory(out_dir) as staging:
+        jobs = [(name, img, msk, size, mask_threshold, empty_masks, staging) for name, img, msk in pairs]
+        outcomes = _run_checks(jobs, workers, on_error, progress)
+        kept, skipped = _deduplicate(outcomes, problems)
+        if not kept:
+            raise NoValidPairs(
+                f"no valid image/mask pairs in {images_dir} and {masks_dir} "
+                f"({len(pairs)} name matches, {len(skipped)} skipped: {dict(Counter(s.reason for s in skipped))})"
+            )
+        splits, groups = assign_splits(
+            [o.name for o in kept],
+            [o.area_fraction for o in kept],
+            group_by=group_by,
+            n_strata=n_strata,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+        )
+        for split in SPLITS:
+            for kind in ("images", "masks"):
+                (staging / split / kind).mkdir(parents=True)
+        for outcome, split in zip(kept, splits):
+            for kind in ("images", "masks"):
+                os.replace(staging / "all" / kind / f"{outcome.name}.png", staging / split / kind / f"{outcome.name}.png")
+        shutil.rmtree(staging / "all")
+
+        manifest = pd.DataFrame(
+            {
+                "id": [o.name for o in kept],
+                "split": splits,
+                "group": groups,
+                "image_path": [o.image_path for o in kept],
+                "mask_path": [o.mask_path for o in kept],
+                "sha256": [o.sha256 for o in kept],
+                "area_fraction": [round(o.area_fraction, 6) for o in kept],
+                "original_height": [o.height for o in kept],
+                "original_width": [o.width for o in kept],
+            }
+        )
+        atomic_write_text(staging / "manifest.csv", manifest.to_csv(index=False))
+        split_groups = manifest.groupby("split")["group"].nunique()
+        report = PrepareReport(
+            valid_pairs=len(kept),
+            skipped=[{"file": Path(s.image_path or s.mask_path).name, "reason": s.reason, "detail": s.detail} for s in skipped],
+            skipped_by_reason=dict(sorted(Counter(s.reason for s in skipped).items())),
+            masks_binarised=sum(o.mask_binarised for o in kept),
+            splits={split: int((manifest["split"] == split).sum()) for split in SPLITS},
+            groups={split: int(split_groups.get(split, 0)) for split in SPLITS},
+            group_by=group_by,
+            image_size=size,
+        )
+        atomic_write_json(staging / "report.json", report.to_json() | (report_extra or {}))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _run_checks(jobs: list[tuple], workers: int, on_error: str, progress: bool) -> list[PairOutcome]:
+    bar = tqdm(total=len(jobs), desc="prepare", unit="pair", disable=not progress)
+    outcomes: list[PairOutcome] = []
+
+    def collect(outcome: PairOutcome) -> None:
+        bar.update()
+        if outcome.reason and on_error == "fail":
+            raise PrepareError(f"{outcome.image_path}: {outcome.reason}: {outcome.detail}")
+        outcomes.append(outcome)
+
+    try:
+        if workers <= 1 or len(jobs) < 64:
+            for job in jobs:
+                collect(check_pair(*job))
+        else:
+            # Never fork: a parent that already ran OpenCV (or TensorFlow) holds thread-pool locks
+            # that a forked child inherits locked, and hangs. forkserver starts from a clean process.
+            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+            context = multiprocessing.get_context(method)
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
+                try:
+                    for outcome in pool.map(_check_star, jobs, chunksize=max(1, min(32, len(jobs) // (workers * 8)))):
+                        collect(outcome)
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+    finally:
+        bar.close()
+    return outcomes
+
+
+def _deduplicate(outcomes: list[PairOutcome], problems: list[PairOutcome]) -> tuple[list[PairOutcome], list[PairOutcome]]:
+    """Keep the first (by name) of pixel-identical images so a duplicate can never cross splits."""
+    kept, skipped, first_by_hash = [], list(problems), {}
+    for outcome in sorted(outcomes, key=lambda o: o.name):
+        if outcome.reason:
+            skipped.append(outcome)
+        elif outcome.pixel_hash in first_by_hash:
+            outcome.reason = DUPLICATE_IMAGE
+            outcome.detail = f"same pixels as {first_by_hash[outcome.pixel_hash]}"
+            skipped.append(outcome)
+        else:
+            first_by_hash[outcome.pixel_hash] = outcome.name
+            kept.append(outcome)
+    skipped.sort(key=lambda o: (o.reason or "", o.name))
+    return kept, skipped
