@@ -1,0 +1,85 @@
+"""params.yaml -> Config: the real file validates, bad values fail naming the key, profiles merge."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PROJECT_ROOT
+from tumorseg.config import Config, ConfigError, config_from_dict, load_config
+
+PARAMS = PROJECT_ROOT / "params.yaml"
+
+
+def raw_params() -> dict:
+    return yaml.safe_load(PARAMS.read_text())
+
+
+def test_project_params_hold_the_reference_settings():
+    cfg = load_config(PARAMS)
+    assert (cfg.lr, cfg.epochs, cfg.batch_size, cfg.image_size) == (1e-4, 30, 8, 256)
+    assert cfg.profile == "full"
+    assert cfg.data.source == "auto"
+
+
+def test_code_defaults_agree_with_params_yaml():
+    """No hidden default may disagree with params.yaml (the CLI uses them outside a project)."""
+    assert Config().model_dump() == load_config(PARAMS).model_dump()
+
+
+def test_quick_profile_overrides_only_what_it_lists():
+    full, quick = load_config(PARAMS), load_config(PARAMS, overrides={"profile": "quick"})
+    listed = raw_params()["profiles"]["quick"]
+    assert quick.epochs == listed["epochs"] and quick.image_size == listed["image_size"]
+    assert quick.lr == full.lr  # `dvc exp run -S lr=...` must keep working under the quick profile
+    assert quick.data.synthetic_count == listed["data"]["synthetic_count"]
+    assert quick.data.source == full.data.source
+    assert quick.prepare == full.prepare
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"lr": "fast"}, "`lr`"),
+        ({"lr": -1}, "`lr`"),
+        ({"epochs": 0}, "`epochs`"),
+        ({"image_size": 250}, "`image_size`"),
+        ({"data": {"source": "ftp"}}, "`data.source`"),
+        ({"data": {"sauce": "local"}}, "`data.sauce`"),
+        ({"prepare": {"group_by": "block:zero"}}, "`prepare.group_by`"),
+        ({"prepare": {"group_by": "regex:no-group"}}, "`prepare.group_by`"),
+        ({"prepare": {"val_fraction": 0.6, "test_fraction": 0.5}}, "`prepare`"),
+        ({"augment": {"rotate": {"p": 1.5, "limit": 10}}}, "`augment.rotate.p`"),
+        ({"augment": {"translate": {"p": 0.5, "limit": 0.7}}}, "`augment.translate`"),
+        ({"models": {"umobilenetv2": {"decoder_filters": [1, 2]}}}, "`models.umobilenetv2.decoder_filters`"),
+        ({"loss": {"bce_weight": 0, "dice_weight": 0, "tversky_weight": 0}}, "`loss`"),
+        ({"profile": "turbo"}, "`profile`"),
+    ],
+)
+def test_bad_values_fail_naming_the_key(override: dict, key: str):
+    raw = raw_params()
+    for section, value in override.items():
+        if isinstance(value, dict) and isinstance(raw.get(section), dict):
+            raw[section] = {**raw[section], **value}
+        else:
+            raw[section] = value
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(raw)
+    assert key in str(error.value)
+
+
+def test_cli_reports_a_bad_params_file_in_one_line(tmp_path: Path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text(PARAMS.read_text().replace("lr: 1.0e-4", "lr: fast"))
+    result = subprocess.run([sys.executable, "-m", "tumorseg.cli", "config", "--params", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "`lr`" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_flat_view_has_dotted_keys():
+    flat = load_config(PARAMS).flat()
+    assert flat["lr"] == 1e-4 and flat["data.source"] == "auto" and flat["augment.rotate.limit"] == 15
