@@ -87,5 +87,5 @@ def test_preview_grid_shape(tmp_path: Path):
     for index in range(1, 4):
         write_pair(train, f"{index}.png", *blob_pair(64, index))
     grid = preview_grid(train, SETTINGS, rows=2, copies=3, seed=0)
-    assert grid.shape == (2 * 68, 4 * 68, 3)
+    assert grid.shape == (2 * 132, 4 * 132, 3)  # 64-px tiles enlarged x2 for readability, 2-px frame
     assert cv2.imencode(".png", grid)[0]

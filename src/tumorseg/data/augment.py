@@ -140,7 +140,11 @@ def preview_grid(train_dir: str | Path, settings: dict[str, Any], *, rows: int, 
     return np.concatenate(lines, axis=0)
 
 
-def _pad(tile: np.ndarray, border: int = 2) -> np.ndarray:
+def _pad(tile: np.ndarray, border: int = 2, min_side: int = 128) -> np.ndarray:
+    """Frame a tile; small tiles are enlarged (nearest, so outlines stay crisp) to be readable."""
+    factor = -(-min_side // tile.shape[0])
+    if factor > 1:
+        tile = cv2.resize(tile, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
     return cv2.copyMakeBorder(tile, border, border, border, border, cv2.BORDER_CONSTANT, value=(255, 255, 255))
 
 
