@@ -1,0 +1,146 @@
+"""Segmentation losses: BCE, soft Dice, Tversky and their weighted sum (the reference loss).
+
+All functions take ``y_true`` (binary masks, 0/1) and ``y_pred`` (sigmoid probabilities) of shape
+``(N, H, W, 1)`` (any ``(N, ...)`` works) and return ONE LOSS PER IMAGE, shape ``(N,)``; Keras then
+averages over the batch (``reduction="sum_over_batch_size"``). So Dice and Tversky are computed
+per image and then averaged over the batch - not pooled over the batch's pixels - and every image
+weighs the same whatever its tumour size.
+
+With p = y_pred clipped to [eps, 1 - eps] (eps = 1e-7), t = y_true, sums over one image's pixels:
+
+* BCE:      mean_pixels( -[t log p + (1 - t) log(1 - p)] )
+* Dice:     1 - (2 sum(p t) + s) / (sum(p) + sum(t) + s)
+* Tversky:  1 - (TP + s) / (TP + alpha FP + beta FN + s),
+            TP = sum(p t), FP = sum(p (1 - t)), FN = sum((1 - p) t)
+            (alpha weighs false positives, beta false negatives; alpha = beta = 0.5 is Dice)
+* Combined: bce_weight * BCE + dice_weight * Dice + tversky_weight * Tversky
+
+The smoothing ``s`` (default 1) keeps Dice/Tversky finite and their gradients defined on empty
+masks and empty predictions: an all-zero mask predicted all-zero gives loss 0, not 0/0.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+__all__ = ["CombinedLoss", "EPSILON", "bce_loss", "combined_loss", "dice_loss", "tversky_loss"]
+
+EPSILON = 1e-7
+
+
+def _prepare(y_true, y_pred):
+    y_pred = ops.clip(ops.cast(y_pred, "float32"), EPSILON, 1.0 - EPSILON)
+    y_true = ops.cast(y_true, "float32")
+    axes = tuple(range(1, len(y_pred.shape)))
+    return y_true, y_pred, axes
+
+
+def bce_loss(y_true, y_pred):
+    """Binary cross-entropy on probabilities, mean over each image's pixels -> shape ``(N,)``."""
+    y_true, y_pred, axes = _prepare(y_true, y_pred)
+    pixel = -(y_true * ops.log(y_pred) + (1.0 - y_true) * ops.log(1.0 - y_pred))
+    return ops.mean(pixel, axis=axes)
+
+
+def dice_loss(y_true, y_pred, smooth: float = 1.0):
+    """Soft Dice loss per image: ``1 - (2 sum(pt) + s) / (sum(p) + sum(t) + s)`` -> ``(N,)``."""
+    y_true, y_pred, axes = _prepare(y_true, y_pred)
+    intersection = ops.sum(y_true * y_pred, axis=axes)
+    total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
+    return 1.0 - (2.0 * intersection + smooth) / (total + smooth)
+
+
+def tversky_loss(y_true, y_pred, alpha: float = 0.3, beta: float = 0.7, smooth: float = 1.0):
+    """Tversky loss per image: ``1 - (TP + s) / (TP + alpha FP + beta FN + s)`` -> ``(N,)``.
+
+    ``alpha`` weighs false positives, ``beta`` false negatives (beta > alpha favours recall).
+    """
+    y_true, y_pred, axes = _prepare(y_true, y_pred)
+    tp = ops.sum(y_true * y_pred, axis=axes)
+    fp = ops.sum((1.0 - y_true) * y_pred, axis=axes)
+    fn = ops.sum(y_true * (1.0 - y_pred), axis=axes)
+    return 1.0 - (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
+
+
+def _check(name: str, value, low: float, high: float | None = None, low_open: bool = False) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"loss.{name} must be a number, got {value!r}") from None
+    if (value <= low if low_open else value < low) or (high is not None and value > high):
+        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ValueError(f"loss.{name} must be {bound}, got {value}")
+    return value
+
+
+@keras.saving.register_keras_serializable(package="tumorseg")
+class CombinedLoss(keras.losses.Loss):
+    """``bce_weight * BCE + dice_weight * Dice + tversky_weight * Tversky`` (per image, batch mean).
+
+    Parameters are exactly ``LossConfig``'s; a term with weight 0 is not computed.
+    """
+
+    def __init__(
+        self,
+        bce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        tversky_weight: float = 1.0,
+        tversky_alpha: float = 0.3,
+        tversky_beta: float = 0.7,
+        smooth: float = 1.0,
+        name: str = "combined_loss",
+        reduction: str = "sum_over_batch_size",
+        dtype=None,
+    ):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.bce_weight = _check("bce_weight", bce_weight, 0.0)
+        self.dice_weight = _check("dice_weight", dice_weight, 0.0)
+        self.tversky_weight = _check("tversky_weight", tversky_weight, 0.0)
+        if self.bce_weight + self.dice_weight + self.tversky_weight <= 0:
+            raise ValueError("loss: at least one of bce_weight, dice_weight, tversky_weight must be > 0")
+        self.tversky_alpha = _check("tversky_alpha", tversky_alpha, 0.0, 1.0)
+        self.tversky_beta = _check("tversky_beta", tversky_beta, 0.0, 1.0)
+        self.smooth = _check("smooth", smooth, 0.0, low_open=True)
+
+    def call(self, y_true, y_pred):
+        total = 0.0
+        if self.bce_weight:
+            total = total + self.bce_weight * bce_loss(y_true, y_pred)
+        if self.dice_weight:
+            total = total + self.dice_weight * dice_loss(y_true, y_pred, self.smooth)
+        if self.tversky_weight:
+            total = total + self.tversky_weight * tversky_loss(
+                y_true, y_pred, self.tversky_alpha, self.tversky_beta, self.smooth
+            )
+        return total
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "bce_weight": self.bce_weight,
+            "dice_weight": self.dice_weight,
+            "tversky_weight": self.tversky_weight,
+            "tversky_alpha": self.tversky_alpha,
+            "tversky_beta": self.tversky_beta,
+            "smooth": self.smooth,
+        }
+
+
+def combined_loss(
+    bce_weight: float = 1.0,
+    dice_weight: float = 1.0,
+    tversky_weight: float = 1.0,
+    tversky_alpha: float = 0.3,
+    tversky_beta: float = 0.7,
+    smooth: float = 1.0,
+) -> CombinedLoss:
+    """The reference loss as a serialisable Keras loss: ``combined_loss(**cfg.loss.model_dump())``."""
+    return CombinedLoss(
+        bce_weight=bce_weight,
+        dice_weight=dice_weight,
+        tversky_weight=tversky_weight,
+        tversky_alpha=tversky_alpha,
+        tversky_beta=tversky_beta,
+        smooth=smooth,
+    )

@@ -1,0 +1,407 @@
+"""Model builders: shapes, switches, training, saving, encoder weights and statistics."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from tumorseg.config import UMobileNetV2Config, UNetConfig
+from tumorseg.losses import CombinedLoss, combined_loss
+from tumorseg.metrics import segmentation_metrics
+from tumorseg.models import (
+    MODEL_NAMES,
+    CASPPBlock,
+    EncoderWeightsError,
+    HACBlock,
+    build_model,
+    count_flops,
+    get_encoder,
+    model_params,
+    model_summary_stats,
+    set_encoder_trainable,
+)
+
+# Keras' own get_weights() trips numpy 2's copy-keyword deprecation; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+SMALL_UNET = {"base_filters": 8, "depth": 4}
+SMALL_MOBILE = {"alpha": 0.35, "encoder_weights": "none", "decoder_filters": (32, 16, 16, 8, 8)}
+
+
+def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 1)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def unet128():
+    return build_model("unet", (128, 128, 1), **SMALL_UNET)
+
+
+@pytest.fixture(scope="module")
+def mobile128():
+    return build_model("umobilenetv2", (128, 128, 1), **SMALL_MOBILE)
+
+
+def _random_mobilenet(alpha: float, size: int, seed: int) -> keras.Model:
+    """A no-top MobileNetV2 whose every weight is set to random non-default values."""
+    base = keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=alpha, include_top=False, weights=None)
+    rng = np.random.default_rng(seed)
+    for variable in base.weights:
+        variable.assign(rng.uniform(0.5, 1.5, variable.shape).astype("float32"))
+    return base
+
+
+# --- registry and parameters ----------------------------------------------------------------------
+
+
+def test_model_names_and_params_match_config():
+    assert set(MODEL_NAMES) == {"unet", "umobilenetv2"}
+    assert set(model_params("unet")) == set(UNetConfig.model_fields)
+    assert set(model_params("umobilenetv2")) == set(UMobileNetV2Config.model_fields)
+
+
+def test_unknown_name_lists_known_models():
+    with pytest.raises(ValueError, match="unet, umobilenetv2"):
+        build_model("resnet", (64, 64, 1))
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "match"),
+    [
+        ("unet", {"base_filter": 8}, "unknown parameter.*base_filter"),
+        ("unet", {"depth": 0}, "depth"),
+        ("unet", {"dropout": 1.5}, "dropout"),
+        ("unet", {"caspp_rates": [1, 0]}, "caspp_rates"),
+        ("unet", {"use_hac": "yes"}, "use_hac"),
+        ("umobilenetv2", {"decoder_filters": (16, 8)}, "decoder_filters"),
+        ("umobilenetv2", {"alpha": 0.0}, "alpha"),
+        ("umobilenetv2", {"bn_momentum": 1.0}, "bn_momentum"),
+        ("umobilenetv2", {"freeze_epochs": -1}, "freeze_epochs"),
+    ],
+)
+def test_invalid_params_raise(name, params, match):
+    with pytest.raises(ValueError, match=match):
+        build_model(name, (64, 64, 1), **params)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [("unet", (100, 100, 1)), ("unet", (128, 120, 1)), ("umobilenetv2", (112, 112, 1)), ("unet", (64, 64))],
+)
+def test_invalid_input_size_raises(name, shape):
+    params = SMALL_UNET if name == "unet" else SMALL_MOBILE
+    with pytest.raises(ValueError, match="divisible|input_shape"):
+        build_model(name, shape, **params)
+
+
+def test_builds_with_config_defaults():
+    unet = build_model("unet", (64, 64, 1), **UNetConfig().model_dump())
+    assert unet.output_shape == (None, 64, 64, 1)
+    params = UMobileNetV2Config(encoder_weights="none").model_dump()
+    mobile = build_model("umobilenetv2", (64, 64, 1), **params)
+    assert mobile.output_shape == (None, 64, 64, 1)
+
+
+# --- forward pass -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["unet128", "mobile128"])
+def test_forward_shape_and_range(fixture, request):
+    model = request.getfixturevalue(fixture)
+    out = np.asarray(model(_images(2, 128), training=False))
+    assert out.shape == (2, 128, 128, 1)
+    assert out.dtype == np.float32
+    assert np.all((out >= 0) & (out <= 1)) and np.all(np.isfinite(out))
+
+
+def test_other_sizes():
+    unet = build_model("unet", (256, 256, 1), **SMALL_UNET)
+    assert unet.output_shape == (None, 256, 256, 1)
+    mobile = build_model("umobilenetv2", (64, 96, 1), **SMALL_MOBILE)
+    out = np.asarray(mobile(np.zeros((1, 64, 96, 1), "float32"), training=False))
+    assert out.shape == (1, 64, 96, 1)
+
+
+def test_input_scaling_is_inside_the_model(unet128, mobile128):
+    scale = unet128.get_layer("scale_0_1")
+    assert float(np.asarray(scale(np.full((1, 1, 1, 1), 255.0, "float32"))).squeeze()) == pytest.approx(1.0)
+    pre = mobile128.get_layer("mobilenetv2_preprocess")
+    values = np.asarray(pre(np.array([0.0, 127.5, 255.0], "float32").reshape(1, 1, 3, 1))).ravel()
+    np.testing.assert_allclose(values, [-1.0, 0.0, 1.0], atol=1e-6)
+    assert mobile128.get_layer("gray_to_rgb").output.shape[-1] == 3
+
+
+# --- architecture switches ----------------------------------------------------------------------------
+
+
+def _layer_types(model):
+    return {type(layer) for layer in model.layers}
+
+
+@pytest.mark.parametrize("use_hac", [True, False])
+@pytest.mark.parametrize("use_caspp", [True, False])
+def test_hac_and_caspp_switches(use_hac, use_caspp):
+    model = build_model("unet", (64, 64, 1), base_filters=8, depth=3, use_hac=use_hac, use_caspp=use_caspp)
+    types = _layer_types(model)
+    hac_blocks = [layer for layer in model.layers if isinstance(layer, HACBlock)]
+    assert (HACBlock in types) is use_hac
+    assert (CASPPBlock in types) is use_caspp
+    # HAC in every encoder and decoder block (+ the bottleneck when CASPP is off)
+    assert len(hac_blocks) == (0 if not use_hac else 2 * 3 + (0 if use_caspp else 1))
+    plain_convs = [layer.name for layer in model.layers if layer.name.endswith("_conv1")]
+    assert bool(plain_convs) is (not use_hac)  # the plain double-conv blocks
+    if use_hac:
+        assert isinstance(model.get_layer("enc1"), HACBlock) and isinstance(model.get_layer("dec1"), HACBlock)
+    else:
+        assert {"enc1_conv1", "dec1_conv1"} <= set(plain_convs)
+    if use_caspp:
+        caspp = model.get_layer("caspp")
+        assert caspp.rates == (1, 2, 4, 6) and caspp.filters == 8 * 2**3
+        dilations = sorted(conv.dilation_rate[0] for conv in caspp.branch_convs)
+        assert dilations == [1, 2, 4, 6]
+        assert [conv.kernel_size for conv in caspp.branch_convs][0] == (1, 1)  # rate 1 -> 1x1
+
+
+def test_caspp_rates_and_dropout_reach_the_block():
+    model = build_model("unet", (64, 64, 1), base_filters=8, depth=2, caspp_rates=[1, 3], dropout=0.25)
+    caspp = model.get_layer("caspp")
+    assert caspp.rates == (1, 3) and caspp.dropout == 0.25
+    assert [conv.dilation_rate[0] for conv in caspp.branch_convs] == [1, 3]
+    assert model.get_layer("enc1_dropout").rate == 0.25
+    no_dropout = build_model("unet", (64, 64, 1), base_filters=8, depth=2, dropout=0.0)
+    assert not any(isinstance(layer, keras.layers.Dropout) for layer in no_dropout.layers)
+
+
+def test_hac_block_structure():
+    block = HACBlock(16, scales=4, name="hac")
+    out = block(np.zeros((1, 8, 8, 3), "float32"))
+    assert tuple(out.shape) == (1, 8, 8, 16)
+    assert len(block.branch_convs) == 4 and block.width == 4
+    assert block.shortcut is not None  # 3 -> 16 channels needs a projection
+    same = HACBlock(3, scales=3)
+    same(np.zeros((1, 8, 8, 3), "float32"))
+    assert same.shortcut is None  # identity residual
+
+
+# --- training, saving -----------------------------------------------------------------------------------
+
+
+def _fixed_batch(size: int, n: int = 4):
+    rng = np.random.default_rng(7)
+    images = rng.uniform(20, 80, (n, size, size, 1)).astype("float32")
+    masks = np.zeros((n, size, size, 1), "float32")
+    for i in range(n):
+        r, c = rng.integers(2, size - 10, 2)
+        masks[i, r : r + 8, c : c + 8] = 1.0
+    images[masks > 0] = 200.0
+    return images, masks
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("unet", {"base_filters": 4, "depth": 2}),  # HAC + CASPP on
+        ("umobilenetv2", {**SMALL_MOBILE, "decoder_filters": (16, 8, 8, 8, 8)}),
+    ],
+)
+def test_training_steps_lower_the_loss(name, params):
+    keras.utils.set_random_seed(0)
+    model = build_model(name, (32, 32, 1), **params)
+    # eager: tracing the train step costs 15-30 s on 2 CPU cores, five eager steps ~5 s
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=combined_loss(), run_eagerly=True)
+    images, masks = _fixed_batch(32)
+    losses = [float(model.train_on_batch(images, masks)) for _ in range(5)]
+    assert all(np.isfinite(losses))
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")  # saved before any step
+@pytest.mark.parametrize("fixture", ["unet128", "mobile128"])
+def test_keras_round_trip(fixture, request, tmp_path):
+    model = request.getfixturevalue(fixture)
+    model.compile(optimizer="adam", loss=combined_loss(dice_weight=0.5), metrics=segmentation_metrics())
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)  # no custom_objects: the layers are registered
+    images = _images(2, 128, seed=1)
+    np.testing.assert_array_equal(
+        np.asarray(model(images, training=False)), np.asarray(loaded(images, training=False))
+    )
+    assert isinstance(loaded.loss, CombinedLoss) and loaded.loss.dice_weight == 0.5
+    assert len(loaded.weights) == len(model.weights)
+
+
+# --- UMobileNetV2 encoder -----------------------------------------------------------------------------------
+
+
+def _assert_encoder_equals(encoder, reference):
+    checked = 0
+    for layer in encoder.layers:
+        if not layer.weights:
+            continue
+        checked += 1
+        expected = reference.get_layer(layer.name).get_weights()
+        for got, want in zip(layer.get_weights(), expected):
+            np.testing.assert_array_equal(got, want)
+    assert checked > 50
+
+
+@pytest.mark.parametrize("source", ["mobilenet", "encoder", "legacy_h5"])
+def test_encoder_weights_loaded_from_file(tmp_path, source):
+    base = _random_mobilenet(0.35, 128, seed=5)
+    if source == "mobilenet":  # a whole no-top MobileNetV2 saved with save_weights
+        path = tmp_path / "mobilenet.weights.h5"
+        base.save_weights(path)
+    elif source == "legacy_h5":  # legacy HDF5 layout (as the Keras-applications ..._no_top.h5 files)
+        path = tmp_path / "mobilenet_no_top.h5"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras: "HDF5 is legacy"
+            base.save(path)
+    else:  # the encoder of a UMobileNetV2 (fewer layers than a whole MobileNetV2)
+        donor = build_model("umobilenetv2", (128, 128, 1), **SMALL_MOBILE)
+        donor_encoder = get_encoder(donor)
+        for layer in donor_encoder.layers:
+            if layer.weights:
+                layer.set_weights(base.get_layer(layer.name).get_weights())
+        path = tmp_path / "encoder.weights.h5"
+        donor_encoder.save_weights(path)
+
+    model = build_model("umobilenetv2", (128, 128, 1), **{**SMALL_MOBILE, "encoder_weights": str(path)})
+    encoder = get_encoder(model)
+    _assert_encoder_equals(encoder, base)
+    fresh = get_encoder(build_model("umobilenetv2", (128, 128, 1), **SMALL_MOBILE))
+    conv = encoder.get_layer("Conv1").get_weights()[0]
+    assert not np.allclose(conv, fresh.get_layer("Conv1").get_weights()[0])
+    # the file may come from a model of another input size: the weights do not depend on it
+    other_size = build_model("umobilenetv2", (64, 64, 1), **{**SMALL_MOBILE, "encoder_weights": str(path)})
+    np.testing.assert_array_equal(get_encoder(other_size).get_layer("Conv1").get_weights()[0], conv)
+
+
+def test_encoder_weights_errors(tmp_path):
+    with pytest.raises(EncoderWeightsError, match="models.umobilenetv2.encoder_weights.*not found"):
+        build_model("umobilenetv2", (64, 64, 1), **{**SMALL_MOBILE, "encoder_weights": str(tmp_path / "nope.h5")})
+    text = tmp_path / "weights.txt"
+    text.write_text("not weights")
+    with pytest.raises(EncoderWeightsError, match="not a Keras weights file"):
+        build_model("umobilenetv2", (64, 64, 1), **{**SMALL_MOBILE, "encoder_weights": str(text)})
+    other_alpha = tmp_path / "alpha05.weights.h5"
+    keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=0.5, include_top=False, weights=None).save_weights(
+        other_alpha
+    )
+    with pytest.raises(EncoderWeightsError, match="same alpha"):
+        build_model("umobilenetv2", (64, 64, 1), **{**SMALL_MOBILE, "encoder_weights": str(other_alpha)})
+
+
+def test_imagenet_without_network_fails_fast_and_clearly(monkeypatch):
+    from keras.src.utils import file_utils
+
+    calls = []
+
+    def no_network(fname, origin=None, *args, **kwargs):
+        calls.append(origin)
+        raise Exception(f"URL fetch failure on {origin}: [Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(file_utils, "get_file", no_network)
+    start = time.perf_counter()
+    with pytest.raises(EncoderWeightsError) as info:
+        build_model("umobilenetv2", (64, 64, 1), **{**SMALL_MOBILE, "encoder_weights": "imagenet"})
+    assert time.perf_counter() - start < 10
+    assert calls and "mobilenet_v2" in calls[0]  # the Keras download was attempted (and patched)
+    message = str(info.value)
+    assert "internet" in message and "`none`" in message and "path" in message
+    assert "models.umobilenetv2.encoder_weights" in message
+
+
+def test_imagenet_rejects_alpha_without_weights():
+    with pytest.raises(EncoderWeightsError, match="alpha"):
+        build_model("umobilenetv2", (64, 64, 1), **{**SMALL_MOBILE, "alpha": 0.6, "encoder_weights": "imagenet"})
+
+
+def test_bn_momentum_on_every_batchnorm():
+    model = build_model("umobilenetv2", (64, 64, 1), **{**SMALL_MOBILE, "bn_momentum": 0.77})
+    encoder_bns = [layer for layer in get_encoder(model).layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(encoder_bns) > 30
+    assert all(layer.momentum == pytest.approx(0.77) for layer in encoder_bns)
+    decoder_bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert decoder_bns and all(layer.momentum == pytest.approx(0.77) for layer in decoder_bns)
+    unet = build_model("unet", (64, 64, 1), base_filters=8, depth=3, use_hac=False, use_caspp=False, bn_momentum=0.66)
+    assert all(
+        layer.momentum == pytest.approx(0.66)
+        for layer in unet.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    )
+
+
+def test_set_encoder_trainable_freezes_encoder_only():
+    model = build_model("umobilenetv2", (64, 64, 1), **SMALL_MOBILE)
+    encoder = get_encoder(model)
+    n_encoder = len(encoder.trainable_weights)
+    n_all = len(model.trainable_weights)
+    assert n_encoder > 0
+
+    set_encoder_trainable(model, False)
+    assert encoder.trainable_weights == []
+    assert len(model.trainable_weights) == n_all - n_encoder  # decoder untouched
+    assert all(not layer.trainable for layer in encoder.layers)
+
+    # frozen BatchNorm runs in inference mode: a training step leaves its statistics alone
+    bn_encoder = encoder.get_layer("bn_Conv1")
+    bn_decoder = model.get_layer("dec1_bn1")
+    before_enc, before_dec = bn_encoder.moving_mean.numpy().copy(), bn_decoder.moving_mean.numpy().copy()
+    model(_images(2, 64), training=True)
+    np.testing.assert_array_equal(bn_encoder.moving_mean.numpy(), before_enc)
+    assert not np.allclose(bn_decoder.moving_mean.numpy(), before_dec)
+
+    set_encoder_trainable(model, True, batchnorm_trainable=False)
+    assert not bn_encoder.trainable and encoder.get_layer("Conv1").trainable
+    set_encoder_trainable(model, True)
+    assert len(model.trainable_weights) == n_all
+    with pytest.raises(ValueError, match="encoder"):
+        set_encoder_trainable(build_model("unet", (64, 64, 1), base_filters=8, depth=3), False)
+
+
+# --- statistics -----------------------------------------------------------------------------------------------
+
+
+def test_flops_by_hand():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inputs)  # 8*8*4 outputs * 3*3*3 = 6912 MAC
+    x = keras.layers.DepthwiseConv2D(3, padding="same")(x)  # 8*8*4 * 3*3 = 2304
+    x = keras.layers.Conv2DTranspose(2, 2, strides=2)(x)  # 8*8*4 inputs * 2*2*2 = 2048
+    x = keras.layers.Dense(5)(x)  # 16*16 positions * 2 * 5 = 2560
+    model = keras.Model(inputs, x)
+    assert count_flops(model) == 2 * (6912 + 2304 + 2048 + 2560)
+    stats = model_summary_stats(model)
+    assert stats["macs_per_image"] == 13824 and stats["flops_per_image"] == 27648
+    assert stats["params_total"] == model.count_params()
+
+
+def test_flops_count_layers_inside_hac():
+    inputs = keras.Input((16, 16, 8))
+    model = keras.Model(inputs, HACBlock(8, scales=4)(inputs))
+    # 256 pixels: project 1x1 8->8, four 3x3 2->2 branches, fuse 1x1 8->8, channel-attention MLP
+    # (8->4->8, avg and max: 2 * 64), spatial-attention 7x7 2->1; identity shortcut
+    macs = 256 * 64 + 4 * 256 * 9 * 4 + 256 * 64 + 2 * 64 + 256 * 49 * 2
+    assert count_flops(model) == 2 * macs
+    assert "call" not in model.layers[1].project.__dict__  # the counting hooks are removed
+
+
+def test_model_summary_stats(unet128, mobile128):
+    for model in (unet128, mobile128):
+        stats = model_summary_stats(model)
+        assert stats["params_total"] == model.count_params()
+        assert stats["params_trainable"] + stats["params_non_trainable"] == stats["params_total"]
+        assert stats["flops_per_image"] == 2 * stats["macs_per_image"] > 0
+        assert stats["input_shape"] == (128, 128, 1)
+    # FLOPs scale with the pixel count (exactly, but for the few per-image ops on pooled vectors:
+    # CASPP's image-level branch and the channel-attention MLPs)
+    big = build_model("unet", (256, 256, 1), **SMALL_UNET)
+    assert count_flops(big) == pytest.approx(4 * count_flops(unet128), rel=1e-3)
+    plain = {**SMALL_UNET, "use_hac": False, "use_caspp": False}
+    assert count_flops(build_model("unet", (64, 64, 1), **plain)) * 4 == count_flops(
+        build_model("unet", (128, 128, 1), **plain)
+    )
