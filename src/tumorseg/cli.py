@@ -66,6 +66,25 @@ def cmd_augment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_metrics(args: argparse.Namespace) -> int:
+    from tumorseg.gates import check_metrics, format_checks
+
+    cfg = _config(args)
+    baseline = args.baseline or cfg.ci.baseline_dir
+    checks = check_metrics(
+        Path(args.metrics_dir),
+        models=args.models,
+        profile=cfg.profile,
+        min_dice=cfg.ci.min_dice,
+        baseline_dir=Path(baseline) if baseline else None,
+        max_regression=cfg.ci.max_regression,
+    )
+    print(format_checks(checks))
+    failed = [c for c in checks if not c.passed]
+    print(f"\nmetric gate: {'FAILED (' + str(len(failed)) + ' check(s))' if failed else 'passed'} (profile {cfg.profile})")
+    return 1 if failed else 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
     for key, value in cfg.flat().items():
@@ -107,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepared", default="data/prepared", help="prepared data folder (default: %(default)s)")
     p.add_argument("--out", default="data/augmented", help="output folder (default: %(default)s)")
     p.add_argument("--preview", default="reports/augment_preview.png", help="preview grid PNG (default: %(default)s)")
+
+    p = add("check-metrics", cmd_check_metrics, "gate: evaluate metrics vs ci thresholds in params.yaml and an optional baseline")
+    p.add_argument("--metrics-dir", default="metrics", help="folder with evaluate_<model>.json (default: %(default)s)")
+    p.add_argument("--models", nargs="+", default=["unet", "umobilenetv2"])
+    p.add_argument("--baseline", default=None, help="baseline folder with evaluate_<model>.json (default: ci.baseline_dir)")
 
     add("config", cmd_config, "validate params.yaml and print the resolved settings (profile applied)")
     return parser

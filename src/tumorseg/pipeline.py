@@ -7,6 +7,7 @@ Each takes the validated :class:`~tumorseg.config.Config` plus explicit paths (t
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from tumorseg.config import Config
@@ -106,3 +107,155 @@ def augment_step(cfg: Config, prepared_dir: Path, out_dir: Path, preview_path: P
     write_preview(preview_path, grid)
     log.info("augment: %d training pairs -> %d augmented copies in %s; preview %s", report.source_pairs, report.augmented_pairs, out_dir, preview_path)
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# Train, evaluate, compare
+# --------------------------------------------------------------------------------------------
+
+
+def _data_record(prepared_dir: Path) -> dict:
+    """The data source record that prepare copied into its report (kind, origin, hash)."""
+    from tumorseg.io import read_json
+
+    report = read_json(prepared_dir / "report.json")
+    return {key: report.get(key, "unknown") for key in ("data_source", "data_origin", "data_hash")}
+
+
+def _run_tags(cfg: Config, name: str, record: dict, params_path: Path) -> dict[str, str]:
+    from tumorseg import tracking
+
+    root = tracking.workspace_root()
+    params_text = params_path.read_text(encoding="utf-8") if params_path.exists() else ""
+    return {
+        "model": name,
+        "data_source": record["data_source"],
+        "data_origin": record["data_origin"],
+        "data_hash": record["data_hash"],
+        "git_commit": tracking.git_commit(root),
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
+        "pipeline": tracking.pipeline_id(root, params_text, record["data_hash"]),
+        "profile": cfg.profile,
+        "seed": str(cfg.seed),
+        **tracking.environment_tags(),
+    }
+
+
+def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Path, models_dir: Path, metrics_dir: Path, params_path: Path, progress: bool = True):
+    """Train one model with MLflow tracking; resumable (state in ``models_dir/.state/<name>``)."""
+    from tumorseg import tracking
+    from tumorseg.io import atomic_write_json
+    from tumorseg.training import clear_state, read_state, remember_run_id, train_model
+
+    record = _data_record(prepared_dir)
+    uri = tracking.tracking_uri()
+    tracking.check_tracking(uri)  # before any training: never fail after an hour
+    state_dir = models_dir / ".state" / name
+    model_path = models_dir / f"{name}.keras"
+    history_path = metrics_dir / f"history_{name}.csv"
+    model_params = getattr(cfg.models, name).model_dump()
+    tags = _run_tags(cfg, name, record, params_path)
+    previous_run = read_state(state_dir).get("run_id")
+    if previous_run:
+        log.info("%s: resuming training (MLflow run %s)", name, previous_run)
+
+    with tracking.run(uri, run_id=previous_run, run_name=f"{name}-{tags['pipeline']}", tags=tags) as active:
+        remember_run_id(state_dir, active.info.run_id)
+        tracking.log_params(cfg.flat() | {"model": name})
+        result = train_model(
+            name,
+            model_params=model_params,
+            loss_params=cfg.loss.model_dump(),
+            train_params=cfg.train.model_dump(),
+            augment_params=cfg.augment.model_dump(),
+            lr=cfg.lr,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            image_size=cfg.image_size,
+            seed=cfg.seed,
+            prepared_dir=prepared_dir,
+            augmented_dir=augmented_dir,
+            model_path=model_path,
+            history_path=history_path,
+            state_dir=state_dir,
+            on_epoch=lambda epoch, row: tracking.log_metrics(row, step=epoch),
+            progress=progress,
+        )
+        summary = {
+            "model": name,
+            "best_epoch": result.best_epoch,
+            "best_val_dice": result.best_val_dice,
+            "epochs_run": result.epochs_run,
+            "seconds_per_epoch": result.seconds_per_epoch,
+            "ms_per_step": result.ms_per_step,
+            "params_total": result.params_total,
+            "image_size": cfg.image_size,
+            "batch_size": cfg.batch_size,
+            "mlflow_run_id": active.info.run_id,
+            **record,
+        }
+        metrics_path = metrics_dir / f"train_{name}.json"
+        atomic_write_json(metrics_path, summary)
+        tracking.log_metrics({"best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch, "ms_per_step": result.ms_per_step, "seconds_per_epoch": result.seconds_per_epoch, "params_total": result.params_total})
+        tracking.log_artifact(history_path, "history")
+        tracking.log_artifact(metrics_path, "metrics")
+        import keras
+        import numpy as np
+
+        import tumorseg.models  # noqa: F401 - registers custom objects for loading
+
+        best = keras.models.load_model(model_path)
+        tracking.log_keras_model(best, np.zeros((1, cfg.image_size, cfg.image_size, 1), np.float32))
+    clear_state(state_dir)
+    log.info("%s: best val Dice %.4f at epoch %d (%.0f ms/step) -> %s", name, result.best_val_dice, result.best_epoch, result.ms_per_step, model_path)
+    return summary
+
+
+def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_dir: Path, metrics_dir: Path, reports_dir: Path) -> dict[str, dict]:
+    """Score each trained model on the test split; log into its training run in MLflow."""
+    import keras
+
+    import tumorseg.models  # noqa: F401 - registers custom objects for loading
+    from tumorseg import tracking
+    from tumorseg.evaluation import evaluate_model, write_evaluation
+    from tumorseg.io import read_json
+    from tumorseg.losses import combined_loss
+
+    record = _data_record(prepared_dir)
+    uri = tracking.tracking_uri()
+    tracking.check_tracking(uri)
+    results = {}
+    for name in names:
+        model = keras.models.load_model(models_dir / f"{name}.keras")
+        metrics, per_image, predictions = evaluate_model(model, combined_loss(**cfg.loss.model_dump()), prepared_dir / "test", image_size=cfg.image_size, batch_size=cfg.batch_size)
+        metrics = {**metrics, "data_source": record["data_source"], "data_hash": record["data_hash"], "model": name, "image_size": cfg.image_size}
+        out_dir = reports_dir / f"evaluate_{name}"
+        metrics_path = metrics_dir / f"evaluate_{name}.json"
+        write_evaluation(metrics_path, out_dir, metrics, per_image, predictions)
+        train_summary = read_json(metrics_dir / f"train_{name}.json")
+        with tracking.run(uri, run_id=train_summary.get("mlflow_run_id"), run_name=name, tags={"evaluated": "true"}):
+            tracking.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            for path in (metrics_path, out_dir / "per_image.csv", out_dir / "overlays.png"):
+                tracking.log_artifact(path, "evaluation")
+        results[name] = metrics
+        log.info("%s: test Dice %.4f (global %.4f), IoU %.4f, HD95 %s on %d %s images", name, metrics["dice"], metrics["global_dice"], metrics["iou"], metrics["hd95"], metrics["n_images"], record["data_source"])
+    return results
+
+
+def compare_step(cfg: Config, names: list[str], *, metrics_dir: Path, reports_dir: Path) -> dict:
+    from tumorseg.evaluation import compare_models, comparison_chart
+    from tumorseg.io import atomic_write_json, atomic_write_text, read_json
+
+    results = {}
+    for name in names:
+        train = read_json(metrics_dir / f"train_{name}.json")
+        results[name] = read_json(metrics_dir / f"evaluate_{name}.json") | {k: train[k] for k in ("params_total", "ms_per_step", "best_val_dice", "best_epoch")}
+    sources = {r["data_source"] for r in results.values()}
+    label = "SYNTHETIC phantoms" if sources == {"synthetic"} else ("real MRI" if sources == {"real"} else f"mixed ({', '.join(sorted(sources))})")
+    first = next(iter(results.values()))
+    facts = f"Test split: {first['n_images']} images at {cfg.image_size}x{cfg.image_size}; {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g}, profile `{cfg.profile}`."
+    markdown, summary = compare_models(results, label, facts)
+    atomic_write_text(reports_dir / "comparison.md", markdown)
+    atomic_write_json(reports_dir / "comparison.json", summary)
+    comparison_chart(results, reports_dir / "comparison.png", f"Test metrics on {label} ({cfg.image_size}px, {cfg.epochs} epochs)")
+    return summary

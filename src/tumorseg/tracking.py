@@ -1,0 +1,162 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Zero set-up: without ``MLFLOW_TRACKING_URI`` the store is ``mlflow.db`` (SQLite) at the project
+root, as an absolute path resolved to the *workspace* even when DVC runs the stage in a temporary
+copy (``dvc exp run --temp`` / ``--queue`` run under ``<workspace>/.dvc/tmp/exps/``), so every run
+lands in the one store that ``mlflow ui`` shows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_NAME = "tumorseg"
+STORE_FILE = "mlflow.db"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; raised before any training starts."""
+
+
+def workspace_root(start: Path | None = None) -> Path:
+    """The user's project folder, also from inside a DVC temporary experiment copy."""
+    here = (start or Path.cwd()).resolve()
+    parts = here.parts
+    for index in range(len(parts) - 3):
+        if parts[index : index + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:index])
+    return here
+
+
+def tracking_uri(project_root: Path | None = None) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{workspace_root(project_root) / STORE_FILE}"
+
+
+def _mlflow():
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # Fail in seconds, not after minutes of retries, when a server is unreachable.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    import mlflow
+
+    return mlflow
+
+
+def check_tracking(uri: str) -> None:
+    """Make sure the store answers (and create the experiment) before an hour of training."""
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(uri)
+    try:
+        if mlflow.get_experiment_by_name(EXPERIMENT_NAME) is None:
+            mlflow.create_experiment(EXPERIMENT_NAME)
+    except Exception as exc:  # MlflowException, requests errors, sqlite errors: all "unusable"
+        hint = "unset MLFLOW_TRACKING_URI to use the local mlflow.db" if os.environ.get("MLFLOW_TRACKING_URI") else "check that the project folder is writable"
+        raise TrackingError(f"MLflow tracking store {uri!r} is not usable ({type(exc).__name__}: {str(exc)[:300]}); {hint}") from None
+
+
+def git_commit(root: Path) -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def pipeline_id(root: Path, params_text: str, data_hash: str) -> str:
+    """Same for every stage of one `dvc repro`/`dvc exp run` (same code, params and data)."""
+    exp = os.environ.get("DVC_EXP_NAME", "")
+    digest = hashlib.sha256(f"{git_commit(root)}\n{params_text}\n{data_hash}\n{exp}".encode()).hexdigest()
+    return digest[:12]
+
+
+def environment_tags() -> dict[str, str]:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "python_version": platform.python_version(),
+        "machine": f"{platform.machine()} ({os.cpu_count()} CPUs)",
+        "gpus": str(len(tf.config.list_physical_devices("GPU"))),
+    }
+
+
+@contextlib.contextmanager
+def run(uri: str, *, run_id: str | None, run_name: str, tags: Mapping[str, str]) -> Iterator[Any]:
+    """Start (or resume, with ``run_id``) a run in the tumorseg experiment."""
+    mlflow = _mlflow()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(EXPERIMENT_NAME)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as active:
+        mlflow.set_tags(dict(tags))
+        yield active
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    mlflow = _mlflow()
+    # MLflow params are immutable: on resume, log only those not yet recorded.
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    fresh = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
+    items = list(fresh.items())
+    for start in range(0, len(items), 100):
+        mlflow.log_params(dict(items[start : start + 100]))
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    clean = {k: float(v) for k, v in metrics.items() if v is not None and v == v}
+    if clean:
+        _mlflow().log_metrics(clean, step=step)
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    if Path(path).exists():
+        _mlflow().log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_keras_model(model, input_example) -> None:
+    """Log the model in MLflow's Keras flavour (signature + input example) as ``runs:/<id>/model``.
+
+    Saved locally and uploaded as artifacts: ``mlflow.keras.log_model`` with an input example
+    writes the example before creating its folder (FileNotFoundError in MLflow 3.17).
+    """
+    import tempfile
+
+    import keras
+    import tensorflow as tf
+    from mlflow.models import infer_signature
+
+    mlflow = _mlflow()
+    prediction = model.predict(input_example, verbose=0)
+    with tempfile.TemporaryDirectory() as scratch:
+        target = Path(scratch) / "model"
+        target.mkdir()
+        mlflow.keras.save_model(
+            model,
+            path=str(target),
+            signature=infer_signature(input_example, prediction),
+            input_example=input_example,
+            # Explicit requirements: inferring them costs ~9 s per model.
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", "tumorseg"],
+        )
+        mlflow.log_artifacts(str(target), artifact_path="model")
+
+
+def active_run_id() -> str | None:
+    run = _mlflow().active_run()
+    return run.info.run_id if run else None
