@@ -35,7 +35,8 @@ def test_quick_profile_overrides_only_what_it_lists():
     full, quick = load_config(PARAMS), load_config(PARAMS, overrides={"profile": "quick"})
     listed = raw_params()["profiles"]["quick"]
     assert quick.epochs == listed["epochs"] and quick.image_size == listed["image_size"]
-    assert quick.lr == full.lr  # `dvc exp run -S lr=...` must keep working under the quick profile
+    assert quick.lr == listed["lr"]
+    assert quick.batch_size == full.batch_size and quick.seed == full.seed  # not listed: untouched
     assert quick.data.synthetic_count == listed["data"]["synthetic_count"]
     assert quick.data.source == full.data.source
     assert quick.prepare == full.prepare
@@ -83,3 +84,15 @@ def test_cli_reports_a_bad_params_file_in_one_line(tmp_path: Path):
 def test_flat_view_has_dotted_keys():
     flat = load_config(PARAMS).flat()
     assert flat["lr"] == 1e-4 and flat["data.source"] == "auto" and flat["augment.rotate.limit"] == 15
+
+
+def test_a_profile_hiding_a_changed_value_is_reported(caplog):
+    raw = raw_params() | {"profile": "quick", "epochs": 50}
+    with caplog.at_level("WARNING"):
+        cfg = config_from_dict(raw)
+    assert cfg.epochs == raw_params()["profiles"]["quick"]["epochs"]
+    assert any("epochs" in r.message and "50" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        config_from_dict(raw_params() | {"profile": "quick"})  # nothing changed: nothing to say
+    assert not caplog.records

@@ -10,6 +10,7 @@ validation, so the reference settings stay written in ``params.yaml`` while demo
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -18,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -302,7 +304,21 @@ def resolve_profile(raw: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"params: `profiles.{name}` must be a mapping of overrides")
     if "profile" in override or "profiles" in override:
         raise ConfigError(f"params: `profiles.{name}` may not set `profile` or `profiles`")
+    _warn_about_shadowed_settings(raw, override, name)
     return _deep_merge(raw, override)
+
+
+def _warn_about_shadowed_settings(raw: dict[str, Any], override: dict[str, Any], profile: str) -> None:
+    """A profile wins over the file's values; say so when it hides a value someone changed
+    (e.g. `dvc exp run -S epochs=50` while `profile: quick` is set)."""
+    defaults = Config().flat()
+    file_values = _flatten({k: v for k, v in raw.items() if k != "profile"})
+    for key, value in _flatten(override).items():
+        if key in file_values and file_values[key] != defaults.get(key) and file_values[key] != value:
+            log.warning(
+                "params: profile %r sets %s = %r, hiding %r from params.yaml; set profile: full or edit profiles.%s",
+                profile, key, value, file_values[key], profile,
+            )
 
 
 def _format_validation_error(error: ValidationError) -> str:

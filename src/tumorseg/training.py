@@ -324,7 +324,7 @@ def train_model(
         if train_params["early_stopping_patience"]:
             callbacks.append(keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=train_params["early_stopping_patience"], verbose=1))
         log.info("%s: %s phase, epochs %d-%d, lr %.2g, %d training / %d validation pairs, batch %d", name, phase, start + 1, stop, phase_lr, len(train_x), len(val_x), global_batch)
-        model.fit(train_ds, validation_data=val_ds, initial_epoch=start, epochs=stop, callbacks=callbacks, verbose=1 if progress else 2)
+        model.fit(train_ds, validation_data=val_ds, initial_epoch=start, epochs=stop, callbacks=callbacks, shuffle=False, verbose=1 if progress else 2)
         state.data[f"{phase}_done"] = True
         state.save()
 

@@ -1,0 +1,79 @@
+"""The CI metric gate, the comparison report, and tracking-store resolution."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tumorseg import tracking
+from tumorseg.cli import main as cli_main
+from tumorseg.evaluation import compare_models
+from tumorseg.gates import check_metrics
+
+
+def write_metrics(folder: Path, model: str, **values) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"evaluate_{model}.json").write_text(json.dumps({"data_source": "synthetic", **values}))
+
+
+def test_gate_passes_and_fails_on_thresholds(tmp_path: Path):
+    write_metrics(tmp_path, "unet", dice=0.71, iou=0.6)
+    write_metrics(tmp_path, "umobilenetv2", dice=0.65, iou=0.5)
+    checks = check_metrics(tmp_path, models=["unet", "umobilenetv2"], profile="quick", min_dice={"quick": {"unet": 0.7, "umobilenetv2": 0.7}}, baseline_dir=None, max_regression=0.02)
+    assert [(c.model, c.passed) for c in checks] == [("unet", True), ("umobilenetv2", False)]
+
+
+def test_gate_catches_a_regression_against_the_baseline(tmp_path: Path):
+    write_metrics(tmp_path / "now", "unet", dice=0.80, iou=0.70)
+    write_metrics(tmp_path / "base", "unet", dice=0.85, iou=0.71)
+    checks = check_metrics(tmp_path / "now", models=["unet"], profile="full", min_dice={}, baseline_dir=tmp_path / "base", max_regression=0.02)
+    failed = {c.check for c in checks if not c.passed}
+    assert failed == {"dice >= baseline - 0.02"}
+
+
+def test_check_metrics_command_exits_non_zero_with_a_table(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_metrics(tmp_path / "metrics", "unet", dice=0.2)
+    write_metrics(tmp_path / "metrics", "umobilenetv2", dice=0.9)
+    code = cli_main(["check-metrics", "--metrics-dir", "metrics"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAIL" in out and "PASS" in out and "metric gate: FAILED" in out
+    # missing file: a failing check naming it, not a traceback
+    (tmp_path / "metrics" / "evaluate_unet.json").unlink()
+    assert cli_main(["check-metrics", "--metrics-dir", "metrics"]) == 1
+    assert "missing" in capsys.readouterr().out
+
+
+def test_comparison_names_the_winner_honestly():
+    results = {
+        "unet": {"dice": 0.81, "global_dice": 0.8, "iou": 0.7, "loss": 0.3, "hd95": 4.0, "params_total": 100, "ms_per_step": 10.0, "ms_per_image": 2.0},
+        "umobilenetv2": {"dice": 0.78, "global_dice": 0.82, "iou": 0.68, "loss": 0.2, "hd95": 5.0, "params_total": 200, "ms_per_step": 5.0, "ms_per_image": 1.0},
+    }
+    markdown, summary = compare_models(results, "SYNTHETIC phantoms", "facts")
+    assert summary["winners"]["dice"] == "unet"
+    assert summary["winners"]["loss"] == "umobilenetv2" and summary["winners"]["hd95"] == "unet"
+    assert "Winner on per-image Dice: unet" in markdown and "SYNTHETIC" in markdown
+    assert "0.8249" in markdown  # the paper's number, for context
+
+
+def test_tracking_store_resolves_to_the_workspace_from_a_dvc_temp_copy(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    temp_copy = tmp_path / "project" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    temp_copy.mkdir(parents=True)
+    assert tracking.workspace_root(temp_copy) == tmp_path / "project"
+    assert tracking.tracking_uri(temp_copy) == f"sqlite:///{tmp_path / 'project' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert tracking.tracking_uri(temp_copy) == "http://127.0.0.1:1"
+
+
+def test_unreachable_tracking_server_fails_fast_before_training(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    started = time.monotonic()
+    with pytest.raises(tracking.TrackingError, match="127.0.0.1:9"):
+        tracking.check_tracking("http://127.0.0.1:9")  # discard port: nothing listens
+    assert time.monotonic() - started < 30

@@ -1,0 +1,127 @@
+"""The whole DVC pipeline at tiny scale in a temporary copy of the project."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PROJECT_ROOT
+
+TINY = {
+    "epochs": 2,
+    "image_size": 32,
+    "data": {"synthetic_count": 40, "synthetic_size": 64},
+    "augment": {"copies_per_image": 1, "preview_pairs": 2},
+    "prepare": {"group_by": "none", "workers": 1},
+    "models": {
+        "unet": {"base_filters": 4, "depth": 2, "caspp_rates": [1, 2]},
+        "umobilenetv2": {"alpha": 0.35, "encoder_weights": "none", "decoder_filters": [16, 8, 8, 8, 8]},
+    },
+    "train": {"deterministic": False, "early_stopping_patience": 0},
+}
+
+
+def run(command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("e2e") / "project"
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    for folder in ("stages", "src"):
+        shutil.copytree(PROJECT_ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["profile"] = "quick"
+    params["data"]["source"] = "synthetic"
+    params["profiles"]["quick"] = TINY
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_TRACKING", "DVC_"))}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        DVC_NO_ANALYTICS="1",
+        CI="true",
+        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@localhost", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@localhost",
+    )
+    run(["git", "init", "-q"], root, env)
+    run([sys.executable, "-m", "dvc", "init", "-q"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "copy"], root, env)
+    result = run([sys.executable, "-m", "dvc", "repro"], root, env)
+    return root, env | {"_log": result.stdout + result.stderr}
+
+
+@pytest.mark.slow
+def test_every_stage_writes_its_documented_outputs(project):
+    root, _ = project
+    for path in [
+        "data/raw/SOURCE.json",
+        "data/prepared/report.json",
+        "data/prepared/manifest.csv",
+        "data/augmented/report.json",
+        "reports/augment_preview.png",
+        "models/unet.keras",
+        "models/umobilenetv2.keras",
+        "metrics/history_unet.csv",
+        "metrics/history_umobilenetv2.csv",
+        "reports/evaluate_unet/per_image.csv",
+        "reports/evaluate_unet/overlays.png",
+        "reports/comparison.md",
+        "reports/comparison.png",
+        "dvc.lock",
+    ]:
+        assert (root / path).exists(), path
+    for model in ("unet", "umobilenetv2"):
+        train = json.loads((root / f"metrics/train_{model}.json").read_text())
+        assert {"best_epoch", "best_val_dice", "seconds_per_epoch", "ms_per_step", "params_total", "data_source", "mlflow_run_id"} <= train.keys()
+        assert train["data_source"] == "synthetic" and train["epochs_run"] == 2
+        evaluation = json.loads((root / f"metrics/evaluate_{model}.json").read_text())
+        assert {"dice", "iou", "precision", "recall", "specificity", "accuracy", "loss", "hd95", "ms_per_image", "data_source", "n_images", "global_dice"} <= evaluation.keys()
+        assert evaluation["data_source"] == "synthetic"
+        assert not (root / "models" / ".state" / model).exists(), "resume state left after a completed run"
+    comparison = json.loads((root / "reports/comparison.json").read_text())
+    assert comparison["data_source"] == "SYNTHETIC phantoms" and "dice" in comparison["winners"]
+    assert "SYNTHETIC" in (root / "reports/comparison.md").read_text()
+
+
+@pytest.mark.slow
+def test_mlflow_holds_one_tagged_run_per_model_with_test_metrics(project):
+    import mlflow
+
+    root, _ = project
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tumorseg")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["model"] for r in runs) == ["umobilenetv2", "unet"]
+    pipelines = {r.data.tags["pipeline"] for r in runs}
+    assert len(pipelines) == 1, "runs of one dvc repro must share the pipeline tag"
+    for r in runs:
+        tags = r.data.tags
+        for key in ("data_source", "data_hash", "git_commit", "tensorflow_version", "keras_version", "seed"):
+            assert tags.get(key), key
+        assert tags["data_source"] == "synthetic"
+        assert r.data.params["lr"] == "0.0001" and r.data.params["epochs"] == "2"
+        assert {"val_dice", "best_val_dice", "test_dice", "test_hd95", "ms_per_step"} <= r.data.metrics.keys()
+        assert len(client.get_metric_history(r.info.run_id, "val_dice")) == 2
+        artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"model", "history", "evaluation"} <= artifacts
+
+
+@pytest.mark.slow
+def test_second_repro_is_a_no_op(project):
+    root, env = project
+    result = run([sys.executable, "-m", "dvc", "repro"], root, env)
+    output = result.stdout + result.stderr
+    assert "Running stage" not in output, output

@@ -1,0 +1,99 @@
+"""Training: input pipeline, outputs, and resuming without repeating or losing epochs."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import PROJECT_ROOT, blob_pair, write_pair
+from tumorseg.config import load_config
+from tumorseg.training import load_pairs, make_dataset, read_state, train_model
+
+CFG = load_config(PROJECT_ROOT / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prepared")
+    for split, count in (("train", 16), ("val", 8), ("test", 8)):
+        for index in range(count):
+            write_pair(root / split, f"{split}{index}.png", *blob_pair(32, hash((split, index)) % 1000, radius=5))
+    return root
+
+
+def test_load_pairs_gives_uint8_images_and_binary_masks(prepared: Path):
+    names, images, masks = load_pairs(prepared / "train", 32)
+    assert len(names) == 16 and images.shape == masks.shape == (16, 32, 32, 1)
+    assert images.dtype == np.uint8 and set(np.unique(masks)) == {0, 1}
+    with pytest.raises(ValueError, match="expected 64x64"):
+        load_pairs(prepared / "train", 64)
+
+
+def test_dataset_batches_are_float_and_shuffled_per_seed(prepared: Path):
+    _, images, masks = load_pairs(prepared / "train", 32)
+    first = [x.numpy() for x, _ in make_dataset(images, masks, batch_size=4, shuffle=True, seed=1)]
+    again = [x.numpy() for x, _ in make_dataset(images, masks, batch_size=4, shuffle=True, seed=1)]
+    other = [x.numpy() for x, _ in make_dataset(images, masks, batch_size=4, shuffle=True, seed=2)]
+    assert first[0].dtype == np.float32 and first[0].shape == (4, 32, 32, 1) and first[0].max() > 1
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+
+
+def test_online_augmentation_keeps_pairs_aligned(prepared: Path):
+    from tumorseg.data.augment import build_augmentation
+
+    _, images, masks = load_pairs(prepared / "train", 32)
+    pipeline = build_augmentation(CFG.augment.model_dump(), seed=0)
+    for x, y in make_dataset(images, masks, batch_size=16, shuffle=False, seed=0, augment=pipeline):
+        x, y = x.numpy(), y.numpy()
+        assert set(np.unique(y)) <= {0.0, 1.0}
+        bright = x > 150
+        overlap = np.logical_and(bright, y > 0).sum() / max(1, np.logical_or(bright, y > 0).sum())
+        assert overlap > 0.5
+
+
+def _train(prepared: Path, out: Path, epochs: int):
+    return train_model(
+        "unet",
+        model_params=CFG.models.unet.model_dump() | {"base_filters": 4, "depth": 2, "use_caspp": False},
+        loss_params=CFG.loss.model_dump(),
+        train_params=CFG.train.model_dump() | {"deterministic": False},
+        augment_params=CFG.augment.model_dump(),
+        lr=1e-3,
+        epochs=epochs,
+        batch_size=8,
+        image_size=32,
+        seed=0,
+        prepared_dir=prepared,
+        augmented_dir=None,
+        model_path=out / "unet.keras",
+        history_path=out / "history.csv",
+        state_dir=out / "state",
+        progress=False,
+    )
+
+
+@pytest.mark.slow
+def test_training_writes_the_best_model_and_resumes_after_an_interruption(prepared: Path, tmp_path: Path):
+    """A run that stopped after epoch 1 continues at epoch 2: no epoch repeated, none lost."""
+    import keras
+
+    import tumorseg.models  # noqa: F401
+
+    first = _train(prepared, tmp_path, epochs=1)
+    assert first.epochs_run == 1 and first.resumed_from_epoch == 0
+    assert (tmp_path / "unet.keras").exists()
+    assert read_state(tmp_path / "state")["history"].keys() == {"1"}
+
+    second = _train(prepared, tmp_path, epochs=3)  # same state folder: a re-run after a stop
+    assert second.resumed_from_epoch == 1
+    assert second.epochs_run == 3
+    with open(tmp_path / "history.csv") as handle:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(handle)]
+    assert epochs == [1, 2, 3]
+    assert 1 <= second.best_epoch <= 3 and 0.0 <= second.best_val_dice <= 1.0
+    model = keras.models.load_model(tmp_path / "unet.keras")
+    assert model.predict(np.zeros((1, 32, 32, 1), np.float32), verbose=0).shape == (1, 32, 32, 1)
