@@ -1,7 +1,7 @@
 """The two building blocks of the hybrid U-Net: HAC and CASPP, as serialisable Keras layers.
 
 The reference work names the blocks and their purpose only; the designs below are ours and are
-documented here and in ``DESIGN.md``.
+documented here and in the README (section "Models").
 
 HAC - hierarchical attention convolution (:class:`HACBlock`)
     Replaces the plain "conv-BN-ReLU x2" block of the U-Net encoder and decoder.
