@@ -101,7 +101,16 @@ def overlay_grid(predictions: Predictions, per_image: pd.DataFrame, count: int =
         while len(tiles) < count:
             tiles.append(np.full_like(tiles[0], 255))
         rows.append(np.concatenate(tiles, axis=1))
-    return np.concatenate(rows, axis=0)
+    grid = np.concatenate(rows, axis=0)
+    return np.concatenate([_caption(grid.shape[1], f"top: best {count}, bottom: worst {count} by Dice | green: truth, red: prediction"), grid], axis=0)
+
+
+def _caption(width: int, text: str) -> np.ndarray:
+    import cv2
+
+    band = np.full((22, width, 3), 255, np.uint8)
+    cv2.putText(band, text, (4, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return band
 
 
 def _frame(tile: np.ndarray, min_side: int = 160) -> np.ndarray:

@@ -308,7 +308,7 @@ def train_model(
     history = HistoryWriter(history_path, state, on_epoch)
     best = BestModelCheckpoint(model_path, state)
     for phase, start, stop, phase_lr in phases:
-        if start >= stop or state.data.get(f"{phase}_done"):
+        if start >= stop or state.data.get(f"{phase}_done_until", 0) >= stop:
             continue
         with strategy.scope():
             if transfer:
@@ -325,7 +325,7 @@ def train_model(
             callbacks.append(keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=train_params["early_stopping_patience"], verbose=1))
         log.info("%s: %s phase, epochs %d-%d, lr %.2g, %d training / %d validation pairs, batch %d", name, phase, start + 1, stop, phase_lr, len(train_x), len(val_x), global_batch)
         model.fit(train_ds, validation_data=val_ds, initial_epoch=start, epochs=stop, callbacks=callbacks, shuffle=False, verbose=1 if progress else 2)
-        state.data[f"{phase}_done"] = True
+        state.data[f"{phase}_done_until"] = stop
         state.save()
 
     rows = state.data.get("history", {})
