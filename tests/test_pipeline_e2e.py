@@ -125,3 +125,21 @@ def test_second_repro_is_a_no_op(project):
     result = run([sys.executable, "-m", "dvc", "repro"], root, env)
     output = result.stdout + result.stderr
     assert "Running stage" not in output, output
+
+
+@pytest.mark.slow
+def test_outputs_round_trip_through_a_local_dvc_remote(project, tmp_path: Path):
+    """`dvc push` to a directory remote, delete the outputs, `dvc pull` them back."""
+    root, env = project
+    remote = tmp_path / "remote"
+    run([sys.executable, "-m", "dvc", "remote", "add", "--local", "-f", "storage", str(remote)], root, env)
+    run([sys.executable, "-m", "dvc", "push", "-r", "storage"], root, env)
+    original = (root / "models" / "unet.keras").read_bytes()
+    shutil.rmtree(root / "models")
+    shutil.rmtree(root / "data" / "prepared")
+    shutil.rmtree(root / ".dvc" / "cache")
+    run([sys.executable, "-m", "dvc", "pull", "-r", "storage"], root, env)
+    assert (root / "models" / "unet.keras").read_bytes() == original
+    assert (root / "data" / "prepared" / "manifest.csv").exists()
+    status = run([sys.executable, "-m", "dvc", "status"], root, env)
+    assert "changed" not in status.stdout, status.stdout

@@ -200,6 +200,43 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
 
 
+def _save_figure(fig, path: Path) -> None:
+    import io as _io
+
+    import matplotlib.pyplot as plt
+
+    from tumorseg.io import atomic_write_bytes
+
+    buffer = _io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def learning_curves_chart(histories: dict[str, pd.DataFrame], path: Path, title: str) -> None:
+    """Dice and loss per epoch, training and validation, all models on one chart (a PNG, so it
+    shows offline: `dvc plots show`'s HTML loads its renderer from a CDN)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (dice_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for index, (name, history) in enumerate(histories.items()):
+        for ax, metric in ((dice_ax, "dice"), (loss_ax, "loss")):
+            for key, style in ((f"val_{metric}", "-"), (metric, ":")):
+                if key in history:
+                    ax.plot(history["epoch"], history[key], style, color=f"C{index}", label=f"{name} {key}")
+    dice_ax.set(xlabel="epoch", ylabel="Dice (per-image mean)", ylim=(0, 1))
+    loss_ax.set(xlabel="epoch", ylabel="loss (BCE + Dice + Tversky)")
+    for ax in (dice_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
 def comparison_chart(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -220,11 +257,4 @@ def comparison_chart(results: dict[str, dict[str, Any]], path: Path, title: str)
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    import io as _io
-
-    buffer = _io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    from tumorseg.io import atomic_write_bytes
-
-    atomic_write_bytes(path, buffer.getvalue())
+    _save_figure(fig, path)

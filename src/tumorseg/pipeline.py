@@ -243,7 +243,9 @@ def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_d
 
 
 def compare_step(cfg: Config, names: list[str], *, metrics_dir: Path, reports_dir: Path) -> dict:
-    from tumorseg.evaluation import compare_models, comparison_chart
+    import pandas as pd
+
+    from tumorseg.evaluation import compare_models, comparison_chart, learning_curves_chart
     from tumorseg.io import atomic_write_json, atomic_write_text, read_json
 
     results = {}
@@ -258,4 +260,6 @@ def compare_step(cfg: Config, names: list[str], *, metrics_dir: Path, reports_di
     atomic_write_text(reports_dir / "comparison.md", markdown)
     atomic_write_json(reports_dir / "comparison.json", summary)
     comparison_chart(results, reports_dir / "comparison.png", f"Test metrics on {label} ({cfg.image_size}px, {cfg.epochs} epochs)")
+    histories = {n: pd.read_csv(metrics_dir / f"history_{n}.csv") for n in names if (metrics_dir / f"history_{n}.csv").exists()}
+    learning_curves_chart(histories, reports_dir / "learning_curves.png", f"Learning curves on {label} ({cfg.image_size}px)")
     return summary

@@ -100,7 +100,9 @@ def configure_runtime(*, seed: int, threads: int, deterministic: bool) -> None:
     import keras
     import tensorflow as tf
 
-    cores = threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (threads or os.cpu_count() or 1)
+    from tumorseg.data.prepare import default_workers
+
+    cores = threads or default_workers()
     try:
         tf.config.threading.set_intra_op_parallelism_threads(cores)
         tf.config.threading.set_inter_op_parallelism_threads(2)
@@ -115,6 +117,10 @@ def distribution_strategy(kind: str):
     import tensorflow as tf
 
     if kind == "mirrored":
+        # Without GPUs MirroredStrategy would use one CPU; use every logical CPU device instead
+        # (several exist only when configured, e.g. to test data parallelism on one machine).
+        if not tf.config.list_logical_devices("GPU"):
+            return tf.distribute.MirroredStrategy(devices=[d.name for d in tf.config.list_logical_devices("CPU")])
         return tf.distribute.MirroredStrategy()
     if kind == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()

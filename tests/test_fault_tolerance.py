@@ -1,0 +1,108 @@
+"""Killing training with SIGKILL and re-running resumes; mirrored training runs on 2 CPU devices."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PROJECT_ROOT
+from tumorseg.config import load_config
+from tumorseg.data.synthetic import write_synthetic_dataset
+from tumorseg.pipeline import prepare_step
+
+TINY_MODEL = {"base_filters": 4, "depth": 2, "use_caspp": False}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("killed")
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params.update(epochs=5, image_size=32, lr=1e-3)
+    params["models"]["unet"].update(TINY_MODEL)
+    params["train"].update(deterministic=False, early_stopping_patience=0, reduce_lr_patience=0)
+    params["prepare"].update(group_by="none", workers=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    write_synthetic_dataset(root / "raw", count=48, size=32, seed=0, progress=False)
+    prepare_step(load_config(root / "params.yaml"), root / "raw" / "images", root / "raw" / "masks", root / "data" / "prepared", progress=False, report_extra={"data_source": "synthetic", "data_origin": "test", "data_hash": "0" * 64})
+    return root
+
+
+def _env(root: Path) -> dict:
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", CI="true", TF_CPP_MIN_LOG_LEVEL="3")
+    return env
+
+
+def _train_command(root: Path) -> list[str]:
+    return [sys.executable, str(PROJECT_ROOT / "stages" / "train.py"), "--model", "unet", "--params", str(root / "params.yaml"), "--prepared", str(root / "data" / "prepared"), "--augmented", str(root / "none")]
+
+
+def _epochs_in_history(root: Path) -> list[int]:
+    path = root / "metrics" / "history_unet.csv"
+    if not path.exists():
+        return []
+    with open(path) as handle:
+        return [int(row["epoch"]) for row in csv.DictReader(handle)]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_then_rerun_resumes_without_repeating_epochs(project: Path):
+    root = project
+    process = subprocess.Popen(_train_command(root), cwd=root, env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(_epochs_in_history(root)) < 2 and process.poll() is None:
+        time.sleep(0.2)
+    assert process.poll() is None, f"training ended before it could be killed: {process.stderr.read().decode()[-2000:]}"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = _epochs_in_history(root)
+    assert len(done_before) >= 2
+    assert (root / "models" / ".state" / "unet").is_dir(), "resume state must survive the kill"
+
+    result = subprocess.run(_train_command(root), cwd=root, env=_env(root), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _epochs_in_history(root) == [1, 2, 3, 4, 5], "every epoch exactly once"
+    assert "resuming training" in result.stderr
+    assert f"Epoch {len(done_before) + 1}/5" in result.stdout + result.stderr, "must restart after the last completed epoch"
+    assert not (root / "models" / ".state" / "unet").exists()
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tumorseg").experiment_id])
+    assert len(runs) == 1, "the resumed run continues the same MLflow run"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_dice")]
+    assert sorted(set(steps)) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus(project: Path, tmp_path: Path):
+    script = textwrap.dedent(
+        f"""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from pathlib import Path
+        from tumorseg.config import load_config
+        from tumorseg.training import train_model, distribution_strategy
+        cfg = load_config({str(project / 'params.yaml')!r})
+        assert distribution_strategy("mirrored").num_replicas_in_sync == 2
+        out = Path({str(tmp_path)!r})
+        result = train_model("unet", model_params=cfg.models.unet.model_dump(), loss_params=cfg.loss.model_dump(),
+            train_params=cfg.train.model_dump() | {{"distribute": "mirrored"}}, augment_params=cfg.augment.model_dump(),
+            lr=1e-3, epochs=1, batch_size=4, image_size=32, seed=0, prepared_dir=Path({str(project / 'data' / 'prepared')!r}),
+            augmented_dir=None, model_path=out / "m.keras", history_path=out / "h.csv", state_dir=out / "state", progress=False)
+        print("REPLICAS_OK", result.epochs_run, (out / "m.keras").exists())
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=_env(project))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REPLICAS_OK 1 True" in result.stdout
