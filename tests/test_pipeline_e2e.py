@@ -135,8 +135,9 @@ def test_outputs_round_trip_through_a_local_dvc_remote(project, tmp_path: Path):
     run([sys.executable, "-m", "dvc", "remote", "add", "--local", "-f", "storage", str(remote)], root, env)
     run([sys.executable, "-m", "dvc", "push", "-r", "storage"], root, env)
     original = (root / "models" / "unet.keras").read_bytes()
-    shutil.rmtree(root / "models")
-    shutil.rmtree(root / "data" / "prepared")
+    shutil.rmtree(root / "models")  # cached outputs; metric files (cache: false) stay in git
+    shutil.rmtree(root / "data" / "prepared" / "train")
+    (root / "data" / "prepared" / "manifest.csv").unlink()
     shutil.rmtree(root / ".dvc" / "cache")
     run([sys.executable, "-m", "dvc", "pull", "-r", "storage"], root, env)
     assert (root / "models" / "unet.keras").read_bytes() == original

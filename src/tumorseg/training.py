@@ -60,7 +60,7 @@ def load_pairs(folder: Path, size: int | None = None) -> tuple[list[str], np.nda
     return names, images, masks
 
 
-def make_dataset(images: np.ndarray, masks: np.ndarray, *, batch_size: int, shuffle: bool, seed: int, augment=None):
+def make_dataset(images: np.ndarray, masks: np.ndarray, *, batch_size: int, shuffle: bool, seed: int, augment=None, drop_remainder: bool = False):
     """A ``tf.data`` pipeline of (raw float image, 0/1 mask) batches.
 
     ``augment`` (an albumentations Compose) runs on the fly in a ``numpy_function``; it is applied
@@ -85,7 +85,8 @@ def make_dataset(images: np.ndarray, masks: np.ndarray, *, batch_size: int, shuf
             return out_image, out_mask
 
         dataset = dataset.map(_map, num_parallel_calls=1, deterministic=True)
-    dataset = dataset.batch(batch_size)
+    # Several replicas need equal shares of every batch: drop the ragged last batch.
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
     dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)), num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
 
@@ -290,8 +291,11 @@ def train_model(
     replicas = strategy.num_replicas_in_sync
     global_batch = batch_size * replicas
     scaled_lr = lr * replicas  # linear scaling rule: same per-example step size
-    train_ds = make_dataset(train_x, train_y, batch_size=global_batch, shuffle=True, seed=seed, augment=online)
-    val_ds = make_dataset(val_x, val_y, batch_size=global_batch, shuffle=False, seed=seed)
+    # With several replicas the ragged last batch is dropped (at most global_batch - 1 pairs).
+    split_evenly = replicas > 1
+    val_batch = global_batch if len(val_x) >= global_batch else replicas
+    train_ds = make_dataset(train_x, train_y, batch_size=global_batch, shuffle=True, seed=seed, augment=online, drop_remainder=split_evenly)
+    val_ds = make_dataset(val_x, val_y, batch_size=val_batch, shuffle=False, seed=seed, drop_remainder=split_evenly)
 
     with strategy.scope():
         model = build_model(name, (image_size, image_size, 1), **model_params)
