@@ -35,7 +35,8 @@ def test_quick_profile_overrides_only_what_it_lists():
     full, quick = load_config(PARAMS), load_config(PARAMS, overrides={"profile": "quick"})
     listed = raw_params()["profiles"]["quick"]
     assert quick.epochs == listed["epochs"] and quick.image_size == listed["image_size"]
-    assert quick.lr == listed["lr"]
+    assert quick.lr == full.lr  # `dvc exp run -S lr=...` is never hidden by the quick profile
+    assert quick.train.lr_scale == listed["train"]["lr_scale"]
     assert quick.batch_size == full.batch_size and quick.seed == full.seed  # not listed: untouched
     assert quick.data.synthetic_count == listed["data"]["synthetic_count"]
     assert quick.data.source == full.data.source

@@ -194,6 +194,7 @@ class TrainConfig(_Strict):
     """How both models are trained (the shared settings; lr/epochs/batch are top level)."""
 
     optimizer: Literal["adam", "adamw"] = "adam"
+    lr_scale: float = Field(1.0, gt=0.0, le=1000.0)  # effective lr = lr * lr_scale
     weight_decay: float = Field(0.0, ge=0.0, le=1.0)  # adamw only
     online_augment: bool = False  # albumentations on the fly, on top of the offline copies
     use_augmented: bool = True  # train on data/augmented as well as the original training pairs

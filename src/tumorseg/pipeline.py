@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
+
+import pandas as pd
 
 from tumorseg.config import Config
 from tumorseg.data.prepare import PrepareReport, prepare_dataset
@@ -168,7 +171,7 @@ def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Pat
             loss_params=cfg.loss.model_dump(),
             train_params=cfg.train.model_dump(),
             augment_params=cfg.augment.model_dump(),
-            lr=cfg.lr,
+            lr=cfg.lr * cfg.train.lr_scale,
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
             image_size=cfg.image_size,
@@ -191,6 +194,7 @@ def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Pat
             "params_total": result.params_total,
             "image_size": cfg.image_size,
             "batch_size": cfg.batch_size,
+            "effective_lr": cfg.lr * cfg.train.lr_scale,
             "mlflow_run_id": active.info.run_id,
             **record,
         }
@@ -198,6 +202,12 @@ def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Pat
         atomic_write_json(metrics_path, summary)
         tracking.log_metrics({"best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch, "ms_per_step": result.ms_per_step, "seconds_per_epoch": result.seconds_per_epoch, "params_total": result.params_total})
         tracking.log_artifact(history_path, "history")
+        from tumorseg.evaluation import learning_curves_chart
+
+        with tempfile.TemporaryDirectory() as scratch:
+            chart = Path(scratch) / f"learning_curves_{name}.png"
+            learning_curves_chart({name: pd.read_csv(history_path)}, chart, f"{name} on {record['data_source']} data")
+            tracking.log_artifact(chart, "history")
         tracking.log_artifact(metrics_path, "metrics")
         import keras
         import numpy as np
@@ -243,8 +253,6 @@ def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_d
 
 
 def compare_step(cfg: Config, names: list[str], *, metrics_dir: Path, reports_dir: Path) -> dict:
-    import pandas as pd
-
     from tumorseg.evaluation import compare_models, comparison_chart, learning_curves_chart
     from tumorseg.io import atomic_write_json, atomic_write_text, read_json
 
@@ -255,7 +263,7 @@ def compare_step(cfg: Config, names: list[str], *, metrics_dir: Path, reports_di
     sources = {r["data_source"] for r in results.values()}
     label = "SYNTHETIC phantoms" if sources == {"synthetic"} else ("real MRI" if sources == {"real"} else f"mixed ({', '.join(sorted(sources))})")
     first = next(iter(results.values()))
-    facts = f"Test split: {first['n_images']} images at {cfg.image_size}x{cfg.image_size}; {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g}, profile `{cfg.profile}`."
+    facts = f"Test split: {first['n_images']} images at {cfg.image_size}x{cfg.image_size}; {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g} x {cfg.train.lr_scale:g}, profile `{cfg.profile}`."
     markdown, summary = compare_models(results, label, facts)
     atomic_write_text(reports_dir / "comparison.md", markdown)
     atomic_write_json(reports_dir / "comparison.json", summary)
