@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tumorseg.data.augment import overlay_outline
+from tumorseg.data.augment import frame_tile, overlay_outline
 from tumorseg.io import atomic_write_json, atomic_write_png, atomic_write_text
 from tumorseg.metrics import SCORE_NAMES, evaluate_masks
 from tumorseg.training import load_pairs
@@ -97,7 +97,7 @@ def overlay_grid(predictions: Predictions, per_image: pd.DataFrame, count: int =
             image = predictions.images[index, ..., 0]
             tile = overlay_outline(image, predictions.truths[index, ..., 0] * 255, (0, 255, 0))
             tile = overlay_outline(tile, (predictions.probabilities[index, ..., 0] > 0.5).astype(np.uint8) * 255, (0, 0, 255))
-            tiles.append(_frame(tile))
+            tiles.append(frame_tile(tile, min_side=160))
         while len(tiles) < count:
             tiles.append(np.full_like(tiles[0], 255))
         rows.append(np.concatenate(tiles, axis=1))
@@ -111,15 +111,6 @@ def _caption(width: int, text: str) -> np.ndarray:
     band = np.full((22, width, 3), 255, np.uint8)
     cv2.putText(band, text, (4, 15), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
     return band
-
-
-def _frame(tile: np.ndarray, min_side: int = 160) -> np.ndarray:
-    import cv2
-
-    factor = max(1, -(-min_side // tile.shape[0]))
-    if factor > 1:
-        tile = cv2.resize(tile, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
-    return cv2.copyMakeBorder(tile, 2, 2, 2, 2, cv2.BORDER_CONSTANT, value=(255, 255, 255))
 
 
 def write_evaluation(out_metrics: Path, out_dir: Path, metrics: dict[str, Any], per_image: pd.DataFrame, predictions: Predictions) -> None:

@@ -136,11 +136,11 @@ def preview_grid(train_dir: str | Path, settings: dict[str, Any], *, rows: int, 
         tiles = [overlay_outline(image, mask, (0, 0, 255))]
         for _ in range(copies):
             tiles.append(overlay_outline(*apply(pipeline, image, mask)))
-        lines.append(np.concatenate([_pad(t) for t in tiles], axis=1))
+        lines.append(np.concatenate([frame_tile(t) for t in tiles], axis=1))
     return np.concatenate(lines, axis=0)
 
 
-def _pad(tile: np.ndarray, border: int = 2, min_side: int = 128) -> np.ndarray:
+def frame_tile(tile: np.ndarray, min_side: int = 128, border: int = 2) -> np.ndarray:
     """Frame a tile; small tiles are enlarged (nearest, so outlines stay crisp) to be readable."""
     factor = -(-min_side // tile.shape[0])
     if factor > 1:
