@@ -11,11 +11,15 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from tumorseg import tracking
 from tumorseg.config import Config
 from tumorseg.data.prepare import PrepareReport, prepare_dataset
 from tumorseg.data.sources import SourceInfo, data_label, download, read_source_info
+from tumorseg.io import atomic_write_json, atomic_write_text, read_json
+from tumorseg.training import clear_state, read_state, remember_run_id, train_model
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +123,11 @@ def augment_step(cfg: Config, prepared_dir: Path, out_dir: Path, preview_path: P
 
 def _data_record(prepared_dir: Path) -> dict:
     """The data source record that prepare copied into its report (kind, origin, hash)."""
-    from tumorseg.io import read_json
-
     report = read_json(prepared_dir / "report.json")
     return {key: report.get(key, "unknown") for key in ("data_source", "data_origin", "data_hash")}
 
 
 def _run_tags(cfg: Config, name: str, record: dict, params_path: Path) -> dict[str, str]:
-    from tumorseg import tracking
-
     root = tracking.workspace_root()
     params_text = params_path.read_text(encoding="utf-8") if params_path.exists() else ""
     return {
@@ -146,9 +146,6 @@ def _run_tags(cfg: Config, name: str, record: dict, params_path: Path) -> dict[s
 
 def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Path, models_dir: Path, metrics_dir: Path, params_path: Path, progress: bool = True):
     """Train one model with MLflow tracking; resumable (state in ``models_dir/.state/<name>``)."""
-    from tumorseg import tracking
-    from tumorseg.io import atomic_write_json
-    from tumorseg.training import clear_state, read_state, remember_run_id, train_model
 
     record = _data_record(prepared_dir)
     uri = tracking.tracking_uri()
@@ -210,7 +207,6 @@ def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Pat
             tracking.log_artifact(chart, "history")
         tracking.log_artifact(metrics_path, "metrics")
         import keras
-        import numpy as np
 
         import tumorseg.models  # noqa: F401 - registers custom objects for loading
 
@@ -226,9 +222,7 @@ def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_d
     import keras
 
     import tumorseg.models  # noqa: F401 - registers custom objects for loading
-    from tumorseg import tracking
     from tumorseg.evaluation import evaluate_model, write_evaluation
-    from tumorseg.io import read_json
     from tumorseg.losses import combined_loss
 
     record = _data_record(prepared_dir)
@@ -254,7 +248,6 @@ def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_d
 
 def compare_step(cfg: Config, names: list[str], *, metrics_dir: Path, reports_dir: Path) -> dict:
     from tumorseg.evaluation import compare_models, comparison_chart, learning_curves_chart
-    from tumorseg.io import atomic_write_json, atomic_write_text, read_json
 
     results = {}
     for name in names:
