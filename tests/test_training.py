@@ -55,12 +55,12 @@ def test_online_augmentation_keeps_pairs_aligned(prepared: Path):
         assert overlap > 0.5
 
 
-def _train(prepared: Path, out: Path, epochs: int):
+def _train(prepared: Path, out: Path, epochs: int, **train_overrides):
     return train_model(
         "unet",
         model_params=CFG.models.unet.model_dump() | {"base_filters": 4, "depth": 2, "use_caspp": False},
         loss_params=CFG.loss.model_dump(),
-        train_params=CFG.train.model_dump() | {"deterministic": False},
+        train_params=CFG.train.model_dump() | {"deterministic": False} | train_overrides,
         augment_params=CFG.augment.model_dump(),
         lr=1e-3,
         epochs=epochs,
@@ -97,3 +97,22 @@ def test_training_writes_the_best_model_and_resumes_after_an_interruption(prepar
     assert 1 <= second.best_epoch <= 3 and 0.0 <= second.best_val_dice <= 1.0
     model = keras.models.load_model(tmp_path / "unet.keras")
     assert model.predict(np.zeros((1, 32, 32, 1), np.float32), verbose=0).shape == (1, 32, 32, 1)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_min_lr():
+    from tumorseg.training import learning_rate_for
+
+    assert learning_rate_for("plateau", 1e-3, steps_per_epoch=10, start_epoch=0, stop_epoch=5, warmup_epochs=1, min_lr=1e-6) == 1e-3
+    schedule = learning_rate_for("cosine", 1e-3, steps_per_epoch=10, start_epoch=0, stop_epoch=5, warmup_epochs=1, min_lr=1e-5)
+    values = [float(schedule(step)) for step in (0, 5, 10, 30, 50)]
+    assert values[0] == pytest.approx(1e-4)  # warm-up starts at lr / 10
+    assert values[0] < values[1] < values[2] == pytest.approx(1e-3)  # reaches lr after one epoch
+    assert values[2] > values[3] > values[4] == pytest.approx(1e-5, rel=1e-3)  # ends at min_lr
+
+
+def test_cosine_training_logs_a_falling_learning_rate(prepared: Path, tmp_path: Path):
+    _train(prepared, tmp_path, epochs=3, lr_schedule="cosine", warmup_epochs=0)
+    with open(tmp_path / "history.csv") as handle:
+        rates = [float(row["lr"]) for row in csv.DictReader(handle)]
+    assert len(rates) == 3 and all(a > b for a, b in zip(rates, rates[1:]))
+    assert rates[-1] == pytest.approx(CFG.train.min_lr, rel=1e-3)  # the last step reaches min_lr

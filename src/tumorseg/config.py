@@ -202,6 +202,10 @@ class TrainConfig(_Strict):
     reduce_lr_patience: int = Field(4, ge=0)  # 0 = off
     reduce_lr_factor: float = Field(0.5, gt=0.0, lt=1.0)
     min_lr: float = Field(1e-6, ge=0.0)
+    # plateau: constant lr, halved by ReduceLROnPlateau; cosine: linear warm-up then cosine decay
+    # to min_lr over the planned epochs (a fixed budget is spent better; ReduceLROnPlateau is off).
+    lr_schedule: Literal["plateau", "cosine"] = "plateau"
+    warmup_epochs: int = Field(1, ge=0)  # cosine only
     threads: int = Field(0, ge=0, le=512)  # TensorFlow intra-op threads; 0 = all cores
     deterministic: bool = True  # op determinism: same seed -> same weights (slightly slower)
     jit_compile: bool = False  # XLA; measured 3.7x slower per step on 2 CPU cores

@@ -225,7 +225,28 @@ class TrainResult:
     resumed_from_epoch: int
 
 
-def _optimizer(name: str, lr: float, weight_decay: float):
+def learning_rate_for(schedule: str, lr: float, *, steps_per_epoch: int, start_epoch: int, stop_epoch: int, warmup_epochs: int, min_lr: float):
+    """A float for ``plateau``; for ``cosine`` a warm-up + cosine-decay schedule over this phase.
+
+    The schedule is indexed by the optimizer's step count, which BackupAndRestore restores, so a
+    resumed run continues on the same curve.
+    """
+    import keras
+
+    if schedule == "plateau":
+        return lr
+    total = max(1, (stop_epoch - start_epoch) * steps_per_epoch)
+    warmup = min(warmup_epochs * steps_per_epoch, total - 1)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=lr / 10 if warmup else lr,
+        decay_steps=total - warmup,
+        alpha=min(1.0, min_lr / lr) if lr > 0 else 0.0,
+        warmup_target=lr if warmup else None,
+        warmup_steps=warmup,
+    )
+
+
+def _optimizer(name: str, lr, weight_decay: float):
     import keras
 
     if name == "adamw":
@@ -302,9 +323,12 @@ def train_model(
         freeze_epochs = int(model_params.get("freeze_epochs", 0) or 0) if name == "umobilenetv2" else 0
         transfer = freeze_epochs > 0 and str(model_params.get("encoder_weights", "none")) != "none"
 
-        def compile_model(learning_rate: float) -> None:
+        steps_per_epoch = len(train_x) // global_batch if split_evenly else -(-len(train_x) // global_batch)
+
+        def compile_model(learning_rate: float, start: int, stop: int) -> None:
+            schedule = learning_rate_for(train_params["lr_schedule"], learning_rate, steps_per_epoch=steps_per_epoch, start_epoch=start, stop_epoch=stop, warmup_epochs=train_params["warmup_epochs"], min_lr=train_params["min_lr"])
             model.compile(
-                optimizer=_optimizer(train_params["optimizer"], learning_rate, train_params["weight_decay"]),
+                optimizer=_optimizer(train_params["optimizer"], schedule, train_params["weight_decay"]),
                 loss=combined_loss(**loss_params),
                 metrics=segmentation_metrics(tversky_alpha=loss_params["tversky_alpha"], tversky_beta=loss_params["tversky_beta"]),
                 jit_compile=train_params["jit_compile"],
@@ -323,13 +347,13 @@ def train_model(
         with strategy.scope():
             if transfer:
                 set_encoder_trainable(model, phase != "frozen_encoder")
-            compile_model(phase_lr)
+            compile_model(phase_lr, start, stop)
         callbacks = [
             keras.callbacks.BackupAndRestore(backup_dir=str(state_dir / f"backup_{phase}"), delete_checkpoint=False),
             history,
             best,
         ]
-        if train_params["reduce_lr_patience"]:
+        if train_params["reduce_lr_patience"] and train_params["lr_schedule"] == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=train_params["reduce_lr_factor"], patience=train_params["reduce_lr_patience"], min_lr=train_params["min_lr"], verbose=1))
         if train_params["early_stopping_patience"]:
             callbacks.append(keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=train_params["early_stopping_patience"], verbose=1))
