@@ -160,3 +160,58 @@ def log_keras_model(model, input_example) -> None:
 def active_run_id() -> str | None:
     run = _mlflow().active_run()
     return run.info.run_id if run else None
+
+
+# --- model registry and loading ----------------------------------------------------------------
+
+
+def load_keras_model(model_uri: str, uri: str | None = None):
+    """Load a Keras model logged by :func:`log_keras_model` (``runs:/<id>/model``, ``models:/<name>/<version>``)."""
+    import tumorseg.models  # noqa: F401 - registers the custom layers, losses and metrics
+
+    mlflow = _mlflow()
+    store = uri or tracking_uri()
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    try:
+        return mlflow.keras.load_model(model_uri)
+    except Exception as exc:  # MlflowException (unknown run/model/version), OSError: say which URI and store
+        raise TrackingError(f"cannot load {model_uri!r} from the MLflow store {store!r} ({type(exc).__name__}: {str(exc)[:300]})") from None
+
+
+def register_model(name: str, *, run_id: str | None = None, model=None, uri: str | None = None, artifact_path: str = "model", tags: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Register a model version under ``name`` in the MLflow model registry.
+
+    Either an already logged model (``run_id``: ``runs:/<run_id>/<artifact_path>``), or a Keras
+    ``model`` that is first logged into a new run of the tumorseg experiment (so every version
+    points at a run with its files). Returns name, version, source URI, run id and the
+    ``models:/name/version`` URI to load it with.
+    """
+    if (run_id is None) == (model is None):
+        raise ValueError("give exactly one of run_id or model")
+    mlflow = _mlflow()
+    store = uri or tracking_uri()
+    check_tracking(store)
+    mlflow.set_registry_uri(store)
+    if model is not None:
+        side = model.input_shape[1] or 256
+        with run(store, run_id=None, run_name=f"register-{name}", tags={"registered_as": name, **dict(tags or {})}) as active:
+            log_keras_model(model, _zeros_example(side, model.input_shape[-1] or 1))
+            run_id = active.info.run_id
+    else:
+        try:
+            mlflow.get_run(run_id)
+        except Exception:
+            raise TrackingError(f"no MLflow run {run_id!r} in {store!r}; list runs with `mlflow ui --backend-store-uri {store}`") from None
+    source = f"runs:/{run_id}/{artifact_path}"
+    try:
+        version = mlflow.register_model(source, name, tags=dict(tags or {}) or None)
+    except Exception as exc:
+        raise TrackingError(f"cannot register {source} as {name!r} in {store!r} ({type(exc).__name__}: {str(exc)[:300]})") from None
+    return {"name": name, "version": str(version.version), "source": source, "run_id": run_id, "model_uri": f"models:/{name}/{version.version}"}
+
+
+def _zeros_example(side: int, channels: int):
+    import numpy as np
+
+    return np.zeros((1, side, side, channels), np.float32)
