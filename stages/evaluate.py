@@ -15,11 +15,12 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=["unet", "umobilenetv2"])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
+    parser.add_argument("--raw", type=Path, default=Path("data/raw"), help="raw data (original masks, labels.csv)")
     parser.add_argument("--models-dir", type=Path, default=Path("models"))
     parser.add_argument("--metrics-dir", type=Path, default=Path("metrics"))
     parser.add_argument("--reports-dir", type=Path, default=Path("reports"))
     args = parser.parse_args()
-    evaluate_step(load_config(args.params), args.models, prepared_dir=args.prepared, models_dir=args.models_dir, metrics_dir=args.metrics_dir, reports_dir=args.reports_dir)
+    evaluate_step(load_config(args.params), args.models, prepared_dir=args.prepared, models_dir=args.models_dir, metrics_dir=args.metrics_dir, reports_dir=args.reports_dir, raw_dir=args.raw)
     return 0
 
 

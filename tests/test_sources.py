@@ -59,6 +59,14 @@ def test_local_folder_is_copied_with_a_real_data_record(pair_folder: Path, tmp_p
     assert fetch(tmp_path / "raw2", "local", local_path=str(pair_folder)).data_hash == info.data_hash
 
 
+def test_a_labels_file_beside_the_folders_comes_along(pair_folder: Path, tmp_path: Path):
+    """figshare-style labels.csv (file,tumour_type) feeds the evaluate stage's per-class Dice."""
+    (pair_folder / "labels.csv").write_text("file,tumour_type\n1.png,glioma\n")
+    fetch(tmp_path / "raw", "local", local_path=str(pair_folder))
+    assert (tmp_path / "raw" / "labels.csv").read_text() == "file,tumour_type\n1.png,glioma\n"
+    assert not (tmp_path / "raw" / "images" / "labels.csv").exists()
+
+
 def test_local_zip_with_nested_folders_and_mask_suffix(tmp_path: Path):
     base = kaggle_like_tree(tmp_path / "tree")
     archive = tmp_path / "dataset.zip"

@@ -212,6 +212,22 @@ class TrainConfig(_Strict):
     distribute: Literal["none", "mirrored", "multi_worker"] = "none"
 
 
+class EvaluateConfig(_Strict):
+    """How the test split is scored (the headline numbers) and post-processed."""
+
+    # original: predictions resized back to each raw mask's size and scored against the raw mask
+    # (what a user of the model sees); prepared: scored at image_size against the resized masks.
+    resolution: Literal["original", "prepared"] = "original"
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    tta: bool = False  # flip test-time augmentation: mean of the image and its mirror image
+    min_component_px: int = Field(0, ge=0)  # drop predicted blobs smaller than this (scoring resolution)
+    # Pick threshold and min_component_px on the VALIDATION split (never the test split).
+    tune_on_val: bool = False
+    # Per-class Dice: a CSV with columns file,tumour_type (e.g. figshare labels.csv).
+    # auto = data/raw/labels.csv when the dataset shipped one; none = skip.
+    labels: str = "auto"
+
+
 class CIConfig(_Strict):
     """The metric gate run by `tumorseg check-metrics` (and CI)."""
 
@@ -254,6 +270,7 @@ class Config(_Strict):
     loss: LossConfig = LossConfig()
     models: ModelsConfig = ModelsConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     ci: CIConfig = CIConfig()
 
     @field_validator("image_size")

@@ -40,19 +40,30 @@ class Predictions:
     ms_per_image: float
 
 
-def predict_split(model, split_dir: Path, image_size: int, batch_size: int) -> Predictions:
+def predict_probabilities(model, images: np.ndarray, batch_size: int, *, tta: bool = False) -> np.ndarray:
+    """Sigmoid outputs ``(N, H, W, 1)``; with ``tta`` the mean over the image and its mirror image
+    (the mirror's prediction flipped back), which the models were trained to be invariant to."""
+    x = images.astype("float32")
+    probabilities = model.predict(x, batch_size=batch_size, verbose=0)
+    if tta:
+        mirrored = model.predict(x[:, :, ::-1], batch_size=batch_size, verbose=0)[:, :, ::-1]
+        probabilities = (probabilities + mirrored) / 2.0
+    return probabilities.astype("float32")
+
+
+def predict_split(model, split_dir: Path, image_size: int, batch_size: int, *, tta: bool = False) -> Predictions:
     names, images, truths = load_pairs(split_dir, image_size)
     if not names:
-        raise FileNotFoundError(f"no test pairs in {split_dir}; the test split is empty (prepare.test_fraction)")
+        raise FileNotFoundError(f"no pairs in {split_dir}; the split is empty (prepare.val_fraction / test_fraction)")
     model.predict(images[:1].astype("float32"), verbose=0)  # build/trace once, not timed
     started = time.perf_counter()
-    probabilities = model.predict(images.astype("float32"), batch_size=batch_size, verbose=0)
+    probabilities = predict_probabilities(model, images, batch_size, tta=tta)
     ms_per_image = 1000.0 * (time.perf_counter() - started) / len(names)
-    return Predictions(names, images, truths, probabilities.astype("float32"), ms_per_image)
+    return Predictions(names, images, truths, probabilities, ms_per_image)
 
 
 def mean_loss(loss_fn, truths: np.ndarray, probabilities: np.ndarray, batch_size: int = 32) -> float:
-    """The training loss on the test set (mean over images, as Keras reports it)."""
+    """The training loss on the test set (mean over images, as Keras reports it), at model resolution."""
     total, count = 0.0, 0
     for start in range(0, len(truths), batch_size):
         y_true = truths[start : start + batch_size].astype("float32")
@@ -62,10 +73,151 @@ def mean_loss(loss_fn, truths: np.ndarray, probabilities: np.ndarray, batch_size
     return total / count
 
 
-def evaluate_model(model, loss_fn, split_dir: Path, *, image_size: int, batch_size: int, threshold: float = 0.5) -> tuple[dict[str, Any], pd.DataFrame, Predictions]:
-    predictions = predict_split(model, split_dir, image_size, batch_size)
-    masks = predictions.probabilities > threshold
-    scores = evaluate_masks(predictions.truths[..., 0] > 0, masks[..., 0])
+def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """Drop 8-connected foreground blobs smaller than ``min_pixels`` (isolated false positives)."""
+    if min_pixels <= 0 or not mask.any():
+        return mask
+    import cv2
+
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = np.zeros(count, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_pixels
+    return keep[labels]
+
+
+def binary_masks(probabilities: list[np.ndarray], threshold: float, min_component_px: int) -> list[np.ndarray]:
+    return [remove_small_components(p > threshold, min_component_px) for p in probabilities]
+
+
+@dataclass
+class ScoringTarget:
+    """What predictions are scored against: per image, the truth mask and its size."""
+
+    truths: list[np.ndarray]  # bool (h, w), one per image, sizes may differ
+    resolution: str  # "original" | "prepared"
+
+    def resize(self, probabilities: np.ndarray) -> list[np.ndarray]:
+        """Model outputs (N, S, S, 1) -> one probability map per image at its truth's size."""
+        import cv2
+
+        out = []
+        for probability, truth in zip(probabilities[..., 0], self.truths):
+            if probability.shape != truth.shape:
+                probability = cv2.resize(probability, (truth.shape[1], truth.shape[0]), interpolation=cv2.INTER_LINEAR)
+            out.append(probability)
+        return out
+
+
+def scoring_target(predictions: Predictions, resolution: str, *, manifest_path: Path | None, mask_threshold: int, raw_masks_dir: Path | None = None) -> ScoringTarget:
+    """``original``: the raw masks listed in the prepare manifest (the resolution a user's images
+    have), looked up in ``raw_masks_dir`` when given (else at the manifest's path); ``prepared``:
+    the resized masks the model was trained on."""
+    if resolution == "prepared":
+        return ScoringTarget([t[..., 0] > 0 for t in predictions.truths], "prepared")
+    import cv2
+
+    from tumorseg.data.prepare import binarise_mask
+
+    if manifest_path is None or not manifest_path.is_file():
+        raise FileNotFoundError(f"evaluate.resolution is `original` but the prepare manifest {manifest_path} is missing: re-run the prepare stage or set evaluate.resolution: prepared")
+    manifest = pd.read_csv(manifest_path, dtype={"id": str}).set_index("id")
+    truths = []
+    for name in predictions.names:
+        stem = Path(name).stem
+        if stem not in manifest.index:
+            raise KeyError(f"{name} is not in {manifest_path}: the prepared data and its manifest disagree; re-run the prepare stage")
+        mask_path = Path(manifest.at[stem, "mask_path"])
+        if raw_masks_dir is not None:
+            mask_path = raw_masks_dir / mask_path.name
+        raw = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)
+        if raw is None:
+            raise FileNotFoundError(f"cannot read the original mask {mask_path} (listed in {manifest_path}); restore data/raw (`dvc checkout`) or set evaluate.resolution: prepared")
+        truths.append(binarise_mask(raw, mask_threshold)[0] > 0)
+    return ScoringTarget(truths, "original")
+
+
+def tune_postprocessing(probabilities: list[np.ndarray], truths: list[np.ndarray], *, thresholds=None, min_sizes=None) -> dict[str, float]:
+    """Threshold and minimum blob size with the best per-image mean Dice on these (validation) images."""
+    from tumorseg.metrics import dice
+
+    thresholds = np.round(np.arange(0.3, 0.71, 0.05), 2) if thresholds is None else thresholds
+    min_sizes = (0, 10, 25, 50, 100, 200) if min_sizes is None else min_sizes
+    best = {"threshold": 0.5, "min_component_px": 0, "dice": -1.0}
+    for threshold in thresholds:
+        for min_size in min_sizes:
+            masks = binary_masks(probabilities, float(threshold), int(min_size))
+            score = float(np.mean([dice(t, m) for t, m in zip(truths, masks)]))
+            if score > best["dice"] + 1e-9:
+                best = {"threshold": float(threshold), "min_component_px": int(min_size), "dice": score}
+    return best
+
+
+def read_labels(labels: str, raw_dir: Path) -> pd.DataFrame | None:
+    """``file,tumour_type`` rows keyed by file stem, or None (``none``, or ``auto`` without a file)."""
+    if labels == "none":
+        return None
+    path = raw_dir / "labels.csv" if labels == "auto" else Path(labels)
+    if not path.is_file():
+        if labels == "auto":
+            return None
+        raise FileNotFoundError(f"evaluate.labels: {path} does not exist (a CSV with columns file,tumour_type; or auto / none)")
+    table = pd.read_csv(path, dtype=str)
+    missing = {"file", "tumour_type"} - set(table.columns)
+    if missing:
+        raise ValueError(f"evaluate.labels: {path} lacks the column(s) {sorted(missing)} (needs file,tumour_type)")
+    table["stem"] = table["file"].map(lambda f: Path(f).stem)
+    return table.drop_duplicates("stem").set_index("stem")
+
+
+SIZE_BANDS = ("small", "medium", "large")
+
+
+def breakdowns(per_image: pd.DataFrame) -> dict[str, Any]:
+    """Per-image mean Dice by tumour type and by tumour-size tercile (of the true area on this split)."""
+    out: dict[str, Any] = {}
+    if "tumour_type" in per_image and per_image["tumour_type"].notna().any():
+        grouped = per_image.dropna(subset=["tumour_type"]).groupby("tumour_type")["dice"]
+        out["dice_by_class"] = {k: float(v) for k, v in grouped.mean().items()}
+        out["n_by_class"] = {k: int(v) for k, v in grouped.size().items()}
+    bounds = np.quantile(per_image["tumour_fraction"], [1 / 3, 2 / 3])
+    band = np.digitize(per_image["tumour_fraction"], bounds, right=True)
+    per_image["size_band"] = [SIZE_BANDS[b] for b in band]
+    out["dice_by_size"] = {name: float(per_image.loc[band == i, "dice"].mean()) for i, name in enumerate(SIZE_BANDS) if (band == i).any()}
+    out["size_band_bounds"] = [float(b) for b in bounds]  # tumour area fraction cut points
+    return out
+
+
+def evaluate_model(
+    model,
+    loss_fn,
+    split_dir: Path,
+    *,
+    image_size: int,
+    batch_size: int,
+    threshold: float = 0.5,
+    tta: bool = False,
+    min_component_px: int = 0,
+    resolution: str = "prepared",
+    manifest_path: Path | None = None,
+    mask_threshold: int = 127,
+    raw_masks_dir: Path | None = None,
+    labels: pd.DataFrame | None = None,
+    val_dir: Path | None = None,
+) -> tuple[dict[str, Any], pd.DataFrame, Predictions]:
+    """Score ``model`` on ``split_dir``. With ``val_dir`` the threshold and minimum blob size are
+    first chosen on that validation split (the test split is never used for a choice)."""
+    tuned: dict[str, float] = {}
+    if val_dir is not None:
+        val = predict_split(model, val_dir, image_size, batch_size, tta=tta)
+        val_target = scoring_target(val, resolution, manifest_path=manifest_path, mask_threshold=mask_threshold, raw_masks_dir=raw_masks_dir)
+        tuned = tune_postprocessing(val_target.resize(val.probabilities), val_target.truths)
+        threshold, min_component_px = tuned["threshold"], tuned["min_component_px"]
+        log.info("tuned on %d validation images: threshold %.2f, min blob %d px (val Dice %.4f)", len(val.names), threshold, min_component_px, tuned["dice"])
+
+    predictions = predict_split(model, split_dir, image_size, batch_size, tta=tta)
+    target = scoring_target(predictions, resolution, manifest_path=manifest_path, mask_threshold=mask_threshold, raw_masks_dir=raw_masks_dir)
+    masks = binary_masks(target.resize(predictions.probabilities), threshold, min_component_px)
+    scores = evaluate_masks(target.truths, masks)
     headline = scores["per_image_mean"]
     metrics = {
         **{name: headline[name] for name in SCORE_NAMES},
@@ -78,11 +230,23 @@ def evaluate_model(model, loss_fn, split_dir: Path, *, image_size: int, batch_si
         "ms_per_image": predictions.ms_per_image,
         "n_images": scores["n_images"],
         "threshold": threshold,
+        "min_component_px": min_component_px,
+        "tta": tta,
+        "tuned_on": "val" if tuned else "none",
+        "val_dice_tuned": tuned.get("dice"),
+        "resolution": resolution,
         "aggregation": "per-image mean (global_* = pooled pixels)",
     }
     per_image = pd.DataFrame(scores["per_image"]).drop(columns=["index"])
     per_image.insert(0, "file", predictions.names)
-    per_image.insert(1, "tumour_fraction", per_image["truth_pixels"] / (image_size * image_size))
+    per_image.insert(1, "tumour_fraction", per_image["truth_pixels"] / np.array([t.size for t in target.truths]))
+    if labels is not None:
+        stems = [Path(n).stem for n in predictions.names]
+        per_image.insert(1, "tumour_type", [labels["tumour_type"].get(s) for s in stems])
+        unlabelled = per_image["tumour_type"].isna().sum()
+        if unlabelled:
+            log.warning("%d of %d test images have no entry in the labels file", unlabelled, len(per_image))
+    metrics.update(breakdowns(per_image))
     return metrics, per_image, predictions
 
 
@@ -168,6 +332,7 @@ def compare_models(results: dict[str, dict[str, Any]], data_label: str, run_fact
             winner = "tie"
             winners[key] = "tie"
         lines.append(f"| {label} | " + " | ".join(_fmt(values[n]) for n in names) + f" | {winner} |")
+    lines += breakdown_table(results)
     lines += ["", "## Reference paper (for context)", "", "| model | Dice | accuracy | loss |", "| --- | ---: | ---: | ---: |"]
     for name, reference in REFERENCE_RESULTS.items():
         lines.append(f"| {name} | {_fmt(reference.get('dice'))} | {_fmt(reference.get('accuracy'))} | {_fmt(reference.get('loss'))} |")
@@ -181,6 +346,25 @@ def compare_models(results: dict[str, dict[str, Any]], data_label: str, run_fact
         lines += ["", f"**Winner on per-image Dice: {winners['dice']}.**"]
     summary = {"data_source": data_label, "winners": winners, "models": {n: _finite(results[n]) for n in names}}
     return "\n".join(lines) + "\n", summary
+
+
+def breakdown_table(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown rows of per-class and per-size-tercile Dice, when the evaluation produced them."""
+    names = list(results)
+    rows: list[tuple[str, dict[str, Any]]] = []
+    classes = sorted({c for r in results.values() for c in (r.get("dice_by_class") or {})})
+    for cls in classes:
+        counts = {r.get("n_by_class", {}).get(cls) for r in results.values()} - {None}
+        label = f"{cls} (n={counts.pop()})" if len(counts) == 1 else cls
+        rows.append((label, {n: (results[n].get("dice_by_class") or {}).get(cls) for n in names}))
+    for band in SIZE_BANDS:
+        if any(band in (r.get("dice_by_size") or {}) for r in results.values()):
+            rows.append((f"{band} tumours (size tercile)", {n: (results[n].get("dice_by_size") or {}).get(band) for n in names}))
+    if not rows:
+        return []
+    lines = ["", "## Dice by tumour type and size", "", "| group | " + " | ".join(names) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |"]
+    lines += [f"| {label} | " + " | ".join(_fmt(values[n]) for n in names) + " |" for label, values in rows]
+    return lines
 
 
 def _fmt(value: Any) -> str:

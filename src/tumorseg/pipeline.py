@@ -217,28 +217,48 @@ def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Pat
     return summary
 
 
-def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_dir: Path, metrics_dir: Path, reports_dir: Path) -> dict[str, dict]:
+def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_dir: Path, metrics_dir: Path, reports_dir: Path, raw_dir: Path = Path("data/raw")) -> dict[str, dict]:
     """Score each trained model on the test split; log into its training run in MLflow."""
     import keras
 
     import tumorseg.models  # noqa: F401 - registers custom objects for loading
-    from tumorseg.evaluation import evaluate_model, write_evaluation
+    from tumorseg.evaluation import evaluate_model, read_labels, write_evaluation
     from tumorseg.losses import combined_loss
 
     record = _data_record(prepared_dir)
     uri = tracking.tracking_uri()
     tracking.check_tracking(uri)
+    settings = cfg.evaluate
+    labels = read_labels(settings.labels, raw_dir)
     results = {}
     for name in names:
         model = keras.models.load_model(models_dir / f"{name}.keras")
-        metrics, per_image, predictions = evaluate_model(model, combined_loss(**cfg.loss.model_dump()), prepared_dir / "test", image_size=cfg.image_size, batch_size=cfg.batch_size)
+        metrics, per_image, predictions = evaluate_model(
+            model,
+            combined_loss(**cfg.loss.model_dump()),
+            prepared_dir / "test",
+            image_size=cfg.image_size,
+            batch_size=cfg.batch_size,
+            threshold=settings.threshold,
+            tta=settings.tta,
+            min_component_px=settings.min_component_px,
+            resolution=settings.resolution,
+            manifest_path=prepared_dir / "manifest.csv",
+            mask_threshold=cfg.prepare.mask_threshold,
+            raw_masks_dir=raw_dir / "masks",
+            labels=labels,
+            val_dir=prepared_dir / "val" if settings.tune_on_val else None,
+        )
         metrics = {**metrics, "data_source": record["data_source"], "data_hash": record["data_hash"], "model": name, "image_size": cfg.image_size}
         out_dir = reports_dir / f"evaluate_{name}"
         metrics_path = metrics_dir / f"evaluate_{name}.json"
         write_evaluation(metrics_path, out_dir, metrics, per_image, predictions)
         train_summary = read_json(metrics_dir / f"train_{name}.json")
         with tracking.run(uri, run_id=train_summary.get("mlflow_run_id"), run_name=name, tags={"evaluated": "true"}):
-            tracking.log_metrics({f"test_{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for group in ("dice_by_class", "dice_by_size"):  # nested: one MLflow metric per class / size band
+                numbers.update({f"{group}_{key}": value for key, value in (metrics.get(group) or {}).items()})
+            tracking.log_metrics({f"test_{k}": v for k, v in numbers.items()})
             for path in (metrics_path, out_dir / "per_image.csv", out_dir / "overlays.png"):
                 tracking.log_artifact(path, "evaluation")
         results[name] = metrics

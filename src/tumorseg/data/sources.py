@@ -199,6 +199,9 @@ def discover_pair_folders(root: Path, image_dir: str, mask_dir: str, mask_suffix
     )
 
 
+LABELS_FILE = "labels.csv"
+
+
 def _copy_files(files: list[Path], destination: Path, desc: str, progress: bool) -> None:
     destination.mkdir(parents=True, exist_ok=True)
     for path in tqdm(files, desc=desc, unit="file", disable=not progress, leave=False):
@@ -216,6 +219,12 @@ def _import_pairs(root: Path, staging: Path, image_dir: str, mask_dir: str, mask
     log.info("images from %s, masks from %s", image_folder, mask_folder)
     _copy_files(_image_files(image_folder), staging / "images", "images", progress)
     _copy_files(_image_files(mask_folder), staging / "masks", "masks", progress)
+    # Optional per-image labels (figshare: file,tumour_type,original_size) for per-class scores.
+    for candidate in (root / LABELS_FILE, image_folder.parent / LABELS_FILE):
+        if candidate.is_file():
+            shutil.copy2(candidate, staging / LABELS_FILE)
+            log.info("labels from %s", candidate)
+            break
 
 
 def _extract_zip(archive: Path, destination: Path) -> Path:

@@ -1,0 +1,142 @@
+"""Scoring: original-resolution masks, flip TTA, post-processing tuned on validation, per-class and
+per-size breakdowns (known values with stub models, no training needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import PROJECT_ROOT, blob_pair, write_pair
+from tumorseg.config import load_config
+from tumorseg.evaluation import (
+    breakdowns,
+    compare_models,
+    evaluate_model,
+    predict_probabilities,
+    read_labels,
+    remove_small_components,
+    tune_postprocessing,
+)
+from tumorseg.losses import combined_loss
+from tumorseg.metrics import dice
+from tumorseg.pipeline import prepare_step
+
+CFG = load_config(PROJECT_ROOT / "params.yaml")
+
+
+class BrightPixels:
+    """A 'model' that calls every pixel brighter than 150 tumour: exact on blob_pair images."""
+
+    def predict(self, x, batch_size=None, verbose=0):
+        return (np.asarray(x) > 150).astype("float32")
+
+
+class ColumnRamp:
+    """Output = column index / width, whatever the input: tells a mirrored pass from a plain one."""
+
+    def predict(self, x, batch_size=None, verbose=0):
+        n, h, w, _ = np.asarray(x).shape
+        return np.broadcast_to((np.arange(w, dtype="float32") / w)[None, None, :, None], (n, h, w, 1)).copy()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """Raw 64x64 pairs prepared at 32x32, with a labels file: the models see 32², truth is 64²."""
+    root = tmp_path_factory.mktemp("scoring")
+    for index in range(1, 61):
+        write_pair(root / "raw", f"{index}.png", *blob_pair(64, index))
+    labels = pd.DataFrame({"file": [f"{i}.png" for i in range(1, 61)], "tumour_type": ["glioma" if i <= 30 else "meningioma" for i in range(1, 61)]})
+    labels.to_csv(root / "raw" / "labels.csv", index=False)
+    prepare_step(CFG, root / "raw" / "images", root / "raw" / "masks", root / "prepared", progress=False, size=32)
+    return root
+
+
+def _evaluate(project: Path, model, **kwargs):
+    return evaluate_model(
+        model,
+        combined_loss(**CFG.loss.model_dump()),
+        project / "prepared" / "test",
+        image_size=32,
+        batch_size=8,
+        manifest_path=project / "prepared" / "manifest.csv",
+        raw_masks_dir=project / "raw" / "masks",
+        **kwargs,
+    )
+
+
+def test_original_resolution_scores_against_the_raw_masks(project: Path):
+    metrics, per_image, _ = _evaluate(project, BrightPixels(), resolution="original")
+    raw_pixels = [int((cv2.imread(str(project / "raw" / "masks" / name), cv2.IMREAD_GRAYSCALE) > 127).sum()) for name in per_image["file"]]
+    assert per_image["truth_pixels"].tolist() == raw_pixels  # 64² truths, not the 32² resized ones
+    assert metrics["resolution"] == "original"
+    assert 0.85 < metrics["dice"] < 1.0  # upsampled 32² prediction: close to, but not exactly, the truth
+
+    prepared, per_image_32, _ = _evaluate(project, BrightPixels(), resolution="prepared")
+    assert prepared["resolution"] == "prepared" and prepared["dice"] > 0.85
+    assert (per_image_32["truth_pixels"] < per_image["truth_pixels"]).all()
+
+
+def test_flip_tta_averages_the_mirrored_prediction():
+    images = np.zeros((2, 4, 8, 1), np.uint8)
+    plain = predict_probabilities(ColumnRamp(), images, 8)
+    tta = predict_probabilities(ColumnRamp(), images, 8, tta=True)
+    assert plain[0, 0, :, 0] == pytest.approx(np.arange(8) / 8)
+    assert tta == pytest.approx(np.full_like(tta, 7 / 16))  # (j + (7 - j)) / 2 / 8 everywhere
+
+
+def test_small_components_are_removed_and_large_ones_kept():
+    mask = np.zeros((40, 40), bool)
+    mask[2:4, 2:4] = True  # 4 px
+    mask[20:30, 20:30] = True  # 100 px
+    cleaned = remove_small_components(mask, 10)
+    assert cleaned.sum() == 100 and cleaned[25, 25] and not cleaned[3, 3]
+    assert remove_small_components(mask, 0).sum() == 104
+
+
+def test_tuning_finds_the_threshold_and_blob_size_that_fit_validation():
+    truth = np.zeros((40, 40), bool)
+    truth[10:20, 10:20] = True
+    probability = np.where(truth, 0.45, 0.05).astype("float32")
+    probability[30:35, 30:35] = 0.9  # a confident 25 px false positive
+    best = tune_postprocessing([probability], [truth])
+    assert best["threshold"] < 0.45 and 25 < best["min_component_px"] <= 100
+    assert best["dice"] == pytest.approx(1.0)
+    assert dice(truth, probability > 0.5) == 0.0  # the default cut would have found nothing right
+
+
+def test_breakdowns_by_class_and_size_have_known_values():
+    per_image = pd.DataFrame({
+        "dice": [1.0, 0.8, 0.0, 0.6, 0.4, 0.2],
+        "tumour_fraction": [0.01, 0.02, 0.03, 0.04, 0.05, 0.06],
+        "tumour_type": ["glioma", "glioma", "pituitary", "pituitary", "meningioma", None],
+    })
+    out = breakdowns(per_image)
+    assert out["dice_by_class"] == pytest.approx({"glioma": 0.9, "pituitary": 0.3, "meningioma": 0.4})
+    assert out["n_by_class"] == {"glioma": 2, "pituitary": 2, "meningioma": 1}
+    assert out["dice_by_size"] == pytest.approx({"small": 0.9, "medium": 0.3, "large": 0.3})
+
+
+def test_evaluation_with_labels_and_validation_tuning_reports_everything(project: Path):
+    labels = read_labels("auto", project / "raw")
+    metrics, per_image, _ = _evaluate(project, BrightPixels(), resolution="original", labels=labels, val_dir=project / "prepared" / "val", tta=True)
+    assert metrics["tuned_on"] == "val" and metrics["val_dice_tuned"] > 0.85
+    assert set(metrics["dice_by_class"]) <= {"glioma", "meningioma"}
+    for cls, value in metrics["dice_by_class"].items():
+        assert value == pytest.approx(per_image.loc[per_image["tumour_type"] == cls, "dice"].mean())
+    assert set(metrics["dice_by_size"]) == {"small", "medium", "large"}
+    markdown, _ = compare_models({"unet": metrics | {"params_total": 1, "ms_per_step": 1.0}}, "SYNTHETIC phantoms", "")
+    assert "## Dice by tumour type and size" in markdown and "small tumours" in markdown
+
+
+def test_labels_file_errors_name_the_problem(tmp_path: Path):
+    assert read_labels("none", tmp_path) is None
+    assert read_labels("auto", tmp_path) is None  # no labels.csv shipped: per-class scores are skipped
+    with pytest.raises(FileNotFoundError, match="evaluate.labels"):
+        read_labels(str(tmp_path / "missing.csv"), tmp_path)
+    (tmp_path / "bad.csv").write_text("file,kind\n1.png,glioma\n")
+    with pytest.raises(ValueError, match="tumour_type"):
+        read_labels(str(tmp_path / "bad.csv"), tmp_path)
