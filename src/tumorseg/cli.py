@@ -85,6 +85,20 @@ def cmd_check_metrics(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from tumorseg.study import select_runs, write_study
+    from tumorseg.tracking import study_runs
+
+    runs = select_runs(study_runs(args.tracking_uri), data_source=args.data_source, model=args.model)
+    if not runs:
+        print("no finished training runs in the MLflow store match (see --data-source / --model)", file=sys.stderr)
+        return 1
+    label = {"real": "real MRI", "synthetic": "SYNTHETIC phantoms"}.get(args.data_source or "", "all data")
+    chart, table = write_study(runs, Path(args.out), title=f"Study: {len(runs)} training runs on {label}")
+    print(f"{len(runs)} runs -> {table}, {chart}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
     for key, value in cfg.flat().items():
@@ -131,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-dir", default="metrics", help="folder with evaluate_<model>.json (default: %(default)s)")
     p.add_argument("--models", nargs="+", default=["unet", "umobilenetv2"])
     p.add_argument("--baseline", default=None, help="baseline folder with evaluate_<model>.json (default: ci.baseline_dir)")
+
+    p = add("study", cmd_study, "all tracked runs: validation-Dice curves on one chart and an ablation table", params=False)
+    p.add_argument("--out", default="reports/study", help="output folder (default: %(default)s)")
+    p.add_argument("--data-source", choices=("real", "synthetic"), default=None, help="only runs on this kind of data")
+    p.add_argument("--model", choices=("unet", "umobilenetv2"), default=None, help="only this model's runs")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
 
     add("config", cmd_config, "validate params.yaml and print the resolved settings (profile applied)")
     return parser

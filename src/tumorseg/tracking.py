@@ -215,3 +215,32 @@ def _zeros_example(side: int, channels: int):
     import numpy as np
 
     return np.zeros((1, side, side, channels), np.float32)
+
+
+# --- reading runs back (study reports) ---------------------------------------------------------
+
+
+def study_runs(uri: str | None = None, *, history_metric: str = "val_dice") -> list[dict[str, Any]]:
+    """Every run of the tumorseg experiment as plain data: name, tags, params, final metrics and
+    the per-epoch history of ``history_metric`` (for all-experiments learning curves)."""
+    mlflow = _mlflow()
+    store = uri or tracking_uri()
+    mlflow.set_tracking_uri(store)
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+    if experiment is None:
+        return []
+    client = mlflow.tracking.MlflowClient(store)
+    runs = []
+    for item in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000):
+        history = client.get_metric_history(item.info.run_id, history_metric)
+        runs.append({
+            "run_id": item.info.run_id,
+            "run_name": item.info.run_name,
+            "status": item.info.status,
+            "start_time": item.info.start_time,
+            "tags": dict(item.data.tags),
+            "params": dict(item.data.params),
+            "metrics": dict(item.data.metrics),
+            "history": sorted((int(m.step), float(m.value)) for m in history),
+        })
+    return runs

@@ -1,0 +1,108 @@
+"""A study across experiments: every tracked run's validation curve on one chart, and an ablation
+table that shows only the settings that differ between runs, beside the scores they reached.
+
+Reads the MLflow store (via :func:`tumorseg.tracking.study_runs`), so it covers `dvc exp run`
+experiments, queued runs and resumed runs alike.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from tumorseg.io import atomic_write_text
+
+# Columns of the ablation table: (MLflow metric, header).
+SCORE_COLUMNS = [
+    ("best_val_dice", "val Dice"),
+    ("test_dice", "test Dice"),
+    ("test_dice_by_class_glioma", "glioma"),
+    ("test_dice_by_size_small", "small third"),
+    ("ms_per_step", "ms/step"),
+]
+# Params that differ between runs for bookkeeping reasons, not as levers.
+IGNORED_PARAMS = {"profile", "data.local_path"}
+
+
+def select_runs(runs: list[dict[str, Any]], *, data_source: str | None = None, model: str | None = None) -> list[dict[str, Any]]:
+    """Finished training runs (those with a best val Dice), optionally of one data kind / model."""
+    chosen = []
+    for run in runs:
+        tags = run["tags"]
+        if "best_val_dice" not in run["metrics"]:
+            continue
+        if data_source and tags.get("data_source") != data_source:
+            continue
+        if model and tags.get("model") != model:
+            continue
+        chosen.append(run)
+    return chosen
+
+
+def run_label(run: dict[str, Any]) -> str:
+    tags = run["tags"]
+    return f"{tags.get('model', '?')} · {tags.get('dvc_experiment') or run['run_name']}"
+
+
+def varying_params(runs: list[dict[str, Any]]) -> list[str]:
+    """Param keys whose value differs between runs (the levers of the study). A ``models.<name>.*``
+    key counts only when it differs between runs of that model."""
+    keys = sorted({k for run in runs for k in run["params"]} - IGNORED_PARAMS)
+    levers = []
+    for key in keys:
+        pool = runs
+        if key.startswith("models."):
+            pool = [run for run in runs if run["tags"].get("model") == key.split(".")[1]]
+        if len({run["params"].get(key) for run in pool}) > 1:
+            levers.append(key)
+    return levers
+
+
+def ablation_markdown(runs: list[dict[str, Any]]) -> str:
+    if not runs:
+        return "No finished training runs matched.\n"
+    levers = varying_params(runs)
+    header = ["run", *levers, "epochs", *(title for _, title in SCORE_COLUMNS)]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    for run in runs:
+        metrics = run["metrics"]
+        cells = [run_label(run), *(run["params"].get(k, "—") for k in levers), str(len(run["history"]))]
+        cells += [_fmt(metrics.get(key)) for key, _ in SCORE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.0f}"
+
+
+def curves_chart(runs: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Validation Dice per epoch, one line per run (PNG: viewable offline)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tumorseg.evaluation import _save_figure
+
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
+    for index, run in enumerate(runs):
+        if run["history"]:
+            epochs, values = zip(*run["history"])
+            ax.plot(epochs, values, "-", color=f"C{index % 10}", label=run_label(run), linewidth=1.2)
+    ax.set(xlabel="epoch", ylabel="validation Dice (per-image mean)", ylim=(0, 1), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def write_study(runs: list[dict[str, Any]], out_dir: Path, *, title: str) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    chart, table = out_dir / "val_dice_curves.png", out_dir / "ablation.md"
+    curves_chart(runs, chart, title)
+    atomic_write_text(table, f"# {title}\n\n![validation Dice per epoch]({chart.name})\n\n" + ablation_markdown(runs))
+    return chart, table

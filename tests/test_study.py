@@ -1,0 +1,40 @@
+"""The study report reads every tracked run back: curves per run and only the levers that vary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+
+from tumorseg import tracking
+from tumorseg.cli import main
+from tumorseg.study import ablation_markdown, select_runs, varying_params
+
+
+def _fake_run(uri: str, name: str, model: str, lr_schedule: str, dices: list[float], source: str = "real") -> None:
+    with tracking.run(uri, run_id=None, run_name=name, tags={"model": model, "data_source": source, "dvc_experiment": name}):
+        tracking.log_params({"lr": 1e-4, "train.lr_schedule": lr_schedule, f"models.{model}.alpha": 1.0, "profile": name})
+        for epoch, value in enumerate(dices, start=1):
+            tracking.log_metrics({"val_dice": value}, step=epoch)
+        tracking.log_metrics({"best_val_dice": max(dices), "test_dice": max(dices) - 0.01, "test_dice_by_class_glioma": 0.5})
+
+
+def test_study_lists_runs_with_their_levers_and_draws_curves(tmp_path: Path, monkeypatch, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    _fake_run(uri, "plateau", "umobilenetv2", "plateau", [0.3, 0.5, 0.6])
+    _fake_run(uri, "cosine", "umobilenetv2", "cosine", [0.35, 0.55, 0.7, 0.72])
+    _fake_run(uri, "phantoms", "unet", "plateau", [0.8], source="synthetic")
+
+    runs = select_runs(tracking.study_runs(uri), data_source="real")
+    assert [r["tags"]["dvc_experiment"] for r in runs] == ["plateau", "cosine"]
+    assert runs[1]["history"] == [(1, 0.35), (2, 0.55), (3, 0.7), (4, 0.72)]
+    assert varying_params(runs) == ["train.lr_schedule"]  # lr and alpha are equal; profile is bookkeeping
+    table = ablation_markdown(runs)
+    assert "| umobilenetv2 · cosine | cosine | 4 | 0.7200 | 0.7100 | 0.5000 |" in table
+
+    assert main(["study", "--out", str(tmp_path / "study"), "--data-source", "real"]) == 0
+    chart = cv2.imread(str(tmp_path / "study" / "val_dice_curves.png"))
+    assert chart is not None and chart.shape[1] > 400
+    assert "train.lr_schedule" in (tmp_path / "study" / "ablation.md").read_text()
+    assert main(["study", "--out", str(tmp_path / "none"), "--model", "unet", "--data-source", "real"]) == 1
