@@ -99,6 +99,69 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tumorseg.inference import Predictor, list_inputs, predict_files
+
+    if not 0.0 <= args.threshold < 1.0 or args.batch_size < 1 or args.max_pixels < 1:
+        print("error: --threshold must be in [0, 1), --batch-size and --max-pixels at least 1", file=sys.stderr)
+        return 2
+    listing = list_inputs(args.inputs)
+    if not listing.sources and not listing.problems:
+        print(f"error: no images (PNG, JPEG, BMP, TIFF) found in {' '.join(args.inputs)}", file=sys.stderr)
+        return 2
+    predictor = Predictor.load(args.model, threshold=args.threshold, tta=args.tta, batch_size=args.batch_size)
+    report = predict_files(predictor, listing, Path(args.out), max_pixels=args.max_pixels, progress=show_progress())
+    tumours = sum(1 for row in report.rows if row["tumour_present"] is True)
+    ignored = f"; {report.ignored} non-image file(s) ignored" if report.ignored else ""
+    print(f"{report.succeeded} image(s) segmented, {tumours} with a tumour -> {args.out} ({report.csv_path.name}){ignored}")
+    failed = report.failed
+    for row in failed[:20]:
+        print(f"  skipped {row['reason']}", file=sys.stderr)
+    if len(failed) > 20:
+        print(f"  ... {len(failed) - 20} more in {report.csv_path}", file=sys.stderr)
+    if failed and not report.succeeded:
+        print(f"error: none of the {len(failed)} input(s) could be read (reasons above and in {report.csv_path})", file=sys.stderr)
+        return 2
+    if failed:
+        print(f"error: {len(failed)} of {len(report.rows)} inputs could not be read and were skipped (reasons in {report.csv_path})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tumorseg.export import export_model
+
+    result = export_model(
+        args.model,
+        args.format,
+        Path(args.out),
+        quantize=args.quantize,
+        calibration_dir=args.calibration,
+        sample_count=args.samples,
+        min_dice=args.min_dice,
+    )
+    c = result.check
+    print(
+        f"wrote {result.path} ({c['size_mb']:.2f} MB, {args.format}, quantize {args.quantize}): mask Dice vs Keras "
+        f"mean {c['dice_mean']:.4f} (min {c['dice_min']:.4f}, bound {c['min_dice']}) on {c['images']} images; "
+        f"{c['ms_per_image_export']:.1f} ms/image vs Keras {c['ms_per_image_keras']:.1f}; check -> {result.check_path}"
+    )
+    return 0
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from tumorseg import tracking
+
+    model = None
+    if args.model:
+        from tumorseg.inference import load_keras_model
+
+        model = load_keras_model(args.model)
+    info = tracking.register_model(args.name, run_id=args.run_id, model=model, uri=args.tracking_uri)
+    print(f"registered {info['source']} as {info['name']} version {info['version']}: use --model {info['model_uri']}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
     for key, value in cfg.flat().items():
@@ -150,6 +213,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports/study", help="output folder (default: %(default)s)")
     p.add_argument("--data-source", choices=("real", "synthetic"), default=None, help="only runs on this kind of data")
     p.add_argument("--model", choices=("unet", "umobilenetv2"), default=None, help="only this model's runs")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+
+    p = add("predict", cmd_predict, "segment images, folders (recursive) or zip archives: <stem>_mask.png, <stem>_overlay.png, predictions.csv", params=False)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or .zip archives")
+    p.add_argument("--model", required=True, help="a .keras/.tflite/.onnx file, runs:/<run id>/model or models:/<name>/<version>")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--threshold", type=float, default=0.5, help="tumour where probability > threshold (default: %(default)s)")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (mean of image and mirror)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per model call (default: %(default)s)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images (default: %(default)s)")
+
+    p = add("export", cmd_export, "export a .keras model to TFLite or ONNX and check it against the Keras model", params=False)
+    p.add_argument("--model", required=True, help="a .keras file or an MLflow model URI")
+    p.add_argument("--format", required=True, choices=("tflite", "onnx"))
+    p.add_argument("--out", required=True, help="output file (the check goes to <out>.check.json)")
+    p.add_argument("--quantize", choices=("none", "float16", "dynamic", "int8"), default="none", help="(default: %(default)s; onnx: none, dynamic, int8)")
+    p.add_argument("--calibration", default=None, metavar="DIR", help="images for int8 calibration and the check (default: synthetic phantoms)")
+    p.add_argument("--samples", type=int, default=16, help="number of sample images (default: %(default)s)")
+    p.add_argument("--min-dice", type=float, default=None, help="override the check's Dice bound (default: per quantisation)")
+
+    p = add("register", cmd_register, "register a model version in the MLflow model registry", params=False)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run-id", default=None, help="a training run whose logged model (runs:/<id>/model) to register")
+    source.add_argument("--model", default=None, help="a .keras file: logged into a new run, then registered")
+    p.add_argument("--name", required=True, help="registered model name")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
 
     add("config", cmd_config, "validate params.yaml and print the resolved settings (profile applied)")

@@ -17,11 +17,16 @@ from tumorseg.config import ConfigError
 from tumorseg.data.prepare import NoValidPairs, PrepareError
 from tumorseg.data.sources import SourceError
 from tumorseg.io import OutputError
+from tumorseg.export import ExportError
+from tumorseg.inference import InputImageError, ModelLoadError
+from tumorseg.tracking import TrackingError
 
 F = TypeVar("F", bound=Callable[..., int | None])
 
 # Exit codes: 1 = a user-fixable error (message says what), 2 = nothing valid to work on.
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, SourceError, PrepareError, OutputError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, SourceError, PrepareError, OutputError, FileNotFoundError, InputImageError, ModelLoadError, ExportError, TrackingError
+)
 
 
 def setup_logging(verbose: bool = False) -> None:
