@@ -1,0 +1,74 @@
+"""Copy a trained model into ``weights/`` for shipping: optimizer state stripped (a third of the
+size), loaded back and checked to predict identically, then ``weights/SHA256SUMS`` rewritten.
+
+    python scripts/ship_weights.py models/umobilenetv2.keras weights/umobilenetv2-figshare.keras
+
+The model card (weights/MODEL_CARD.md) is written by hand from metrics/evaluate_<model>.json.
+Replace shipped files only when test Dice improves by >= 0.01 (keeps the git history small).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+MAX_BYTES = 25 * 1024 * 1024
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> Path:
+    from tumorseg.io import atomic_write_text
+
+    lines = [f"{sha256(path)}  {path.name}\n" for path in sorted(folder.glob("*.keras"))]
+    target = folder / "SHA256SUMS"
+    atomic_write_text(target, "".join(lines))
+    return target
+
+
+def ship(source: Path, target: Path) -> None:
+    import keras
+
+    import tumorseg.models  # noqa: F401 - custom layers
+    from tumorseg.io import atomic_write_bytes
+
+    model = keras.models.load_model(source, compile=False)  # no optimizer state
+    with tempfile.TemporaryDirectory() as scratch:
+        stripped = Path(scratch) / target.name
+        model.save(stripped)
+        reloaded = keras.models.load_model(stripped, compile=False)
+        size = model.input_shape[1]
+        probe = np.random.default_rng(0).integers(0, 256, (2, size, size, 1)).astype("float32")
+        difference = float(np.abs(model.predict(probe, verbose=0) - reloaded.predict(probe, verbose=0)).max())
+        if difference > 1e-6:
+            raise SystemExit(f"reloaded model differs from {source} by {difference}")
+        if stripped.stat().st_size > MAX_BYTES:
+            raise SystemExit(f"{target.name} would be {stripped.stat().st_size / 2**20:.1f} MB (> 25 MB)")
+        atomic_write_bytes(target, stripped.read_bytes())
+    print(f"{source} -> {target} ({target.stat().st_size / 2**20:.1f} MB, {model.count_params():,} params)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="trained .keras file (e.g. models/umobilenetv2.keras)")
+    parser.add_argument("target", type=Path, help="weights/<name>.keras")
+    args = parser.parse_args()
+    args.target.parent.mkdir(parents=True, exist_ok=True)
+    ship(args.source, args.target)
+    print(f"checksums -> {write_checksums(args.target.parent)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
