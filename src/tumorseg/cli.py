@@ -116,7 +116,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"{report.succeeded} image(s) segmented, {tumours} with a tumour -> {args.out} ({report.csv_path.name}){ignored}")
     failed = report.failed
     for row in failed[:20]:
-        print(f"  skipped {row['reason']}", file=sys.stderr)
+        print(f"  skipped {row['file']}: {row['reason']}", file=sys.stderr)
     if len(failed) > 20:
         print(f"  ... {len(failed) - 20} more in {report.csv_path}", file=sys.stderr)
     if failed and not report.succeeded:
@@ -159,6 +159,53 @@ def cmd_register(args: argparse.Namespace) -> int:
         model = load_keras_model(args.model)
     info = tracking.register_model(args.name, run_id=args.run_id, model=model, uri=args.tracking_uri)
     print(f"registered {info['source']} as {info['name']} version {info['version']}: use --model {info['model_uri']}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from tumorseg.explain import LayerNotFoundError, explain_files
+    from tumorseg.inference import Predictor
+
+    if not 0.0 <= args.threshold < 1.0:
+        print("error: --threshold must be in [0, 1)", file=sys.stderr)
+        return 2
+    predictor = Predictor.load(args.model, threshold=args.threshold, tta=args.tta)
+    if predictor.model is None:
+        print(f"error: {args.model}: Grad-CAM needs the Keras model (.keras or an MLflow URI), not an exported file", file=sys.stderr)
+        return 1
+    try:
+        report = explain_files(args.inputs, predictor, Path(args.out), layer=args.layer, progress=show_progress())
+    except LayerNotFoundError as exc:
+        print(f"error: --layer: {exc}", file=sys.stderr)
+        return 1
+    ignored = f"; {report.ignored} non-image file(s) ignored" if report.ignored else ""
+    print(f"{len(report.written)} Grad-CAM panel(s) -> {args.out} (<name>_gradcam.png){ignored}")
+    for name, reason in report.skipped[:20]:
+        print(f"  skipped {reason if reason.startswith(name) else name + ': ' + reason}", file=sys.stderr)
+    if len(report.skipped) > 20:
+        print(f"  ... and {len(report.skipped) - 20} more", file=sys.stderr)
+    if not report.written:
+        print("error: no input could be explained" if report.skipped else f"error: no images found in {' '.join(args.inputs)}", file=sys.stderr)
+        return 2
+    return 1 if report.skipped else 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tumorseg.explain import LayerNotFoundError
+    from tumorseg.inference import Predictor
+    from tumorseg.serve import create_app, run_server
+
+    if not 0.0 <= args.threshold < 1.0 or args.max_upload_mb <= 0 or not 0 < args.port < 65536:
+        print("error: --threshold must be in [0, 1), --max-upload-mb positive, --port in 1..65535", file=sys.stderr)
+        return 2
+    predictor = Predictor.load(args.model, threshold=args.threshold, tta=args.tta)  # once, shared by all requests
+    try:
+        app = create_app(predictor, model_name=Path(args.model).name, gradcam_layer=args.layer, max_upload_mb=args.max_upload_mb)
+    except (LayerNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"serving {args.model} on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
+    run_server(app, host=args.host, port=args.port)
     return 0
 
 
@@ -239,6 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", default=None, help="a .keras file: logged into a new run, then registered")
     p.add_argument("--name", required=True, help="registered model name")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+
+    p = add("explain", cmd_explain, "Seg-Grad-CAM: <stem>_gradcam.png = prediction overlay beside the Grad-CAM heat map", params=False)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or .zip archives (as for predict)")
+    p.add_argument("--model", required=True, help="a .keras file, runs:/<run id>/model or models:/<name>/<version>")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--layer", default=None, help="layer to explain (default: the model's stride-4 decoder stage); a wrong name lists the choices")
+    p.add_argument("--threshold", type=float, default=0.5, help="tumour where probability > threshold (default: %(default)s)")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation for the mask")
+
+    p = add("serve", cmd_serve, "web app and JSON API: upload a slice, see the outline, Grad-CAM, area and confidence", params=False)
+    p.add_argument("--model", required=True, help="a .keras/.tflite/.onnx file, runs:/<run id>/model or models:/<name>/<version>")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get HTTP 413 (default: %(default)s)")
+    p.add_argument("--layer", default=None, help="Grad-CAM layer (default: the model's stride-4 decoder stage)")
+    p.add_argument("--threshold", type=float, default=0.5, help="tumour where probability > threshold (default: %(default)s)")
+    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
 
     add("config", cmd_config, "validate params.yaml and print the resolved settings (profile applied)")
     return parser

@@ -1,0 +1,291 @@
+"""The web app: one HTML page and a small JSON API around a :class:`~tumorseg.inference.Predictor`.
+
+``create_app(predictor)`` builds the FastAPI application (tests use it with ``TestClient``, no
+network); ``tumorseg serve`` loads the model once and runs it with uvicorn.
+
+Endpoints::
+
+    GET  /              the page: upload a slice, see outline, Grad-CAM, area, confidence, mask download
+    POST /predict       multipart form field ``file`` (PNG/JPEG/BMP/TIFF) -> JSON, see PredictResponse
+    GET  /health        model name, back-end, input size, threshold, tumorseg version
+    GET  /openapi.json  the OpenAPI schema (interactive docs at /docs)
+
+Every error is JSON ``{"detail": "<one readable sentence>"}``: 413 upload too large, 415 not a
+multipart upload or not an image content type, 422 missing ``file`` field or undecodable image,
+500 (generic message; the traceback goes to the server log only). The images in the answer are
+base64-encoded PNGs, so the server keeps no state between requests.
+
+Inference runs in Starlette's thread pool (the event loop keeps serving) and is serialised by a
+lock: a Keras model (and its Grad-CAM function) is not guaranteed to be thread-safe, and on a CPU
+one request at a time already uses every core.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from importlib import resources
+from typing import Any
+
+import cv2
+import numpy as np
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tumorseg import __version__
+from tumorseg.data.augment import overlay_outline
+from tumorseg.inference import DEFAULT_MAX_PIXELS, InputImageError, Predictor, decode_image
+from tumorseg.io import encode_png
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_MB = 20.0
+# Browsers send image/* for known image files and application/octet-stream for unknown ones
+# (e.g. some .tif); the bytes are checked by decode_image either way.
+ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream")
+OUTLINE_BGR = (0, 255, 0)  # predicted outline: green
+
+
+class PredictResponse(BaseModel):
+    """Answer of ``POST /predict``; ``*_png`` fields are base64-encoded PNG files."""
+
+    filename: str = Field(description="name of the uploaded file")
+    width: int = Field(description="image width in pixels (the upload's own size)")
+    height: int = Field(description="image height in pixels")
+    tumour_present: bool = Field(description="any pixel above the threshold")
+    area_px: int = Field(description="predicted tumour area in pixels of the uploaded image")
+    area_pct: float = Field(description="predicted tumour area as a percentage of the image")
+    mean_confidence: float = Field(description="mean tumour probability over the predicted region (0 when empty)")
+    threshold: float = Field(description="probability threshold of the mask")
+    overlay_png: str = Field(description="base64 PNG: the image with the predicted outline (green)")
+    mask_png: str = Field(description="base64 PNG: the binary mask, 0 / 255, at the image's size")
+    gradcam_png: str | None = Field(description="base64 PNG: Seg-Grad-CAM heat map over the image (null when not asked for or unavailable)")
+    gradcam_layer: str | None = Field(description="layer the Grad-CAM map was computed at")
+    elapsed_ms: float = Field(description="server time for segmentation and Grad-CAM")
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model: str
+    backend: str
+    input_size: int
+    threshold: float
+    tta: bool
+    gradcam_layer: str | None
+    max_upload_mb: float
+    version: str
+
+
+def _b64_png(image: np.ndarray) -> str:
+    return base64.b64encode(encode_png(image)).decode("ascii")
+
+
+def _web_file(name: str) -> str:
+    return resources.files("tumorseg").joinpath("web", name).read_text(encoding="utf-8")
+
+
+def _require_multipart(request: Request) -> None:
+    """415 before form parsing when the request is not a multipart upload (e.g. raw bytes or JSON)."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise HTTPException(
+            415,
+            f"expected a multipart/form-data upload with the image in the field 'file', got content type {content_type or 'none'!r}",
+        )
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for request bodies over ``max_bytes``, before form parsing.
+
+    A declared Content-Length over the limit is answered at once (nothing is read); a body without
+    one (chunked) is counted as it streams in. The answer is JSON like every other error (the
+    limiter built into FastAPI/Starlette answers in plain text).
+    """
+
+    def __init__(self, app: ASGIApp, max_mb: float) -> None:
+        self.app = app
+        self.max_mb = max_mb
+        self.max_bytes = int(max_mb * 1024 * 1024)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await JSONResponse({"detail": _too_large(self.max_mb)}, status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, _too_large(self.max_mb))  # rendered by the app's handler
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _too_large(max_mb: float) -> str:
+    return f"upload too large: the limit is {max_mb:g} MB (tumorseg serve --max-upload-mb)"
+
+
+class Analyser:
+    """Segmentation + Grad-CAM + images for the answer, one request at a time (see module doc)."""
+
+    def __init__(self, predictor: Predictor, gradcam_layer: str | None, max_pixels: int) -> None:
+        self.predictor = predictor
+        self.max_pixels = max_pixels
+        self._lock = threading.Lock()
+        self.gradcam = None
+        if predictor.model is not None:
+            from tumorseg.explain import GradCam
+
+            self.gradcam = GradCam(predictor.model, gradcam_layer, threshold=predictor.threshold)
+        elif gradcam_layer:
+            raise ValueError("--layer needs a Keras model: an exported .tflite/.onnx model has no Grad-CAM")
+
+    def __call__(self, data: bytes, filename: str, with_gradcam: bool) -> dict[str, Any]:
+        image = decode_image(data, filename, max_pixels=self.max_pixels)  # InputImageError -> 422
+        started = time.perf_counter()
+        with self._lock:
+            prediction = self.predictor.predict([image])[0]
+            heat = self.gradcam(image) if with_gradcam and self.gradcam is not None else None
+        gradcam_png = None
+        if heat is not None:
+            from tumorseg.explain import heatmap_overlay
+
+            rgb = heatmap_overlay(image, heat, mask=prediction.mask)
+            gradcam_png = _b64_png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        height, width = image.shape
+        return {
+            "filename": filename,
+            "width": width,
+            "height": height,
+            **prediction.summary(),
+            "threshold": self.predictor.threshold,
+            "overlay_png": _b64_png(overlay_outline(image, prediction.mask, OUTLINE_BGR)),
+            "mask_png": _b64_png(prediction.mask),
+            "gradcam_png": gradcam_png,
+            "gradcam_layer": self.gradcam.layer if gradcam_png else None,
+            "elapsed_ms": 1000.0 * (time.perf_counter() - started),
+        }
+
+
+def create_app(
+    predictor: Predictor,
+    *,
+    model_name: str | None = None,
+    gradcam_layer: str | None = None,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> FastAPI:
+    """The web app around an already loaded ``predictor`` (loaded once, shared by all requests).
+
+    ``max_upload_mb``: larger request bodies get 413 (see :class:`BodyLimit`).
+    ``gradcam_layer``: see :mod:`tumorseg.explain` (default: the model's stride-4 decoder stage).
+    """
+    if max_upload_mb <= 0:
+        raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
+    analyse = Analyser(predictor, gradcam_layer, max_pixels)
+    name = model_name or (predictor.model.name if predictor.model is not None else predictor.backend.name)
+    app = FastAPI(
+        title="tumorseg",
+        version=__version__,
+        description="Brain-tumour segmentation of MRI slices, with Seg-Grad-CAM explanations. Research use only - not a medical device.",
+    )
+    app.add_middleware(BodyLimit, max_mb=max_upload_mb)
+    app.state.analyser = analyse
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+            if error.get("type") == "missing" and where == "file":
+                problems.append("missing form field 'file': upload the image as multipart/form-data field 'file'")
+            else:
+                problems.append(f"{where or 'request'}: {error.get('msg', 'invalid')}")
+        return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal server error (logged on the server)"}, status_code=500)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(_web_file("index.html"))
+
+    @app.get("/health", response_model=HealthResponse)
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": name,
+            "backend": predictor.backend.name,
+            "input_size": predictor.input_size,
+            "threshold": predictor.threshold,
+            "tta": predictor.tta,
+            "gradcam_layer": analyse.gradcam.layer if analyse.gradcam is not None else None,
+            "max_upload_mb": max_upload_mb,
+            "version": __version__,
+        }
+
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        dependencies=[Depends(_require_multipart)],
+        responses={
+            413: {"description": "upload larger than --max-upload-mb"},
+            415: {"description": "not a multipart upload, or the file is not an image content type"},
+            422: {"description": "missing field 'file', or the file is not a decodable image"},
+        },
+    )
+    async def predict(
+        file: UploadFile = File(description="an MRI slice: PNG, JPEG, BMP or TIFF, gray or colour, 8 or 16 bit"),
+        gradcam: bool = Query(True, description="also compute the Grad-CAM map (costs about as much as the segmentation)"),
+    ) -> dict[str, Any]:
+        content_type = (file.content_type or "").lower()
+        filename = file.filename or "upload"
+        if content_type and not content_type.startswith(ACCEPTED_CONTENT_TYPES):
+            raise HTTPException(415, f"{filename}: content type {content_type!r} is not an image; upload a PNG, JPEG, BMP or TIFF file")
+        data = await file.read()
+        try:
+            return await run_in_threadpool(analyse, data, filename, gradcam)
+        except InputImageError as exc:
+            raise HTTPException(422, str(exc)) from None
+        except Exception:
+            log.exception("prediction failed for %s", filename)
+            raise HTTPException(500, "internal server error while analysing the image (logged on the server)") from None
+
+    app.mount("/static", StaticFiles(packages=[("tumorseg", "web/static")]), name="static")
+    return app
+
+
+def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve ``app`` with uvicorn; warns when reachable from other machines."""
+    import uvicorn
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "binding to %s: the app is reachable from other machines and has no authentication; "
+            "use 127.0.0.1 unless that is what you want",
+            host,
+        )
+    uvicorn.run(app, host=host, port=port, log_level="info")
