@@ -59,8 +59,10 @@ def _identify(data: bytes, name: str, max_pixels: int) -> tuple[str, int, int]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as handle:
                 fmt, (width, height) = handle.format or "unknown", handle.size
-    except Image.DecompressionBombError:
-        raise InputImageError(f"{name}: image dimensions are too large (more than {max_pixels:,} pixels)") from None
+    except Image.DecompressionBombError as exc:  # beyond Pillow's own hard limit (~179 megapixels)
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+        raise InputImageError(f"{name}: image dimensions are too large ({size}; the limit is {max_pixels:,})") from None
     except UnidentifiedImageError:
         raise InputImageError(f"{name}: not an image (unrecognised file format; use PNG, JPEG, BMP or TIFF)") from None
     except (OSError, ValueError, SyntaxError) as exc:  # Pillow reports bad headers with these

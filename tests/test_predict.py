@@ -1,0 +1,283 @@
+"""Inference: safe image decoding, Predictor (sizes, batching, TTA) and the `tumorseg predict` command."""
+
+from __future__ import annotations
+
+import csv
+import io
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import blob_pair
+from tumorseg.cli import main
+from tumorseg.inference import InputImageError, Predictor, decode_image, list_inputs, read_image, unique_stems
+from tumorseg.metrics import dice
+
+
+def brightness_model(size: int = 32):
+    """A fixed-weight model that finds bright discs: p = sigmoid((x + x_left) / 16 - 16).
+
+    Deterministic and non-trivial (the disc, not everything), and deliberately not
+    mirror-symmetric (it looks at the left neighbour), so flip TTA has something to fix.
+    """
+    import keras
+
+    inputs = keras.Input((size, size, 1), name="image")
+    conv = keras.layers.Conv2D(1, 3, padding="same", activation="sigmoid", name="mask")
+    model = keras.Model(inputs, conv(inputs))
+    kernel = np.zeros((3, 3, 1, 1), np.float32)
+    kernel[1, 0] = kernel[1, 1] = 1.0 / 16.0
+    conv.set_weights([kernel, np.array([-128.0 / 8.0], np.float32)])
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "bright.keras"
+    brightness_model().save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(model_path: Path) -> Predictor:
+    return Predictor.load(str(model_path))
+
+
+def png(image: np.ndarray) -> bytes:
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def test_decode_accepts_common_formats_depths_and_channels(tmp_path: Path):
+    gray, _ = blob_pair(40, seed=1)
+    colour = np.dstack([gray, np.roll(gray, 3, axis=1), 255 - gray])
+    cases = {
+        "gray.png": (png(gray), gray),
+        "gray.bmp": (cv2.imencode(".bmp", gray)[1].tobytes(), gray),
+        "gray.tif": (cv2.imencode(".tif", gray)[1].tobytes(), gray),
+        "colour.png": (png(colour), cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)),
+        "rgba.png": (png(np.dstack([colour, np.full_like(gray, 128)])), cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)),
+    }
+    for name, (data, expected) in cases.items():
+        image = decode_image(data, name)
+        assert image.dtype == np.uint8 and image.shape == (40, 40), name
+        np.testing.assert_array_equal(image, expected, err_msg=name)
+    # 16-bit: stretched min..max to 0..255
+    ramp16 = np.tile(np.linspace(1000, 3000, 40).astype(np.uint16), (40, 1))
+    decoded = decode_image(png(ramp16), "ramp16.png")
+    assert decoded.dtype == np.uint8 and decoded[0, 0] == 0 and decoded[0, -1] == 255
+    # JPEG is lossy: close, not equal
+    jpeg = decode_image(cv2.imencode(".jpg", gray, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(), "x.jpg")
+    assert np.abs(jpeg.astype(int) - gray).mean() < 4
+    path = tmp_path / "file.png"
+    path.write_bytes(png(gray))
+    np.testing.assert_array_equal(read_image(path), gray)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose valid header claims ``width x height`` (a decompression-bomb shape)."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+
+
+def _gif() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buffer, format="GIF")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty file"),
+        (bytes(np.random.default_rng(0).integers(0, 256, 500, dtype=np.uint8)), "not an image"),
+        (png(blob_pair(64)[0])[:300], "corrupt or truncated PNG"),
+        (_gif(), "unsupported image format GIF"),
+        (_png_header_only(60_000, 60_000), "too large"),  # 3.6 GB if decoded: refused from the header
+    ],
+    ids=["empty", "random-bytes", "truncated-png", "gif", "huge-header"],
+)
+def test_decode_refuses_bad_inputs_with_a_reason_naming_the_file(data: bytes, reason: str):
+    with pytest.raises(InputImageError, match=reason) as caught:
+        decode_image(data, "scan-7.png")
+    assert str(caught.value).startswith("scan-7.png: ")
+
+
+def test_decode_pixel_limit_is_configurable():
+    image = png(np.zeros((100, 100), np.uint8))
+    assert decode_image(image, "ok", max_pixels=10_000).shape == (100, 100)
+    with pytest.raises(InputImageError, match="too large"):
+        decode_image(image, "big", max_pixels=9_999)
+
+
+# --- Predictor --------------------------------------------------------------------------------
+
+
+def test_predictions_come_back_at_each_images_original_size(predictor: Predictor):
+    shapes = [(32, 32), (48, 80), (100, 100), (20, 27)]
+    pairs = [blob_pair(max(shape), seed=index, radius=max(shape) // 5) for index, shape in enumerate(shapes)]
+    images = [cv2.resize(image, shape[::-1], interpolation=cv2.INTER_NEAREST) for (image, _), shape in zip(pairs, shapes)]
+    truths = [cv2.resize(mask, shape[::-1], interpolation=cv2.INTER_NEAREST) for (_, mask), shape in zip(pairs, shapes)]
+    results = predictor.predict(images)
+    assert predictor.input_size == 32 and len(results) == 4
+    for result, image, truth in zip(results, images, truths):
+        assert result.mask.shape == result.probability.shape == image.shape
+        assert result.mask.dtype == np.uint8 and set(np.unique(result.mask)) <= {0, 255}
+        assert result.probability.dtype == np.float32 and 0.0 <= result.probability.min() <= result.probability.max() <= 1.0
+        assert dice(truth > 0, result.mask > 0) > 0.75  # it finds the disc, at the image's own size
+        tumour = result.mask > 0
+        assert result.tumour_present and result.area_px == int(tumour.sum())
+        assert result.area_pct == pytest.approx(100.0 * tumour.sum() / tumour.size)
+        assert result.mean_confidence == pytest.approx(float(result.probability[tumour].mean()), abs=1e-6)
+        assert 0.5 < result.mean_confidence <= 1.0
+
+
+def test_no_tumour_gives_an_empty_mask_and_zero_confidence(predictor: Predictor):
+    (result,) = predictor.predict([np.full((50, 60), 40, np.uint8)])
+    assert not result.tumour_present and result.area_px == 0 and result.area_pct == 0.0
+    assert result.mean_confidence == 0.0 and not result.mask.any()
+
+
+def test_threshold_and_batch_size(model_path: Path):
+    images = [blob_pair(32, seed=s)[0] for s in range(5)]
+    one = Predictor.load(str(model_path), batch_size=1).predict(images)
+    many = Predictor.load(str(model_path), batch_size=4).predict(images)
+    strict = Predictor.load(str(model_path), threshold=0.9).predict(images)
+    for a, b, c in zip(one, many, strict):
+        np.testing.assert_allclose(a.probability, b.probability, atol=1e-6)
+        np.testing.assert_array_equal(c.mask, np.where(a.probability > 0.9, 255, 0))
+        assert c.area_px < a.area_px
+    with pytest.raises(ValueError, match="threshold"):
+        Predictor.load(str(model_path), threshold=1.5)
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (45, 70)], ids=["model-size", "resized"])
+def test_flip_tta_makes_predictions_flip_equivariant(model_path: Path, shape: tuple[int, int]):
+    image = cv2.resize(blob_pair(64, seed=3, radius=12)[0], shape[::-1], interpolation=cv2.INTER_LINEAR)
+    mirrored = np.ascontiguousarray(image[:, ::-1])
+    plain = Predictor.load(str(model_path))
+    a, b = plain.predict([image, mirrored])
+    assert np.abs(b.probability - a.probability[:, ::-1]).max() > 0.1  # the model alone is not symmetric
+    tta = Predictor.load(str(model_path), tta=True)
+    a, b = tta.predict([image, mirrored])
+    np.testing.assert_allclose(b.probability, a.probability[:, ::-1], atol=1e-5)
+    # the TTA probability is the mean of the plain one and the mirrored-back prediction of the mirror
+    p, q = plain.predict([image, mirrored])
+    np.testing.assert_allclose(a.probability, (p.probability + q.probability[:, ::-1]) / 2, atol=1e-5)
+
+
+# --- inputs and output names ------------------------------------------------------------------
+
+
+def test_inputs_from_folders_and_zips_get_safe_unique_names(tmp_path: Path):
+    image = png(blob_pair(32)[0])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b" / ".hidden").mkdir(parents=True)
+    (tmp_path / "a" / "scan.png").write_bytes(image)
+    (tmp_path / "b" / "scan.PNG").write_bytes(image)
+    (tmp_path / "b" / ".hidden" / "x.png").write_bytes(image)
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    with zipfile.ZipFile(tmp_path / "c.zip", "w") as archive:
+        archive.writestr("../../../etc/scan.png", image)
+        archive.writestr("dir\\..\\evil name.png", image)
+        archive.writestr("readme.md", "x")
+    listing = list_inputs([tmp_path / "a", tmp_path / "b", tmp_path / "c.zip", tmp_path / "missing.png"])
+    assert [s.display for s in listing.sources] == [
+        str(tmp_path / "a" / "scan.png"),
+        str(tmp_path / "b" / "scan.PNG"),
+        f"{tmp_path / 'c.zip'}:../../../etc/scan.png",
+        f"{tmp_path / 'c.zip'}:dir\\..\\evil name.png",
+    ]
+    assert listing.ignored == 2 and listing.problems == [(str(tmp_path / "missing.png"), "no such file or folder")]
+    assert unique_stems(listing.sources) == ["scan", "scan_2", "scan_3", "evil_name"]
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predict_command_writes_masks_overlays_and_a_csv(tmp_path: Path, model_path: Path, capsys):
+    inputs = tmp_path / "in"
+    (inputs / "p1").mkdir(parents=True)
+    (inputs / "p2").mkdir()
+    big, big_truth = blob_pair(96, seed=5, radius=20)
+    small, _ = blob_pair(32, seed=6)
+    assert cv2.imwrite(str(inputs / "p1" / "slice.png"), big)
+    assert cv2.imwrite(str(inputs / "p2" / "slice.png"), small)
+    with zipfile.ZipFile(tmp_path / "more.zip", "w") as archive:
+        archive.writestr("../outside.png", png(np.full((40, 40), 30, np.uint8)))
+    out = tmp_path / "out"
+    code = main(["predict", str(inputs), str(tmp_path / "more.zip"), "--model", str(model_path), "--out", str(out), "--batch-size", "2"])
+    assert code == 0, capsys.readouterr().err
+    assert "3 image(s) segmented, 2 with a tumour" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["predictions.csv", "slice_mask.png", "slice_overlay.png", "slice_2_mask.png", "slice_2_overlay.png", "outside_mask.png", "outside_overlay.png"]
+    )
+    assert not (tmp_path / "outside_mask.png").exists()
+    mask = cv2.imread(str(out / "slice_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == big.shape and set(np.unique(mask)) == {0, 255}
+    assert dice(big_truth > 0, mask > 0) > 0.8
+    overlay = cv2.imread(str(out / "slice_overlay.png"), cv2.IMREAD_UNCHANGED)
+    assert overlay.shape == (96, 96, 3)
+    outline = np.all(overlay == (0, 255, 0), axis=2)
+    assert outline.any() and (mask[outline] > 0).all()  # outline drawn on the mask's boundary
+    assert cv2.imread(str(out / "slice_2_mask.png"), cv2.IMREAD_UNCHANGED).shape == (32, 32)
+    rows = _read_csv(out / "predictions.csv")
+    assert list(rows[0]) == ["file", "tumour_present", "area_px", "area_pct", "mean_confidence", "status", "reason", "mask", "overlay"]
+    by_file = {row["file"]: row for row in rows}
+    first = by_file[str(inputs / "p1" / "slice.png")]
+    assert first["status"] == "ok" and first["tumour_present"] == "True" and int(first["area_px"]) == int((mask > 0).sum())
+    assert float(first["area_pct"]) == pytest.approx(100 * (mask > 0).mean(), abs=1e-3)
+    assert 0.5 < float(first["mean_confidence"]) <= 1.0 and first["mask"] == "slice_mask.png"
+    empty = by_file[f"{tmp_path / 'more.zip'}:../outside.png"]
+    assert empty["tumour_present"] == "False" and empty["area_px"] == "0" and empty["mean_confidence"] == "0.0"
+
+
+def test_predict_command_skips_bad_inputs_with_reasons_and_exit_codes(tmp_path: Path, model_path: Path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "random.png").write_bytes(bytes(range(256)) * 3)
+    (bad / "truncated.png").write_bytes(png(blob_pair(64)[0])[:200])
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "huge.png").write_bytes(_png_header_only(50_000, 50_000))
+    (bad / "anim.gif").write_bytes(_gif())
+    good = tmp_path / "good.png"
+    assert cv2.imwrite(str(good), blob_pair(32)[0])
+    args = ["--model", str(model_path), "--out", str(tmp_path / "out")]
+
+    assert main(["predict", str(bad), str(bad / "anim.gif"), str(good), *args]) == 1
+    err = capsys.readouterr().err
+    assert "5 of 6 inputs could not be read" in err and "huge.png: image dimensions are too large" in err
+    rows = {Path(r["file"]).name: r for r in _read_csv(tmp_path / "out" / "predictions.csv")}
+    assert rows["good.png"]["status"] == "ok"
+    reasons = {name: row["reason"] for name, row in rows.items() if row["status"] == "failed"}
+    assert set(reasons) == {"random.png", "truncated.png", "empty.png", "huge.png", "anim.gif"}
+    assert "not an image" in reasons["random.png"] and "truncated" in reasons["truncated.png"]
+    assert "empty" in reasons["empty.png"] and "GIF" in reasons["anim.gif"] and "too large" in reasons["huge.png"]
+    assert (tmp_path / "out" / "good_mask.png").exists() and not (tmp_path / "out" / "random_mask.png").exists()
+
+    assert main(["predict", str(bad), *args]) == 2
+    assert "none of the 4 input(s) could be read" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path / "nothing-here"), *args]) == 2
+    (tmp_path / "no-images").mkdir()
+    assert main(["predict", str(tmp_path / "no-images"), *args]) == 2
+    assert "no images" in capsys.readouterr().err
+    assert main(["predict", str(good), "--model", str(tmp_path / "missing.keras"), "--out", str(tmp_path / "o")]) == 1
+    assert "missing.keras does not exist" in capsys.readouterr().err
