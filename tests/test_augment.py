@@ -89,3 +89,18 @@ def test_preview_grid_shape(tmp_path: Path):
     grid = preview_grid(train, SETTINGS, rows=2, copies=3, seed=0)
     assert grid.shape == (2 * 132, 4 * 132, 3)  # 64-px tiles enlarged x2 for readability, 2-px frame
     assert cv2.imencode(".png", grid)[0]
+
+
+def test_parallel_and_serial_augment_write_identical_copies(tmp_path: Path):
+    """Each pair is seeded by (seed, index): the worker count cannot change a single pixel."""
+    train = tmp_path / "train"
+    for index in range(1, 71):  # enough pairs for the process pool to be used
+        write_pair(train, f"{index}.png", *blob_pair(32, index))
+    serial = augment_dataset(train, tmp_path / "serial", settings=SETTINGS, copies_per_image=2, seed=5, progress=False, workers=1)
+    augment_dataset(train, tmp_path / "parallel", settings=SETTINGS, copies_per_image=2, seed=5, progress=False, workers=2)
+    names = sorted(p.name for p in (tmp_path / "serial" / "images").iterdir())
+    assert len(names) == serial.augmented_pairs == 140
+    for kind in ("images", "masks"):
+        assert [(tmp_path / "serial" / kind / n).read_bytes() for n in names] == [(tmp_path / "parallel" / kind / n).read_bytes() for n in names]
+    copies = [cv2.imread(str(tmp_path / "serial" / "images" / f"1__aug{k}.png"), cv2.IMREAD_GRAYSCALE) for k in (1, 2)]
+    assert not np.array_equal(copies[0], copies[1]), "two copies of one pair must differ"

@@ -2,12 +2,14 @@
 
 Every file a stage writes goes through :func:`atomic_write_bytes` (temp file in the same folder,
 fsync, ``os.replace``) and every output folder through :func:`atomic_directory` (built beside the
-target, swapped in only when complete). Readers see the old version or the new one, never a mix.
+target, synced once, swapped in only when complete; files inside its staging folder are written
+with :func:`write_staged_bytes`). Readers see the old version or the new one, never a mix.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -25,9 +27,25 @@ class OutputError(OSError):
     """An output could not be written (read-only folder, disk full, ...): names the path."""
 
 
-def _describe_os_error(path: Path, exc: OSError) -> str:
+_HINTS = {
+    errno.ENOSPC: "free some disk space (or write elsewhere) and run it again",
+    errno.EDQUOT: "your disk quota is used up: free some space and run it again",
+    errno.EROFS: "the file system is read-only: choose a writable output folder",
+    errno.EACCES: "you lack permission to write there: choose another folder or fix its permissions",
+    errno.EPERM: "you lack permission to write there: choose another folder or fix its permissions",
+}
+
+
+def describe_os_error(path: str | Path, exc: OSError) -> str:
+    """One line naming the path, the cause and what to do (no traceback needed)."""
+    if isinstance(exc, OutputError):  # already described (by a nested writer)
+        return str(exc)
     reason = exc.strerror or str(exc)
-    return f"cannot write {path}: {reason}. Check that the folder is writable and the disk has space."
+    hint = _HINTS.get(exc.errno or 0, "check that the folder is writable and the disk has space")
+    return f"cannot write {path}: {reason}; {hint}."
+
+
+_describe_os_error = describe_os_error
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -51,6 +69,23 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         raise
+    return path
+
+
+def write_staged_bytes(path: str | Path, data: bytes) -> Path:
+    """Write a file inside an :func:`atomic_directory` staging folder.
+
+    No temporary file and no per-file fsync: nobody reads the staging folder until it is swapped
+    in complete, and :func:`atomic_directory` makes it durable with one sync before the swap.
+    (A per-file fsync cost more than decoding and encoding the image in the prepare and augment
+    stages: see benchmarks/results/prepare.json.)
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    except OSError as exc:
+        raise OutputError(_describe_os_error(path, exc)) from exc
     return path
 
 
@@ -83,6 +118,10 @@ def atomic_write_png(path: str | Path, image: np.ndarray) -> Path:
     return atomic_write_bytes(path, encode_png(image))
 
 
+def write_staged_png(path: str | Path, image: np.ndarray) -> Path:
+    return write_staged_bytes(path, encode_png(image))
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | Path) -> Iterator[Path]:
     """Yield a fresh staging folder that replaces ``target`` only if the block completes.
@@ -97,6 +136,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         raise OutputError(_describe_os_error(target, exc)) from exc
     try:
         yield staging
+        os.sync()  # one flush for everything staged (files written with write_staged_bytes are not fsynced)
         backup = None
         if target.exists():
             backup = target.with_name(f".{target.name}.old")

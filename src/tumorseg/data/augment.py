@@ -8,7 +8,9 @@ the mask, and the intensity part to the image only), so they stay aligned and th
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from tumorseg.io import atomic_directory, atomic_write_json, atomic_write_png  # noqa: E402
+from tumorseg.io import atomic_directory, atomic_write_json, atomic_write_png, write_staged_png  # noqa: E402
 
 
 def build_augmentation(settings: dict[str, Any], seed: int | None) -> A.Compose:
@@ -74,6 +76,37 @@ def _read_gray(path: Path) -> np.ndarray:
     return image
 
 
+def pair_seed(seed: int, index: int) -> int:
+    """The random seed of pair ``index``: depends on nothing else, so pairs can be augmented in any
+    order and in any number of processes with identical results."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+
+
+def _augment_pair(pipeline: A.Compose, job: tuple) -> None:
+    train_dir, staging, name, index, copies, seed = job
+    pipeline.set_random_seed(pair_seed(seed, index))
+    image = _read_gray(train_dir / "images" / name)
+    mask = _read_gray(train_dir / "masks" / name)
+    for copy in range(copies):
+        aug_image, aug_mask = apply(pipeline, image, mask)
+        out_name = f"{Path(name).stem}__aug{copy + 1}.png"
+        write_staged_png(staging / "images" / out_name, aug_image)
+        write_staged_png(staging / "masks" / out_name, aug_mask)
+
+
+_worker_pipeline: A.Compose | None = None
+
+
+def _worker_init(settings: dict[str, Any], seed: int) -> None:
+    global _worker_pipeline
+    cv2.setNumThreads(1)  # parallelism comes from processes; nested threads only contend
+    _worker_pipeline = build_augmentation(settings, seed)
+
+
+def _worker_job(job: tuple) -> None:
+    _augment_pair(_worker_pipeline, job)
+
+
 def augment_dataset(
     train_dir: str | Path,
     out_dir: str | Path,
@@ -82,26 +115,38 @@ def augment_dataset(
     copies_per_image: int,
     seed: int,
     progress: bool = True,
+    workers: int = 0,
 ) -> AugmentReport:
     """Write ``copies_per_image`` augmented copies of every training pair to ``out_dir``.
 
     Copies are named ``<id>__aug<k>.png`` so a copy is always traceable to (and split with) its
-    original. Only the training split is ever augmented. Replaced atomically.
+    original. Only the training split is ever augmented. Replaced atomically. ``workers`` processes
+    (0 = all cores) share the pairs; each pair is seeded by (``seed``, its index), so the output
+    does not depend on the number of workers.
     """
+    from tumorseg.data.prepare import default_workers
+
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     names = sorted(p.name for p in (train_dir / "images").glob("*.png"))
-    pipeline = build_augmentation(settings, seed)
+    workers = workers or default_workers()
     with atomic_directory(out_dir) as staging:
-        for name in tqdm(names, desc="augment", unit="pair", disable=not progress):
-            image = _read_gray(train_dir / "images" / name)
-            mask = _read_gray(train_dir / "masks" / name)
-            for copy in range(copies_per_image):
-                aug_image, aug_mask = apply(pipeline, image, mask)
-                out_name = f"{Path(name).stem}__aug{copy + 1}.png"
-                atomic_write_png(staging / "images" / out_name, aug_image)
-                atomic_write_png(staging / "masks" / out_name, aug_mask)
-        (staging / "images").mkdir(exist_ok=True)
-        (staging / "masks").mkdir(exist_ok=True)
+        (staging / "images").mkdir()
+        (staging / "masks").mkdir()
+        jobs = [(train_dir, staging, name, index, copies_per_image, seed) for index, name in enumerate(names)]
+        bar = tqdm(total=len(jobs), desc="augment", unit="pair", disable=not progress)
+        if workers <= 1 or len(jobs) < 64:  # a pool's start-up costs more than a few pairs
+            pipeline = build_augmentation(settings, seed)
+            for job in jobs:
+                _augment_pair(pipeline, job)
+                bar.update()
+        else:
+            # forkserver, never fork: see tumorseg.data.prepare._run_checks
+            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+            context = multiprocessing.get_context(method)
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(settings, seed)) as pool:
+                for _ in pool.map(_worker_job, jobs, chunksize=max(1, min(16, len(jobs) // (workers * 8)))):
+                    bar.update()
+        bar.close()
         report = AugmentReport(len(names), len(names) * copies_per_image, copies_per_image)
         atomic_write_json(staging / "report.json", report.__dict__)
     return report

@@ -22,12 +22,14 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
-from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 from tumorseg.data.sources import IMAGE_EXTENSIONS
-from tumorseg.io import atomic_directory, atomic_write_bytes, atomic_write_json, atomic_write_text, encode_png
+from tumorseg.io import atomic_directory, atomic_write_json, atomic_write_text, encode_png, write_staged_bytes
+
+# pandas and scikit-learn are imported where the split needs them, not at module level: every
+# worker process imports this module, and those two imports cost more CPU than preparing a few
+# hundred pairs (benchmarks/bench_data.py).
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +176,8 @@ def binarise_mask(mask: np.ndarray, threshold: int) -> tuple[np.ndarray, bool]:
     """Return a {0,255} mask and whether the input held other values (0/1 masks are scaled)."""
     if mask.ndim == 3:
         mask = mask[:, :, :3].max(axis=2)
-    values = np.unique(mask)
+    # bincount is ~5x faster than np.unique on a uint8 image (it needs no sort)
+    values = np.flatnonzero(np.bincount(mask.ravel(), minlength=256)) if mask.dtype == np.uint8 else np.unique(mask)
     if values.size <= 2 and set(values.tolist()) <= {0, 255}:
         return mask.astype(np.uint8), False
     if set(values.tolist()) <= {0, 1}:
@@ -231,8 +234,8 @@ def check_pair(name: str, image_path: Path, mask_path: Path, size: int, threshol
     shrinking = image.shape[0] > size or image.shape[1] > size
     image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
-    atomic_write_bytes(staging / "all" / "images" / f"{name}.png", encode_png(image))
-    atomic_write_bytes(staging / "all" / "masks" / f"{name}.png", encode_png(mask))
+    write_staged_bytes(staging / "all" / "images" / f"{name}.png", encode_png(image))
+    write_staged_bytes(staging / "all" / "masks" / f"{name}.png", encode_png(mask))
     return outcome
 
 
@@ -284,6 +287,8 @@ def size_strata(area_fractions: np.ndarray, n_strata: int) -> np.ndarray:
 
 def _split_off(groups: np.ndarray, strata: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split unique groups in two, stratified when every stratum has at least two groups."""
+    from sklearn.model_selection import train_test_split
+
     if fraction <= 0 or len(groups) < 2:
         return groups, groups[:0]
     n_out = max(1, int(round(fraction * len(groups))))
@@ -301,6 +306,8 @@ def assign_splits(names: list[str], area_fractions: list[float], *, group_by: st
     Fractions apply to groups; with equal-sized groups they are also the pair fractions.
     Returns (split per pair, group per pair).
     """
+    import pandas as pd
+
     groups = group_ids(names, group_by)
     frame = pd.DataFrame({"group": groups, "area": area_fractions})
     per_group = frame.groupby("group", sort=True)["area"].median()
@@ -344,6 +351,8 @@ def prepare_dataset(
     output untouched and the inputs are only ever read. ``report_extra`` (e.g. the data source
     record) is added to report.json.
     """
+    import pandas as pd
+
     started = time.perf_counter()
     images_dir, masks_dir, out_dir = Path(images_dir), Path(masks_dir), Path(out_dir)
     pairs, problems = pair_files(images_dir, masks_dir, mask_suffix)
