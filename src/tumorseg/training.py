@@ -254,6 +254,23 @@ def _optimizer(name: str, lr, weight_decay: float):
     return keras.optimizers.Adam(learning_rate=lr)
 
 
+def compile_for_training(model, *, train_params: dict[str, Any], loss_params: dict[str, Any], learning_rate: float, steps_per_epoch: int, start_epoch: int = 0, stop_epoch: int = 1) -> None:
+    """Compile ``model`` with the reference loss, metrics and optimizer, as training does.
+
+    Shared with benchmarks/bench_train_step.py, so the measured step is the trained step.
+    """
+    from tumorseg.losses import combined_loss
+    from tumorseg.metrics import segmentation_metrics
+
+    schedule = learning_rate_for(train_params["lr_schedule"], learning_rate, steps_per_epoch=steps_per_epoch, start_epoch=start_epoch, stop_epoch=stop_epoch, warmup_epochs=train_params["warmup_epochs"], min_lr=train_params["min_lr"])
+    model.compile(
+        optimizer=_optimizer(train_params["optimizer"], schedule, train_params["weight_decay"]),
+        loss=combined_loss(**loss_params),
+        metrics=segmentation_metrics(tversky_alpha=loss_params["tversky_alpha"], tversky_beta=loss_params["tversky_beta"]),
+        jit_compile=train_params["jit_compile"],
+    )
+
+
 def train_model(
     name: str,
     *,
@@ -281,8 +298,6 @@ def train_model(
     """
     import keras
 
-    from tumorseg.losses import combined_loss
-    from tumorseg.metrics import segmentation_metrics
     from tumorseg.models import build_model, model_summary_stats, set_encoder_trainable
 
     configure_runtime(seed=seed, threads=train_params["threads"], deterministic=train_params["deterministic"])
@@ -326,13 +341,7 @@ def train_model(
         steps_per_epoch = len(train_x) // global_batch if split_evenly else -(-len(train_x) // global_batch)
 
         def compile_model(learning_rate: float, start: int, stop: int) -> None:
-            schedule = learning_rate_for(train_params["lr_schedule"], learning_rate, steps_per_epoch=steps_per_epoch, start_epoch=start, stop_epoch=stop, warmup_epochs=train_params["warmup_epochs"], min_lr=train_params["min_lr"])
-            model.compile(
-                optimizer=_optimizer(train_params["optimizer"], schedule, train_params["weight_decay"]),
-                loss=combined_loss(**loss_params),
-                metrics=segmentation_metrics(tversky_alpha=loss_params["tversky_alpha"], tversky_beta=loss_params["tversky_beta"]),
-                jit_compile=train_params["jit_compile"],
-            )
+            compile_for_training(model, train_params=train_params, loss_params=loss_params, learning_rate=learning_rate, steps_per_epoch=steps_per_epoch, start_epoch=start, stop_epoch=stop)
 
     stats = model_summary_stats(model)
     phases = [("fine_tune" if transfer else "train", 0, epochs, scaled_lr)]

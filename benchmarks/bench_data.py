@@ -1,0 +1,204 @@
+"""Data-stage throughput: ``prepare`` and ``augment`` pairs/s vs the obvious one-by-one loop.
+
+The reference for each stage is the script a user would write without this project: read each
+pair with ``cv2.imread``, resize (or augment), write it with ``cv2.imwrite``, one pair after the
+other in one process. Ours does more per pair (validation, hashing, atomic output, a split), so a
+ratio above 1 has to come from doing the shared work faster and from using every core.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import pstats
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from common import cores, log, ratio
+
+PREPARE_TARGET = 5.0  # x the naive loop, on 2 cores
+AUGMENT_TARGET = 5.0
+
+
+# --------------------------------------------------------------------------------------------
+# The naive loops (the reference)
+# --------------------------------------------------------------------------------------------
+
+
+def naive_prepare(images: Path, masks: Path, out: Path, size: int) -> int:
+    """Read, resize (area for the image, nearest for the mask), write; one pair at a time."""
+    (out / "images").mkdir(parents=True)
+    (out / "masks").mkdir(parents=True)
+    count = 0
+    for path in sorted(images.iterdir()):
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        mask = cv2.imread(str(masks / path.name), cv2.IMREAD_GRAYSCALE)
+        cv2.imwrite(str(out / "images" / path.name), cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA))
+        cv2.imwrite(str(out / "masks" / path.name), cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST))
+        count += 1
+    return count
+
+
+def naive_augment(train_dir: Path, out: Path, settings: dict, copies: int, seed: int) -> int:
+    """The same albumentations Compose, applied in a plain loop and written with cv2.imwrite."""
+    from tumorseg.data.augment import build_augmentation
+
+    pipeline = build_augmentation(settings, seed)
+    (out / "images").mkdir(parents=True)
+    (out / "masks").mkdir(parents=True)
+    count = 0
+    for path in sorted((train_dir / "images").iterdir()):
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        mask = cv2.imread(str(train_dir / "masks" / path.name), cv2.IMREAD_GRAYSCALE)
+        for copy in range(copies):
+            result = pipeline(image=image, mask=mask)
+            name = f"{path.stem}__aug{copy + 1}.png"
+            cv2.imwrite(str(out / "images" / name), result["image"])
+            cv2.imwrite(str(out / "masks" / name), result["mask"])
+            count += 1
+    return count
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _rate(fn, count_fn=None) -> tuple[float, Any]:
+    started = time.perf_counter()
+    value = fn()
+    seconds = time.perf_counter() - started
+    count = count_fn(value) if count_fn else value
+    return count / seconds, value
+
+
+def _profile_top(fn, limit: int = 10) -> list[dict[str, Any]]:
+    """cProfile's top functions by own time: where a pair's time goes."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    fn()
+    profiler.disable()
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    total = sum(row[2] for row in stats.stats.values())
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:limit]
+    return [
+        {"function": f"{Path(file).name}:{line}({func})" if file != "~" else func, "calls": calls, "own_s": round(own, 3), "share": round(own / total, 3)}
+        for (file, line, func), (_, calls, own, _cum, _) in rows
+    ]
+
+
+def _same_pixels(a: Path, b: Path) -> float:
+    """Fraction of files under ``a`` whose decoded pixels equal the same-named file under ``b``."""
+    names = sorted(p.name for p in a.iterdir())
+    equal = 0
+    for name in names:
+        x = cv2.imread(str(a / name), cv2.IMREAD_UNCHANGED)
+        y = cv2.imread(str(b / name), cv2.IMREAD_UNCHANGED)
+        equal += int(x is not None and y is not None and np.array_equal(x, y))
+    return equal / max(1, len(names))
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmarks
+# --------------------------------------------------------------------------------------------
+
+
+def prepare_benchmark(*, quick: bool, count: int | None = None, in_size: int = 512, out_size: int = 256, repeats: int | None = None) -> dict[str, Any]:
+    """Our prepare stage (all cores, and one process) vs the naive loop on synthetic 512² pairs."""
+    from tumorseg.data.prepare import prepare_dataset
+    from tumorseg.data.synthetic import write_synthetic_dataset
+
+    count = count or (120 if quick else 1000)
+    repeats = repeats or (1 if quick else 3)
+    workers = cores()
+    with tempfile.TemporaryDirectory(prefix="bench-prepare-") as scratch:
+        root = Path(scratch) / "input"
+        started = time.perf_counter()
+        write_synthetic_dataset(root, count=count, size=in_size, seed=0, progress=False)
+        setup_s = time.perf_counter() - started
+        log(f"prepare: {count} synthetic {in_size}² pairs written in {setup_s:.1f} s")
+        images, masks = root / "images", root / "masks"
+        rates: dict[str, list[float]] = {"naive": [], "ours_all_cores": [], "ours_one_process": []}
+        for rep in range(repeats):  # interleaved, so a drift in machine speed hits every side alike
+            naive_out = Path(scratch) / f"naive{rep}"
+            rates["naive"].append(_rate(lambda: naive_prepare(images, masks, naive_out, out_size))[0])
+            for label, n in (("ours_all_cores", workers), ("ours_one_process", 1)):
+                out = Path(scratch) / f"{label}{rep}"
+                rate, _ = _rate(lambda: prepare_dataset(images, masks, out, size=out_size, workers=n, progress=False), lambda r: r.valid_pairs)
+                rates[label].append(rate)
+            log(f"prepare rep {rep + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.0f} pairs/s" for k, v in rates.items()))
+        # Correctness beside speed: our resized pixels must equal the naive loop's.
+        ours_all = Path(scratch) / "ours_all_cores0"
+        merged = Path(scratch) / "ours_merged"
+        for kind in ("images", "masks"):
+            (merged / kind).mkdir(parents=True)
+            for split in ("train", "val", "test"):
+                for path in (ours_all / split / kind).iterdir():
+                    shutil.copy(path, merged / kind / path.name)
+        identical = {kind: _same_pixels(merged / kind, Path(scratch) / "naive0" / kind) for kind in ("images", "masks")}
+        profile = _profile_top(lambda: prepare_dataset(images, masks, Path(scratch) / "profiled", size=out_size, workers=1, progress=False))
+
+    med = {k: round(_median(v), 1) for k, v in rates.items()}
+    return {
+        "data": f"{count} synthetic phantom pairs (tumorseg.data.synthetic), {in_size}x{in_size} -> {out_size}x{out_size}",
+        "reference": "naive loop: cv2.imread -> cv2.resize (area / nearest) -> cv2.imwrite, one pair at a time, one process",
+        "workers": workers,
+        "repeats": repeats,
+        "setup_seconds": round(setup_s, 1),
+        "pairs_per_s": med,
+        "pairs_per_s_all_repeats": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        "outputs_identical_to_naive": identical,
+        "profile_one_process_top": profile,
+        "table": {
+            "columns": ["", "pairs/s (median)"],
+            "rows": [["naive loop (1 process)", med["naive"]], [f"ours, {workers} processes", med["ours_all_cores"]], ["ours, 1 process", med["ours_one_process"]]],
+        },
+        "notes": [f"our outputs have the same pixels as the naive loop's: images {identical['images']:.0%}, masks {identical['masks']:.0%}"],
+        "ratios": [
+            ratio(f"prepare, ours ({workers} processes) / naive loop", med["ours_all_cores"] / med["naive"], target=PREPARE_TARGET),
+            ratio("prepare, ours (1 process) / naive loop", med["ours_one_process"] / med["naive"]),
+        ],
+    }
+
+
+def augment_benchmark(*, quick: bool, count: int | None = None, size: int = 256, copies: int = 2, repeats: int | None = None) -> dict[str, Any]:
+    """Our augment stage vs the same albumentations Compose in a plain loop (params.yaml settings)."""
+    from tumorseg.config import Config
+    from tumorseg.data.augment import augment_dataset
+    from tumorseg.data.synthetic import write_synthetic_dataset
+
+    count = count or (60 if quick else 300)
+    repeats = repeats or (1 if quick else 3)
+    settings = Config().augment.model_dump()
+    with tempfile.TemporaryDirectory(prefix="bench-augment-") as scratch:
+        train = Path(scratch) / "train"
+        write_synthetic_dataset(train, count=count, size=size, seed=0, progress=False)
+        rates: dict[str, list[float]] = {"naive": [], "ours": []}
+        for rep in range(repeats):
+            rates["naive"].append(_rate(lambda: naive_augment(train, Path(scratch) / f"naive{rep}", settings, copies, 42))[0])
+            rates["ours"].append(
+                _rate(lambda: augment_dataset(train, Path(scratch) / f"ours{rep}", settings=settings, copies_per_image=copies, seed=42, progress=False), lambda r: r.augmented_pairs)[0]
+            )
+            log(f"augment rep {rep + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.0f} pairs/s" for k, v in rates.items()))
+        profile = _profile_top(lambda: augment_dataset(train, Path(scratch) / "profiled", settings=settings, copies_per_image=copies, seed=42, progress=False))
+    med = {k: round(_median(v), 1) for k, v in rates.items()}
+    return {
+        "data": f"{count} synthetic phantom pairs at {size}x{size}, {copies} augmented copies each (params.yaml augment settings)",
+        "reference": "naive loop: cv2.imread -> the same albumentations Compose -> cv2.imwrite, one pair at a time, one process",
+        "repeats": repeats,
+        "augmented_pairs_per_s": med,
+        "augmented_pairs_per_s_all_repeats": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        "profile_top": profile,
+        "table": {"columns": ["", "augmented pairs/s (median)"], "rows": [["naive loop (1 process)", med["naive"]], ["ours", med["ours"]]]},
+        "ratios": [ratio("augment, ours / naive loop", med["ours"] / med["naive"], target=AUGMENT_TARGET)],
+    }

@@ -1,0 +1,159 @@
+"""Inference images/s: compiled forward passes (and ``tumorseg.inference.Predictor``) vs a naive loop.
+
+The reference is what a user writes first: ``model.predict(image[None])`` once per image.
+``model.predict`` builds a data pipeline and a progress callback on every call, which costs more
+than the model itself on small inputs. Ours: ``predict_on_batch`` and a ``tf.function`` forward
+pass at batch 1 and 8, and the project's ``Predictor`` (which adds the uint8 -> float32 batch
+assembly and thresholding a user gets from ``tumorseg predict``). Achieved GFLOP/s (FLOPs from
+``tumorseg.models.count_flops``) is put beside a large float32 matmul's GFLOP/s on this machine,
+the practical peak for convolutions lowered to matrix products.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import PROJECT_ROOT, cores, env_for_subprocess, log, ratio
+
+NAIVE_TARGET = 2.0
+LATENCY_SCRIPT = PROJECT_ROOT / "benchmarks" / "inference_latency.py"
+
+
+def matmul_gflops(n: int, repeats: int = 5) -> dict[str, Any]:
+    """float32 ``n x n`` matmul GFLOP/s (median of ``repeats`` after one warm-up)."""
+    import numpy as np
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n), dtype=tf.float32, seed=1)
+    b = tf.random.normal((n, n), dtype=tf.float32, seed=2)
+    step = tf.function(lambda: tf.linalg.matmul(a, b)[0, 0])  # a scalar back: no 16 MB copy timed
+    step().numpy()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        step().numpy()
+        samples.append(time.perf_counter() - started)
+    seconds = float(np.median(samples))
+    return {"n": n, "seconds": round(seconds, 4), "gflops": round(2 * n**3 / seconds / 1e9, 1)}
+
+
+def _images_per_s(run_all, n_images: int, repeats: int) -> float:
+    run_all()  # warm-up: traces graphs, allocates buffers
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run_all()
+        rates.append(n_images / (time.perf_counter() - started))
+    return float(sorted(rates)[len(rates) // 2])
+
+
+def measure_model(model, *, n_images: int, repeats: int) -> dict[str, float]:
+    """images/s of each path on the same random images (``n_images`` a multiple of 8)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from tumorseg.inference import Predictor
+
+    size = model.input_shape[1]
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (n_images, size, size), dtype=np.uint8)
+    x = pixels.astype("float32")[..., None]
+    forward = tf.function(lambda t: model(t, training=False), reduce_retracing=True)
+
+    def batches(b: int):
+        return [x[i : i + b] for i in range(0, n_images, b)]
+
+    b1, b8 = batches(1), batches(8)
+    t1, t8 = [tf.constant(v) for v in b1], [tf.constant(v) for v in b8]
+    images = list(pixels)
+    paths = {
+        "naive model.predict per image": lambda: [model.predict(v, verbose=0) for v in b1],
+        "predict_on_batch, batch 1": lambda: [model.predict_on_batch(v) for v in b1],
+        "predict_on_batch, batch 8": lambda: [model.predict_on_batch(v) for v in b8],
+        "tf.function forward, batch 1": lambda: [forward(v).numpy() for v in t1],
+        "tf.function forward, batch 8": lambda: [forward(v).numpy() for v in t8],
+        "Predictor, batch 1": lambda: Predictor(model, batch_size=1).predict(images),
+        "Predictor, batch 8": lambda: Predictor(model, batch_size=8).predict(images),
+    }
+    return {label: round(_images_per_s(fn, n_images, repeats), 2) for label, fn in paths.items()}
+
+
+def _latency_script(quick: bool) -> dict[str, Any] | None:
+    """Run the inference team's latency script if it exists and merge what it reports."""
+    if not LATENCY_SCRIPT.exists():
+        return None
+    help_text = subprocess.run([sys.executable, str(LATENCY_SCRIPT), "--help"], capture_output=True, text=True, env=env_for_subprocess()).stdout
+    command = [sys.executable, str(LATENCY_SCRIPT)] + (["--quick"] if quick and "--quick" in help_text else [])
+    log(f"inference: running {' '.join(command[1:])}")
+    result = subprocess.run(command, capture_output=True, text=True, env=env_for_subprocess(), cwd=PROJECT_ROOT, timeout=1200)
+    merged: dict[str, Any] = {"command": " ".join(command[1:]), "exit_code": result.returncode}
+    written = PROJECT_ROOT / "benchmarks" / "results" / "inference_latency.json"
+    if written.exists():
+        merged["results"] = json.loads(written.read_text())
+    else:
+        merged["stdout_tail"] = result.stdout[-2000:]
+    return merged
+
+
+def inference_benchmark(*, quick: bool, size: int | None = None, n_images: int | None = None, repeats: int | None = None, models: dict[str, dict] | None = None, matmul_n: int | None = None, latency_script: bool = True) -> dict[str, Any]:
+    import keras
+
+    from tumorseg.config import Config
+    from tumorseg.models import build_model, count_flops
+    from tumorseg.training import configure_runtime
+
+    cfg = Config()
+    size = size or (128 if quick else 256)
+    n_images = n_images or (16 if quick else 24)
+    repeats = repeats or (1 if quick else 3)
+    models = models if models is not None else {"unet": {}, "umobilenetv2": {}}
+    # Same thread pools as training; op determinism is a training setting (inference does not set it).
+    configure_runtime(seed=cfg.seed, threads=cfg.train.threads, deterministic=False)
+    peak = matmul_gflops(matmul_n or (1024 if quick else 2048))
+    log(f"inference: float32 matmul {peak['n']}² -> {peak['gflops']} GFLOP/s")
+
+    rows, ratios = [], []
+    for name, overrides in models.items():
+        params = getattr(cfg.models, name).model_dump() | ({"encoder_weights": "none"} if name == "umobilenetv2" else {}) | overrides
+        keras.backend.clear_session()
+        model = build_model(name, (size, size, 1), **params)
+        flops = count_flops(model)
+        log(f"inference: {name} at {size}², {n_images} images x {repeats} repeats per path")
+        rates = measure_model(model, n_images=n_images, repeats=repeats)
+        naive = rates["naive model.predict per image"]
+        for label, rate in rates.items():
+            gflops = flops * rate / 1e9
+            rows.append({"model": name, "path": label, "images_per_s": rate, "speedup_vs_naive": round(rate / naive, 2), "achieved_gflops": round(gflops, 2), "percent_of_matmul_peak": round(100 * gflops / peak["gflops"], 1)})
+        best_b1 = max(rates["tf.function forward, batch 1"], rates["predict_on_batch, batch 1"])
+        best_b8 = max(rates["tf.function forward, batch 8"], rates["predict_on_batch, batch 8"])
+        ratios.append(ratio(f"inference {size}², {name}: best batch-1 path / naive predict loop", best_b1 / naive, target=NAIVE_TARGET))
+        ratios.append(ratio(f"inference {size}², {name}: best batch-8 path / naive predict loop", best_b8 / naive, target=NAIVE_TARGET))
+        ratios.append(ratio(f"inference {size}², {name}: Predictor batch 8 / naive predict loop", rates["Predictor, batch 8"] / naive, target=NAIVE_TARGET))
+        ratios.append(ratio(f"inference {size}², {name}: % of matmul peak (best path)", 100 * flops * max(rates.values()) / 1e9 / peak["gflops"]))
+        rows[-len(rates)]["gflops_per_image"] = round(flops / 1e9, 3)
+    body: dict[str, Any] = {
+        "reference": "naive loop: model.predict(image[None]) once per image",
+        "size": size,
+        "images_per_path": n_images,
+        "repeats": repeats,
+        "threads": {"intra_op": cfg.train.threads or cores(), "inter_op": 2},
+        "matmul_peak": peak,
+        "flops_convention": "2 FLOPs per multiply-add of conv/dense layers (tumorseg.models.count_flops)",
+        "rows": rows,
+        "table": {
+            "columns": ["model", "path", "images/s", "x naive", "GFLOP/s", "% of matmul peak"],
+            "rows": [[r["model"], r["path"], r["images_per_s"], r["speedup_vs_naive"], r["achieved_gflops"], r["percent_of_matmul_peak"]] for r in rows],
+        },
+        "ratios": ratios,
+        "notes": [f"hardware peak = float32 {peak['n']}x{peak['n']} tf.linalg.matmul: {peak['gflops']} GFLOP/s on {cores()} cores"],
+    }
+    if latency_script:
+        merged = _latency_script(quick)
+        if merged is not None:
+            body["latency_script"] = merged
+    return body

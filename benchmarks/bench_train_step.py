@@ -1,0 +1,160 @@
+"""Training ms/step: our two models vs segmentation-models' ``Unet('mobilenetv2')``.
+
+Ours: the default config (``tumorseg.config.Config()``; umobilenetv2 with ``encoder_weights=none``),
+runtime set up by ``configure_runtime`` and compiled by ``compile_for_training`` — the very calls
+``train_model`` makes (reference loss BCE + Dice + Tversky, seven metrics, Adam). The peer:
+``sm.Unet('mobilenetv2', encoder_weights=None)`` with the peer's own ``bce_dice_loss`` (BCE + Dice)
+and its four metrics (IoU, F1, precision, recall), Adam, in benchmarks/.venv-peer (created on
+first use: segmentation-models needs tf-keras, which cannot share this project's Keras 3 venv).
+Both: the same TensorFlow version, intra/inter-op threads, op determinism and random input
+(step time does not depend on content); ``train_on_batch`` on batch 8; warm-up steps excluded;
+median of the timed steps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from common import PROJECT_ROOT, cores, env_for_subprocess, log, ratio, timings_ms
+
+PEER_VENV = PROJECT_ROOT / "benchmarks" / ".venv-peer"
+PEER_SCRIPT = Path(__file__).resolve().parent / "peer_train_step.py"
+PEER_ENV = {"SM_FRAMEWORK": "tf.keras", "TF_USE_LEGACY_KERAS": "1"}
+
+
+def tensorflow_version() -> str:
+    for name in ("tensorflow-cpu", "tensorflow"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    raise RuntimeError("TensorFlow is not installed in this environment")
+
+
+def peer_requirements() -> list[str]:
+    """pyproject's ``benchmark`` extra, with TensorFlow and tf-keras pinned to our TensorFlow."""
+    extra = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["benchmark"]
+    tf = tensorflow_version()
+    major_minor = ".".join(tf.split(".")[:2])
+    pinned = {"tensorflow-cpu": f"tensorflow-cpu=={tf}", "tf-keras": f"tf-keras=={major_minor}.*"}
+    names = [req.split(";")[0].split("<")[0].split(">")[0].split("=")[0].split("~")[0].strip().lower() for req in extra]
+    return [pinned.get(name, req) for name, req in zip(names, extra)] + [p for n, p in pinned.items() if n not in names]
+
+
+def ensure_peer_venv(venv: Path = PEER_VENV) -> Path:
+    """Create the peer's venv on first use; returns its python."""
+    python = venv / "bin" / "python"
+    check = [str(python), "-c", "import segmentation_models, tf_keras"]
+    if python.exists() and subprocess.run(check, env=env_for_subprocess(**PEER_ENV), capture_output=True).returncode == 0:
+        return python
+    requirements = peer_requirements()
+    log(f"creating {venv} (one-off, a few minutes): pip install {' '.join(requirements)}")
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *requirements], check=True)
+    subprocess.run(check, env=env_for_subprocess(**PEER_ENV), check=True)
+    return python
+
+
+def run_peer(sizes: list[int], warmups: list[int], steps: list[int], *, batch: int, threads: int, deterministic: bool, seed: int, lr: float, venv: Path = PEER_VENV) -> dict[str, Any]:
+    python = ensure_peer_venv(venv)
+    command = [
+        str(python), str(PEER_SCRIPT), "--sizes", *map(str, sizes), "--warmup", *map(str, warmups), "--steps", *map(str, steps),
+        "--batch", str(batch), "--threads", str(threads), "--deterministic", str(int(deterministic)), "--seed", str(seed), "--lr", str(lr),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env_for_subprocess(**PEER_ENV), capture_output=True, text=True, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"the peer benchmark failed ({' '.join(command)}):\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def ours(name: str, size: int, *, batch: int, warmup: int, steps: int, overrides: dict | None = None) -> dict[str, Any]:
+    """ms/step of one of our models, built and compiled exactly as ``train_model`` does."""
+    import keras
+    import numpy as np
+
+    from tumorseg.config import Config
+    from tumorseg.models import build_model
+    from tumorseg.training import compile_for_training
+
+    cfg = Config()
+    params = getattr(cfg.models, name).model_dump() | ({"encoder_weights": "none"} if name == "umobilenetv2" else {}) | (overrides or {})
+    keras.backend.clear_session()
+    model = build_model(name, (size, size, 1), **params)
+    compile_for_training(model, train_params=cfg.train.model_dump(), loss_params=cfg.loss.model_dump(), learning_rate=cfg.lr * cfg.train.lr_scale, steps_per_epoch=100, stop_epoch=cfg.epochs)
+    rng = np.random.default_rng(cfg.seed)
+    x = rng.uniform(0, 255, (batch, size, size, 1)).astype("float32")
+    y = (rng.random((batch, size, size, 1)) > 0.98).astype("float32")
+    row = timings_ms(lambda: model.train_on_batch(x, y), warmup=warmup, repeats=steps)
+    return {"size": size, **row, "params_total": int(model.count_params())}
+
+
+def train_step_benchmark(
+    *,
+    quick: bool,
+    sizes: list[int] | None = None,
+    warmup: list[int] | None = None,
+    steps: list[int] | None = None,
+    batch: int = 8,
+    models: dict[str, dict] | None = None,
+    peer: bool = True,
+    peer_venv: Path = PEER_VENV,
+) -> dict[str, Any]:
+    """``models`` maps our model names to parameter overrides (tests use tiny models)."""
+    from tumorseg.config import Config
+    from tumorseg.training import configure_runtime
+
+    cfg = Config()
+    sizes = sizes or ([128] if quick else [128, 256])
+    warmup = warmup or ([2] * len(sizes) if quick else [3, 2][: len(sizes)])
+    steps = steps or ([4] * len(sizes) if quick else [10, 6][: len(sizes)])
+    models = models if models is not None else {"unet": {}, "umobilenetv2": {}}
+    threads = cfg.train.threads or cores()
+    configure_runtime(seed=cfg.seed, threads=cfg.train.threads, deterministic=cfg.train.deterministic)
+
+    rows: list[dict[str, Any]] = []
+    for size, w, n in zip(sizes, warmup, steps):
+        for name, overrides in models.items():
+            log(f"train_step: {name} at {size}², {w} warm-up + {n} timed steps")
+            rows.append({"model": name, "side": "ours", **ours(name, size, batch=batch, warmup=w, steps=n, overrides=overrides)})
+    peer_info: dict[str, Any] = {}
+    notes = []
+    if peer:
+        log("train_step: the peer (segmentation-models Unet mobilenetv2) in its own venv")
+        peer_info = run_peer(sizes, warmup, steps, batch=batch, threads=threads, deterministic=cfg.train.deterministic, seed=cfg.seed, lr=cfg.lr, venv=peer_venv)
+        rows += [{"model": "sm.Unet(mobilenetv2)", "side": "peer", **row} for row in peer_info["rows"]]
+    else:
+        notes.append("peer not run (peer=False)")
+    for row in rows:
+        row["ms_per_step_per_million_params"] = round(row["median_ms"] / (row["params_total"] / 1e6), 3)
+
+    ratios = []
+    for size in sizes:
+        reference = next((r for r in rows if r["side"] == "peer" and r["size"] == size), None)
+        if reference is None:
+            continue
+        for row in rows:
+            if row["side"] == "ours" and row["size"] == size:
+                ratios.append(ratio(f"train step {size}², {row['model']} / sm.Unet(mobilenetv2), ms/step (<1 = ours faster)", row["median_ms"] / reference["median_ms"], higher_is_better=False))
+                ratios.append(ratio(f"train step {size}², {row['model']} / peer, ms/step per M params", row["ms_per_step_per_million_params"] / reference["ms_per_step_per_million_params"], higher_is_better=False))
+    return {
+        "reference": "segmentation-models Unet('mobilenetv2', encoder_weights=None), loss bce_dice_loss (BCE + Dice), metrics IoU/F1/precision/recall, Adam, tf-keras in benchmarks/.venv-peer",
+        "ours_compiled_as": "tumorseg.training.compile_for_training with Config() defaults: loss BCE + Dice + Tversky, metrics dice/iou/precision/recall/specificity/accuracy/tversky, Adam",
+        "batch": batch,
+        "threads": {"intra_op": threads, "inter_op": 2, "deterministic_ops": cfg.train.deterministic, "jit_compile": cfg.train.jit_compile},
+        "input": "random float32 images in [0, 255] and random 0/1 masks (step time does not depend on content)",
+        "peer_versions": peer_info.get("versions"),
+        "rows": rows,
+        "table": {
+            "columns": ["model", "size", "ms/step (median)", "params", "ms/step per M params"],
+            "rows": [[r["model"], f"{r['size']}²", r["median_ms"], r["params_total"], r["ms_per_step_per_million_params"]] for r in rows],
+        },
+        "ratios": ratios,
+        "notes": notes,
+    }

@@ -1,0 +1,164 @@
+"""Helpers shared by the benchmark suite: machine description, timing statistics, result files.
+
+Every result file carries the machine it was measured on and the load average when it started, so
+a number taken on a busy machine can never pass for a quiet-machine result.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
+# A 1-minute load average above this fraction of the cores means something else was running.
+QUIET_LOAD_FRACTION = 0.5
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return [float("nan")] * 3
+
+
+def is_quiet(load_1m: float) -> bool:
+    return load_1m < QUIET_LOAD_FRACTION * cores()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ram_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def machine_info() -> dict[str, Any]:
+    """What a reader needs to judge a number: CPU, cores, RAM, versions, load, date, commit."""
+    load = load_average()
+    packages = ("tensorflow-cpu", "tensorflow", "keras", "numpy", "opencv-python-headless", "albumentations", "dvc")
+    return {
+        "cpu_model": cpu_model(),
+        "machine": platform.machine(),
+        "cores": cores(),
+        "ram_gib": ram_gib(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {name: v for name in packages if (v := _version(name))},
+        "load_avg_start": load,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git": git_commit(),
+    }
+
+
+def timings_ms(fn: Callable[[], Any], *, warmup: int, repeats: int) -> dict[str, float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times; per-call milliseconds."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        samples.append(1000.0 * (time.perf_counter() - started))
+    return summarise_ms(samples, warmup)
+
+
+def summarise_ms(samples: list[float], warmup: int = 0) -> dict[str, float]:
+    return {
+        "median_ms": round(statistics.median(samples), 3),
+        "min_ms": round(min(samples), 3),
+        "max_ms": round(max(samples), 3),
+        "n": len(samples),
+        "warmup": warmup,
+    }
+
+
+def ratio(what: str, value: float, *, target: float | None = None, higher_is_better: bool = True) -> dict[str, Any]:
+    """One headline ratio of a benchmark (listed in SUMMARY.md)."""
+    row: dict[str, Any] = {"what": what, "value": round(float(value), 3)}
+    if target is not None:
+        row["target"] = target
+        row["meets_target"] = bool(value >= target) if higher_is_better else bool(value <= target)
+    return row
+
+
+def result_payload(name: str, *, quick: bool, started: float, load_start: list[float], body: dict[str, Any]) -> dict[str, Any]:
+    load_end = load_average()
+    payload = {
+        "benchmark": name,
+        "quick": quick,
+        "load_avg_1m": load_start[0],
+        "load_avg_1m_end": load_end[0],
+        "quiet_machine": is_quiet(load_start[0]) and is_quiet(load_end[0]),
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": machine_info() | {"load_avg_start": load_start, "load_avg_end": load_end},
+    }
+    payload.update(body)
+    payload.setdefault("ratios", [])
+    payload.setdefault("notes", [])
+    if not payload["quiet_machine"]:
+        payload["notes"].append(
+            f"NOT a valid timing: the 1-minute load average was {load_start[0]} at the start and {load_end[0]} at the end "
+            f"on {cores()} cores (something else was running). Re-run on a quiet machine."
+        )
+    return payload
+
+
+def env_for_subprocess(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env.update(extra)
+    return env
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
