@@ -405,3 +405,26 @@ def test_model_summary_stats(unet128, mobile128):
     assert count_flops(build_model("unet", (64, 64, 1), **plain)) * 4 == count_flops(
         build_model("unet", (128, 128, 1), **plain)
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "gates"),
+    [
+        ("unet", {"base_filters": 4, "depth": 2, "use_caspp": False}, 2),
+        ("umobilenetv2", {**SMALL_MOBILE, "decoder_filters": (16, 8, 8, 8, 8)}, 4),
+    ],
+)
+def test_attention_gates_weight_every_skip_and_survive_a_round_trip(name, params, gates, tmp_path):
+    model = build_model(name, (64, 64, 1), **params, attention_gates=True)
+    psi = [layer for layer in model.layers if layer.name.endswith("_attention_psi")]
+    assert len(psi) == gates  # one gate per skip connection
+    assert not any(layer.name.endswith("_attention_psi") for layer in build_model(name, (64, 64, 1), **params).layers)
+    # each gate emits one coefficient in (0, 1) per pixel of its skip
+    probe = keras.Model(model.inputs, [layer.output for layer in psi])
+    for coefficients in probe(_images(2, 64), training=False):
+        values = np.asarray(coefficients)
+        assert values.shape[-1] == 1 and 0.0 < values.min() and values.max() < 1.0
+    model.save(tmp_path / "gated.keras")
+    loaded = keras.models.load_model(tmp_path / "gated.keras")
+    images = _images(2, 64, seed=3)
+    np.testing.assert_allclose(np.asarray(model(images, training=False)), np.asarray(loaded(images, training=False)), atol=1e-6)

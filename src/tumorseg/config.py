@@ -160,6 +160,7 @@ class UNetConfig(_Strict):
     caspp_rates: tuple[int, ...] = (1, 2, 4, 6)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     bn_momentum: float = Field(0.9, gt=0.0, lt=1.0)
+    attention_gates: bool = False  # additive attention gates on the skip connections
 
     @field_validator("caspp_rates")
     @classmethod
@@ -181,6 +182,7 @@ class UMobileNetV2Config(_Strict):
     bn_momentum: float = Field(0.9, gt=0.0, lt=1.0)
     freeze_epochs: int = Field(0, ge=0)
     fine_tune_lr_factor: float = Field(0.1, gt=0.0, le=1.0)
+    attention_gates: bool = False  # additive attention gates on the skip connections
 
     @field_validator("decoder_filters")
     @classmethod

@@ -315,3 +315,18 @@ class CASPPBlock(layers.Layer):
             "dropout": self.dropout,
             "bn_momentum": self.bn_momentum,
         }
+
+
+def attention_gate(gating, skip, name: str):
+    """Additive attention gate on a skip connection (Oktay et al. 2018, "Attention U-Net").
+
+    The decoder feature ``gating`` (already upsampled to the skip's size) decides, per pixel, how
+    much of the encoder feature ``skip`` passes: ``skip * sigmoid(psi(relu(W_x skip + W_g gating)))``.
+    Built from stock layers, so a model using it saves and loads with no custom objects.
+    """
+    inter = max(int(skip.shape[-1]) // 2, 8)
+    theta = layers.Conv2D(inter, 1, use_bias=False, kernel_initializer="he_normal", name=f"{name}_theta")(skip)
+    phi = layers.Conv2D(inter, 1, kernel_initializer="he_normal", name=f"{name}_phi")(gating)
+    joint = layers.ReLU(name=f"{name}_relu")(layers.Add(name=f"{name}_add")([theta, phi]))
+    coefficients = layers.Conv2D(1, 1, activation="sigmoid", name=f"{name}_psi")(joint)
+    return layers.Multiply(name=f"{name}_gate")([skip, coefficients])

@@ -29,7 +29,8 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from tumorseg.models._validate import check_float, check_input_shape, check_int, check_int_list
+from tumorseg.models._validate import check_bool, check_float, check_input_shape, check_int, check_int_list
+from tumorseg.models.blocks import attention_gate
 
 ENCODER_NAME = "encoder"
 SKIP_LAYERS = ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu", "block_13_expand_relu")
@@ -145,6 +146,7 @@ def build_umobilenetv2(
     bn_momentum: float = 0.9,
     freeze_epochs: int = 0,
     fine_tune_lr_factor: float = 0.1,
+    attention_gates: bool = False,
 ) -> keras.Model:
     """Build UMobileNetV2. Input ``(N, H, W, 1 or 3)`` raw pixels in [0, 255], H and W divisible by
     32; output ``(N, H, W, 1)`` sigmoid probabilities (float32).
@@ -163,6 +165,7 @@ def build_umobilenetv2(
     bn_momentum = check_float("umobilenetv2.bn_momentum", bn_momentum, 0.0, 1.0, low_open=True, high_open=True)
     check_int("umobilenetv2.freeze_epochs", freeze_epochs, 0)
     check_float("umobilenetv2.fine_tune_lr_factor", fine_tune_lr_factor, 0.0, 1.0, low_open=True)
+    attention_gates = check_bool("umobilenetv2.attention_gates", attention_gates)
     if encoder_weights is not None and not isinstance(encoder_weights, (str, os.PathLike)):
         raise ValueError(f"umobilenetv2.encoder_weights must be imagenet, none or a path, got {encoder_weights!r}")
     height, width, channels = check_input_shape(input_shape, 32, "umobilenetv2")
@@ -181,7 +184,8 @@ def build_umobilenetv2(
     for stage, filters in enumerate(decoder_filters, start=1):
         x = layers.UpSampling2D(2, interpolation="bilinear", name=f"dec{stage}_up")(x)
         if stage <= len(skips):
-            x = layers.Concatenate(name=f"dec{stage}_skip")([x, skips[-stage]])
+            skip = attention_gate(x, skips[-stage], f"dec{stage}_attention") if attention_gates else skips[-stage]
+            x = layers.Concatenate(name=f"dec{stage}_skip")([x, skip])
         x = _decoder_stage(x, filters, f"dec{stage}", bn_momentum, dropout)
     outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
     return keras.Model(inputs, outputs, name=f"umobilenetv2_{alpha:g}")

@@ -20,7 +20,7 @@ import keras
 from keras import layers
 
 from tumorseg.models._validate import check_bool, check_float, check_input_shape, check_int, check_int_list
-from tumorseg.models.blocks import CASPPBlock, HACBlock
+from tumorseg.models.blocks import CASPPBlock, HACBlock, attention_gate
 
 
 def conv_block(x, filters: int, name: str, bn_momentum: float):
@@ -42,6 +42,7 @@ def build_unet(
     caspp_rates: Sequence[int] = (1, 2, 4, 6),
     dropout: float = 0.1,
     bn_momentum: float = 0.9,
+    attention_gates: bool = False,
 ) -> keras.Model:
     """Build the (hybrid) U-Net. Input ``(N, H, W, C)`` raw pixels in [0, 255], H and W divisible
     by ``2**depth``; output ``(N, H, W, 1)`` sigmoid probabilities (float32).
@@ -55,6 +56,7 @@ def build_unet(
     caspp_rates = check_int_list("unet.caspp_rates", caspp_rates, 1)
     dropout = check_float("unet.dropout", dropout, 0.0, 1.0, high_open=True)
     bn_momentum = check_float("unet.bn_momentum", bn_momentum, 0.0, 1.0, low_open=True, high_open=True)
+    attention_gates = check_bool("unet.attention_gates", attention_gates)
     height, width, channels = check_input_shape(input_shape, 2**depth, "unet")
 
     def block(x, filters: int, name: str):
@@ -83,7 +85,8 @@ def build_unet(
     for level in reversed(range(depth)):
         filters = base_filters * 2**level
         x = layers.Conv2DTranspose(filters, 2, strides=2, kernel_initializer="he_normal", name=f"up{level + 1}")(x)
-        x = layers.Concatenate(name=f"skip{level + 1}")([x, skips[level]])
+        skip = attention_gate(x, skips[level], f"skip{level + 1}_attention") if attention_gates else skips[level]
+        x = layers.Concatenate(name=f"skip{level + 1}")([x, skip])
         x = block(x, filters, f"dec{level + 1}")
 
     outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
