@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,7 +266,8 @@ def export_model(
 
     started = time.perf_counter()
     convert = to_tflite if fmt == "tflite" else to_onnx
-    data = convert(reference.model, quantize, images)
+    with quiet_converter_logs():
+        data = convert(reference.model, quantize, images)
     convert_seconds = time.perf_counter() - started
 
     check_path = out.with_name(out.name + ".check.json")
@@ -303,3 +304,18 @@ def export_model(
         with contextlib.suppress(OSError):
             staged.unlink()
     return ExportResult(out, check_path, check)
+
+
+@contextlib.contextmanager
+def quiet_converter_logs() -> Iterator[None]:
+    """The converters log every step at INFO (onnxruntime's quantiser on the root logger): keep
+    the command's output to its one result line."""
+    names = ("", "tensorflow", "tf2onnx", "absl")
+    levels = {name: logging.getLogger(name).level for name in names}
+    try:
+        for name in names:
+            logging.getLogger(name).setLevel(max(logging.WARNING, levels[name]))
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
