@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -106,3 +107,18 @@ def test_mirrored_strategy_on_two_logical_cpus(project: Path, tmp_path: Path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=_env(project))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REPLICAS_OK 1 True" in result.stdout
+
+
+@pytest.mark.slow
+def test_chaos_script_survives_random_sigkills(tmp_path: Path):
+    """benchmarks/chaos_train.py at small scale: 2 SIGKILLs at seeded random points, every check passes."""
+    out = tmp_path / "chaos.json"
+    command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "chaos_train.py"), "--kills", "2", "--seed", "3", "--epochs", "4", "--count", "32", "--workdir", str(tmp_path / "project"), "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["kills_done"] == 2 and summary["epochs_redone"] == 0 and summary["checks_passed"]
+    assert all(kill["checks"]["passed"] and kill["checks"]["mlflow_runs"] <= 1 for kill in summary["kills"])
+    final = summary["final"]
+    assert final["passed"] and final["mlflow_runs"] == 1 and final["history_csv_epochs"] == 4
+    assert set(final["mlflow_steps"].values()) == {4}, "one MLflow value per epoch and metric"

@@ -6,6 +6,7 @@ no traceback; set ``TUMORSEG_DEBUG=1`` to see the traceback anyway.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -16,7 +17,7 @@ from typing import TypeVar
 from tumorseg.config import ConfigError
 from tumorseg.data.prepare import NoValidPairs, PrepareError
 from tumorseg.data.sources import SourceError
-from tumorseg.io import OutputError
+from tumorseg.io import OutputError, describe_os_error
 from tumorseg.export import ExportError
 from tumorseg.inference import InputImageError, ModelLoadError
 from tumorseg.tracking import TrackingError
@@ -27,6 +28,9 @@ F = TypeVar("F", bound=Callable[..., int | None])
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, SourceError, PrepareError, OutputError, FileNotFoundError, InputImageError, ModelLoadError, ExportError, TrackingError
 )
+# Raw OSErrors that mean "the disk or folder refuses the write", wherever they come from (a
+# library writing its own file): one line naming the path and the cause, like OutputError.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -58,6 +62,11 @@ def friendly_errors(func: F) -> F:
         except USER_ERRORS as exc:
             _report(exc)
             return 1
+        except OSError as exc:
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            _report(exc, describe_os_error(exc.filename or "an output file", exc))
+            return 1
         except KeyboardInterrupt:
             print("interrupted: outputs were left as they were before this run", file=sys.stderr)
             return 130
@@ -65,9 +74,9 @@ def friendly_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _report(exc: BaseException) -> None:
+def _report(exc: BaseException, message: str | None = None) -> None:
     if os.environ.get("TUMORSEG_DEBUG"):
         import traceback
 
         traceback.print_exception(exc)
-    print(f"error: {exc}", file=sys.stderr)
+    print(f"error: {message or exc}", file=sys.stderr)

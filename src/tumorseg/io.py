@@ -38,8 +38,10 @@ _HINTS = {
 
 def describe_os_error(path: str | Path, exc: OSError) -> str:
     """One line naming the path, the cause and what to do (no traceback needed)."""
-    if isinstance(exc, OutputError):  # already described (by a nested writer)
-        return str(exc)
+    if isinstance(exc, OutputError):  # raised by a nested writer: describe its cause for this path
+        if not isinstance(exc.__cause__, OSError):
+            return str(exc)
+        exc = exc.__cause__
     reason = exc.strerror or str(exc)
     hint = _HINTS.get(exc.errno or 0, "check that the folder is writable and the disk has space")
     return f"cannot write {path}: {reason}; {hint}."

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from tumorseg.config import Config
 from tumorseg.data.prepare import PrepareReport, prepare_dataset
 from tumorseg.data.sources import SourceInfo, data_label, download, read_source_info
 from tumorseg.io import atomic_write_json, atomic_write_text, read_json
-from tumorseg.training import clear_state, read_state, remember_run_id, train_model
+from tumorseg.training import clear_state, read_state, remember_run_id, sweep_temporaries, train_model, update_state
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +156,20 @@ def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Pat
     history_path = metrics_dir / f"history_{name}.csv"
     model_params = getattr(cfg.models, name).model_dump()
     tags = _run_tags(cfg, name, record, params_path)
-    previous_run = read_state(state_dir).get("run_id")
+    state = read_state(state_dir)
+    previous_run = state.get("run_id")
     if previous_run:
         log.info("%s: resuming training (MLflow run %s)", name, previous_run)
+    token = state.get("resume_token") or update_state(state_dir, resume_token=uuid.uuid4().hex)["resume_token"]
+    sweep_temporaries(metrics_dir / f"train_{name}.json")
 
-    with tracking.run(uri, run_id=previous_run, run_name=f"{name}-{tags['pipeline']}", tags=tags) as active:
-        remember_run_id(state_dir, active.info.run_id)
+    with tracking.run(uri, run_id=previous_run, run_name=f"{name}-{tags['pipeline']}", tags=tags, resume_token=token) as active:
+        if active.info.run_id != previous_run:
+            remember_run_id(state_dir, active.info.run_id)
         tracking.log_params(cfg.flat() | {"model": name})
+        repaired = tracking.log_missing_epochs(state.get("history", {}))
+        if repaired:
+            log.info("%s: logged %d completed epoch(s) that MLflow had missed", name, repaired)
         result = train_model(
             name,
             model_params=model_params,
@@ -197,7 +205,7 @@ def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Pat
         }
         metrics_path = metrics_dir / f"train_{name}.json"
         atomic_write_json(metrics_path, summary)
-        tracking.log_metrics({"best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch, "ms_per_step": result.ms_per_step, "seconds_per_epoch": result.seconds_per_epoch, "params_total": result.params_total})
+        tracking.log_metrics_once({"best_val_dice": result.best_val_dice, "best_epoch": result.best_epoch, "ms_per_step": result.ms_per_step, "seconds_per_epoch": result.seconds_per_epoch, "params_total": result.params_total})
         tracking.log_artifact(history_path, "history")
         from tumorseg.evaluation import learning_curves_chart
 

@@ -55,9 +55,43 @@ def _mlflow():
     return mlflow
 
 
+def create_sqlite_store(uri: str) -> None:
+    """Create a new SQLite store in one step (built under a temporary name, then linked into place).
+
+    MLflow builds a fresh database with ~1-2 s of schema migrations that are not one transaction;
+    a run killed meanwhile would leave a half-built ``mlflow.db`` that MLflow refuses from then on
+    ("table ... already exists"). Existing stores and other URIs are left alone.
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///") :])
+    if path.exists():
+        return
+    _mlflow()
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.init")
+    for stale in [temporary, *(Path(f"{temporary}{suffix}") for suffix in ("-journal", "-wal", "-shm"))]:
+        stale.unlink(missing_ok=True)
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{temporary}", os.environ.get("MLFLOW_DEFAULT_ARTIFACT_ROOT", "./mlruns"))
+        store.engine.dispose()
+        try:
+            os.link(temporary, path)  # never replaces a store that another process created meanwhile
+        except FileExistsError:
+            pass
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def check_tracking(uri: str) -> None:
     """Make sure the store answers (and create the experiment) before an hour of training."""
     mlflow = _mlflow()
+    try:
+        create_sqlite_store(uri)
+    except OSError as exc:
+        raise TrackingError(f"cannot create the MLflow store {uri!r}: {exc.strerror or exc}; check that the project folder is writable and the disk has space") from None
     mlflow.set_tracking_uri(uri)
     try:
         if mlflow.get_experiment_by_name(EXPERIMENT_NAME) is None:
@@ -96,13 +130,25 @@ def environment_tags() -> dict[str, str]:
     }
 
 
+RESUME_TAG = "tumorseg.resume_token"
+
+
 @contextlib.contextmanager
-def run(uri: str, *, run_id: str | None, run_name: str, tags: Mapping[str, str]) -> Iterator[Any]:
-    """Start (or resume, with ``run_id``) a run in the tumorseg experiment."""
+def run(uri: str, *, run_id: str | None, run_name: str, tags: Mapping[str, str], resume_token: str | None = None) -> Iterator[Any]:
+    """Start (or resume, with ``run_id``) a run in the tumorseg experiment.
+
+    ``resume_token`` (saved by the caller *before* this call) is set as a tag when the run is
+    created, in the same transaction; a caller killed before it could save the new run's id finds
+    the run again by the token instead of starting a second one.
+    """
     mlflow = _mlflow()
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(EXPERIMENT_NAME)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name) as active:
+    experiment = mlflow.set_experiment(EXPERIMENT_NAME)
+    if run_id is None and resume_token:
+        found = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.`{RESUME_TAG}` = '{resume_token}'", output_format="list", max_results=1)
+        run_id = found[0].info.run_id if found else None
+    create_tags = {RESUME_TAG: resume_token} if resume_token and run_id is None else None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=create_tags) as active:
         mlflow.set_tags(dict(tags))
         yield active
 
@@ -122,6 +168,35 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     clean = {k: float(v) for k, v in metrics.items() if v is not None and v == v}
     if clean:
         _mlflow().log_metrics(clean, step=step)
+
+
+def log_missing_epochs(history: Mapping[str | int, Mapping[str, float]]) -> int:
+    """Log the per-epoch rows (``{epoch: {metric: value}}``) that the active run lacks.
+
+    A run killed after its epoch was committed but before MLflow heard of it gets the row on the
+    next start; rows already there are never logged twice. Returns how many epochs were logged.
+    """
+    if not history:
+        return 0
+    mlflow = _mlflow()
+    client = mlflow.tracking.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    keys = sorted({key for row in history.values() for key in row})
+    logged = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in keys}
+    repaired = 0
+    for epoch, row in sorted(history.items(), key=lambda item: int(item[0])):
+        missing = {k: v for k, v in row.items() if int(epoch) not in logged[k] and v == v}  # NaN is never logged
+        if missing:
+            log_metrics(missing, step=int(epoch))
+            repaired += 1
+    return repaired
+
+
+def log_metrics_once(metrics: Mapping[str, float]) -> None:
+    """Log run-level metrics that the active run does not hold yet (a resumed run logs them once)."""
+    mlflow = _mlflow()
+    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.metrics
+    log_metrics({k: v for k, v in metrics.items() if k not in existing})
 
 
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:

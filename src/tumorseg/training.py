@@ -1,17 +1,20 @@
 """Training: tf.data input, fit with the reference callbacks, resume after a kill, outputs.
 
-One function, :func:`train_model`, serves both DVC training stages. Long runs survive being killed:
-``BackupAndRestore`` checkpoints model + optimizer every epoch, and this module's own callbacks
-keep the best-so-far score, the history and the MLflow run id beside it, so a re-run continues
-from the last completed epoch, into the same MLflow run, without repeating or losing epochs.
+One function, :func:`train_model`, serves both DVC training stages. Long runs survive being killed
+at any instant: every epoch ends with one atomic commit of model + optimizer, history, best score
+(and the MLflow run id beside them), so a re-run continues after the last completed epoch, into
+the same MLflow run, without repeating or losing epochs (see :class:`ResumeState`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tumorseg.io import atomic_write_json, atomic_write_text
+from tumorseg.io import OutputError, atomic_write_json, atomic_write_text, describe_os_error
 
 log = logging.getLogger(__name__)
 
@@ -129,45 +132,120 @@ def distribution_strategy(kind: str):
 
 
 # --------------------------------------------------------------------------------------------
-# Callbacks that make a killed run resumable without loss
+# Resume state: one commit per epoch, so a kill at any instant loses or repeats nothing
 # --------------------------------------------------------------------------------------------
+#
+# ``state_dir`` holds ``state.json`` plus at most two checkpoints (``epoch-NNNN.keras``: model and
+# optimizer after epoch N; the latest and the best). At the end of every epoch, in this order:
+#   1. the checkpoint is written (temporary file + fsync + rename),
+#   2. ``state.json`` is replaced atomically: epochs done, history row, best score, files. THE COMMIT.
+#   3. published: history CSV and (if improved) the best model at ``model_path``, then the
+#      ``on_epoch`` hook (MLflow).
+# A kill before 2 redoes the epoch, and nothing of it was published; a kill after 2 loses nothing:
+# the next run publishes again from the state (and ``tumorseg.tracking.log_missing_epochs`` adds
+# what MLflow lacks). Keras' BackupAndRestore is not used: it overwrites its weights file and its
+# epoch file in place, one after the other, so a kill can tear either or pair epoch N's weights
+# with epoch N-1's counter (the epoch is then trained twice).
+
+STATE_FILE = "state.json"
+_CHECKPOINT = re.compile(r"epoch-(\d{4,})\.keras")
 
 
-def _keras_callbacks():
+class ResumeState:
+    """``state.json`` of one training run; every :meth:`commit` replaces it atomically."""
+
+    def __init__(self, state_dir: Path):
+        self.dir = state_dir
+        self.data: dict[str, Any] = read_state(state_dir)
+
+    @property
+    def epochs_done(self) -> int:
+        return int(self.data.get("epochs_done", len(self.data.get("history", {}))))
+
+    def checkpoint(self, key: str) -> Path | None:
+        name = self.data.get(key)
+        return self.dir / name if name else None
+
+    def commit(self) -> None:
+        atomic_write_json(self.dir / STATE_FILE, self.data)
+
+    def discard_uncommitted(self) -> None:
+        """Remove checkpoints and temporary files that no commit refers to (left by a kill)."""
+        keep = {self.data.get("checkpoint"), self.data.get("best_checkpoint"), STATE_FILE}
+        for path in self.dir.iterdir():
+            if path.is_file() and path.name not in keep and (_CHECKPOINT.fullmatch(path.name) or path.name.startswith(".")):
+                path.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_model_atomically(model, target: Path) -> None:
+    """``model.save`` to a temporary file beside ``target``, fsync, rename; no partial file is ever left.
+
+    Raises :class:`~tumorseg.io.OutputError` naming ``target`` when the disk is full or read-only.
+    """
+    temporary = target.with_name(f".{target.stem}.{os.getpid()}.partial.keras")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        model.save(temporary)
+        _fsync(temporary)
+        os.replace(temporary, target)
+    except OSError as exc:
+        _remove_quietly(temporary)
+        raise OutputError(describe_os_error(target, exc)) from exc
+    except BaseException:
+        _remove_quietly(temporary)
+        raise
+
+
+def publish_file(source: Path, target: Path) -> None:
+    """Make ``target`` a copy of ``source`` atomically (a hard link when possible: no copying)."""
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.publish")
+    try:
+        if target.exists() and os.path.samefile(source, target):
+            return  # already published (rename() between two links of one file would do nothing)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_quietly(temporary)
+        try:
+            os.link(source, temporary)
+        except OSError as exc:
+            if exc.errno in _STORAGE_ERRNOS:
+                raise
+            shutil.copyfile(source, temporary)  # another file system, or no hard links there
+            _fsync(temporary)
+        os.replace(temporary, target)
+    except OSError as exc:
+        _remove_quietly(temporary)
+        raise OutputError(describe_os_error(target, exc)) from exc
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EIO}
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def write_history_csv(path: Path, rows: dict[int, dict[str, float]]) -> None:
+    columns = sorted({key for row in rows.values() for key in row})
+    lines = [",".join(["epoch", *columns])]
+    for epoch in sorted(rows):
+        lines.append(",".join([str(epoch), *(f"{rows[epoch].get(c, float('nan')):.6g}" for c in columns)]))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _epoch_commit_callback(state: ResumeState, *, phase: str, model_path: Path, history_path: Path, on_epoch):
     import keras
 
-    class StateFile:
-        """Small JSON state kept beside the BackupAndRestore checkpoint (atomic writes)."""
-
-        def __init__(self, path: Path):
-            self.path = path
-            self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-
-        def save(self) -> None:
-            atomic_write_json(self.path, self.data)
-
-    class BestModelCheckpoint(keras.callbacks.Callback):
-        """Save the model whenever ``val_dice`` improves; the best score survives a resume."""
-
-        def __init__(self, target: Path, state: StateFile):
-            super().__init__()
-            self.target, self.state = target, state
-
-        def on_epoch_end(self, epoch, logs=None):
-            score = float((logs or {}).get(MONITOR, float("nan")))
-            best = self.state.data.get("best_score", -math.inf)
-            if score == score and score > best:
-                save_model_atomically(self.model, self.target)
-                self.state.data.update(best_score=score, best_epoch=epoch + 1)
-                self.state.save()
-
-    class HistoryWriter(keras.callbacks.Callback):
-        """Per-epoch metrics, timings and MLflow logging; one row per epoch even across resumes."""
-
-        def __init__(self, csv_path: Path, state: StateFile, on_epoch=None):
-            super().__init__()
-            self.csv_path, self.state, self.on_epoch = csv_path, state, on_epoch
-            self.rows: dict[int, dict[str, float]] = {int(k): v for k, v in state.data.get("history", {}).items()}
+    class EpochCommit(keras.callbacks.Callback):
+        """Checkpoint, commit, publish: see the comment above :class:`ResumeState`."""
 
         def on_epoch_begin(self, epoch, logs=None):
             self._started = time.perf_counter()
@@ -178,33 +256,40 @@ def _keras_callbacks():
 
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.perf_counter() - self._started
+            number = epoch + 1
             row = {k: float(v) for k, v in (logs or {}).items()}
             row["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
             row["epoch_seconds"] = seconds
             row["ms_per_step"] = 1000.0 * seconds / max(1, self._steps)
-            self.rows[epoch + 1] = row
-            self.state.data["history"] = self.rows
-            self.state.save()
-            write_history_csv(self.csv_path, self.rows)
-            if self.on_epoch:
-                self.on_epoch(epoch + 1, row)
 
-    return StateFile, BestModelCheckpoint, HistoryWriter
+            checkpoint = state.dir / f"epoch-{number:04d}.keras"
+            save_model_atomically(self.model, checkpoint)  # 1. model + optimizer after this epoch
+            score = row.get(MONITOR, float("nan"))
+            improved = score == score and score > state.data.get("best_score", -math.inf)
+            previous = {state.data.get("checkpoint"), state.data.get("best_checkpoint")}
+            history = state.data.setdefault("history", {})
+            history[str(number)] = row
+            state.data.update(epochs_done=number, checkpoint=checkpoint.name, checkpoint_phase=phase)
+            if improved:
+                state.data.update(best_score=score, best_epoch=number, best_checkpoint=checkpoint.name)
+            state.commit()  # 2. the commit point
+            for name in previous - {state.data["checkpoint"], state.data.get("best_checkpoint"), None}:
+                _remove_quietly(state.dir / name)
+            publish(state, model_path, history_path, model=improved)  # 3. outputs, then MLflow
+            if on_epoch:
+                on_epoch(number, row)
+
+    return EpochCommit()
 
 
-def save_model_atomically(model, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.stem}.partial.keras")
-    model.save(temporary)
-    os.replace(temporary, target)
-
-
-def write_history_csv(path: Path, rows: dict[int, dict[str, float]]) -> None:
-    columns = sorted({key for row in rows.values() for key in row})
-    lines = [",".join(["epoch", *columns])]
-    for epoch in sorted(rows):
-        lines.append(",".join([str(epoch), *(f"{rows[epoch].get(c, float('nan')):.6g}" for c in columns)]))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+def publish(state: ResumeState, model_path: Path, history_path: Path, *, model: bool = True) -> None:
+    """Write the outputs that the committed state implies (again, after a resume: idempotent)."""
+    rows = {int(k): v for k, v in state.data.get("history", {}).items()}
+    if rows:
+        write_history_csv(history_path, rows)
+    best = state.checkpoint("best_checkpoint")
+    if model and best is not None and best.exists():
+        publish_file(best, model_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,7 +313,7 @@ class TrainResult:
 def learning_rate_for(schedule: str, lr: float, *, steps_per_epoch: int, start_epoch: int, stop_epoch: int, warmup_epochs: int, min_lr: float):
     """A float for ``plateau``; for ``cosine`` a warm-up + cosine-decay schedule over this phase.
 
-    The schedule is indexed by the optimizer's step count, which BackupAndRestore restores, so a
+    The schedule is indexed by the optimizer's step count, which the resume checkpoint restores, so a
     resumed run continues on the same curve.
     """
     import keras
@@ -301,10 +386,16 @@ def train_model(
     from tumorseg.models import build_model, model_summary_stats, set_encoder_trainable
 
     configure_runtime(seed=seed, threads=train_params["threads"], deterministic=train_params["deterministic"])
-    StateFile, BestModelCheckpoint, HistoryWriter = _keras_callbacks()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    state = StateFile(state_dir / "state.json")
-    resumed_from = len(state.data.get("history", {}))
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(describe_os_error(state_dir, exc)) from exc
+    state = ResumeState(state_dir)
+    state.discard_uncommitted()
+    sweep_temporaries(model_path, history_path)
+    resumed_from = state.epochs_done
+    if resumed_from:
+        publish(state, model_path, history_path)  # a kill may have come between commit and publish
 
     _, train_x, train_y = load_pairs(prepared_dir / "train", image_size)
     if augmented_dir is not None and train_params["use_augmented"] and (augmented_dir / "images").is_dir():
@@ -348,28 +439,27 @@ def train_model(
     if transfer:
         phases = [("frozen_encoder", 0, min(freeze_epochs, epochs), scaled_lr), ("fine_tune", min(freeze_epochs, epochs), epochs, scaled_lr * model_params["fine_tune_lr_factor"])]
 
-    history = HistoryWriter(history_path, state, on_epoch)
-    best = BestModelCheckpoint(model_path, state)
+    restored = False
     for phase, start, stop, phase_lr in phases:
-        if start >= stop or state.data.get(f"{phase}_done_until", 0) >= stop:
+        if start >= stop or state.data.get(f"{phase}_done_until", 0) >= stop or state.epochs_done >= stop:
             continue
         with strategy.scope():
             if transfer:
                 set_encoder_trainable(model, phase != "frozen_encoder")
             compile_model(phase_lr, start, stop)
-        callbacks = [
-            keras.callbacks.BackupAndRestore(backup_dir=str(state_dir / f"backup_{phase}"), delete_checkpoint=False),
-            history,
-            best,
-        ]
+            if state.epochs_done and not restored:
+                _restore(model, state, phase)
+        restored = True  # later phases continue from the weights in memory
+        initial_epoch = max(start, state.epochs_done)
+        callbacks = [_epoch_commit_callback(state, phase=phase, model_path=model_path, history_path=history_path, on_epoch=on_epoch)]
         if train_params["reduce_lr_patience"] and train_params["lr_schedule"] == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=train_params["reduce_lr_factor"], patience=train_params["reduce_lr_patience"], min_lr=train_params["min_lr"], verbose=1))
         if train_params["early_stopping_patience"]:
             callbacks.append(keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=train_params["early_stopping_patience"], verbose=1))
-        log.info("%s: %s phase, epochs %d-%d, lr %.2g, %d training / %d validation pairs, batch %d", name, phase, start + 1, stop, phase_lr, len(train_x), len(val_x), global_batch)
-        model.fit(train_ds, validation_data=val_ds, initial_epoch=start, epochs=stop, callbacks=callbacks, shuffle=False, verbose=1 if progress else 2)
-        state.data[f"{phase}_done_until"] = stop
-        state.save()
+        log.info("%s: %s phase, epochs %d-%d, lr %.2g, %d training / %d validation pairs, batch %d", name, phase, initial_epoch + 1, stop, phase_lr, len(train_x), len(val_x), global_batch)
+        model.fit(train_ds, validation_data=val_ds, initial_epoch=initial_epoch, epochs=stop, callbacks=callbacks, shuffle=False, verbose=1 if progress else 2)
+        state.data[f"{phase}_done_until"] = stop  # also when early stopping ended it sooner
+        state.commit()
 
     rows = state.data.get("history", {})
     epoch_seconds = [row["epoch_seconds"] for row in rows.values()]
@@ -390,16 +480,58 @@ def train_model(
     return result
 
 
+def sweep_temporaries(*targets: Path) -> None:
+    """Remove the temporary files of ``targets`` that a killed run left (a live writer uses fresh names)."""
+    for target in targets:
+        if target.parent.is_dir():
+            for path in target.parent.glob(f".{target.stem}*"):
+                if path.is_file() and path.name.endswith((".partial.keras", ".publish", ".tmp")):
+                    _remove_quietly(path)
+
+
+def _restore(model, state: ResumeState, phase: str) -> None:
+    """Load the last committed checkpoint; its optimizer too when it belongs to this phase."""
+    checkpoint = state.checkpoint("checkpoint")
+    legacy = state.dir / f"backup_{phase}" / "latest.weights.h5"  # state written before ResumeState
+    if checkpoint is None and legacy.exists():
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(legacy)
+        log.warning("resuming after epoch %d from a BackupAndRestore backup (%s)", state.epochs_done, legacy)
+        return
+    if checkpoint is None or not checkpoint.exists():
+        raise FileNotFoundError(f"{state.dir / STATE_FILE} refers to {checkpoint}, which is missing: delete {state.dir} to start training afresh")
+    if state.data.get("checkpoint_phase", phase) == phase:
+        model.optimizer.build(model.trainable_variables)  # its variables must exist to be loaded
+        model.load_weights(checkpoint)
+    else:  # the next phase starts with a new optimizer
+        model.load_weights(checkpoint, objects_to_skip=[model.optimizer])
+    log.info("resuming after epoch %d from %s", state.epochs_done, checkpoint)
+
+
 def read_state(state_dir: Path) -> dict[str, Any]:
-    path = state_dir / "state.json"
+    path = state_dir / STATE_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def remember_run_id(state_dir: Path, run_id: str) -> None:
-    state = read_state(state_dir)
-    state["run_id"] = run_id
-    atomic_write_json(state_dir / "state.json", state)
+    update_state(state_dir, run_id=run_id)
+
+
+def update_state(state_dir: Path, **values: Any) -> dict[str, Any]:
+    """Set keys in ``state.json`` (atomically); returns the new state."""
+    state = read_state(state_dir) | values
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(describe_os_error(state_dir, exc)) from exc
+    atomic_write_json(state_dir / STATE_FILE, state)
+    return state
 
 
 def clear_state(state_dir: Path) -> None:
-    shutil.rmtree(state_dir, ignore_errors=True)
+    """Remove the resume state of a finished run: renamed first, so it vanishes in one step."""
+    if not state_dir.exists():
+        return
+    doomed = state_dir.with_name(f".{state_dir.name}.done-{os.getpid()}")
+    os.replace(state_dir, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
