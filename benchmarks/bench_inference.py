@@ -83,24 +83,37 @@ def measure_model(model, *, n_images: int, repeats: int) -> dict[str, float]:
     return {label: round(_images_per_s(fn, n_images, repeats), 2) for label, fn in paths.items()}
 
 
-def _latency_script(quick: bool) -> dict[str, Any] | None:
-    """Run the inference team's latency script if it exists and merge what it reports."""
-    if not LATENCY_SCRIPT.exists():
-        return None
-    help_text = subprocess.run([sys.executable, str(LATENCY_SCRIPT), "--help"], capture_output=True, text=True, env=env_for_subprocess()).stdout
-    command = [sys.executable, str(LATENCY_SCRIPT)] + (["--quick"] if quick and "--quick" in help_text else [])
+def _latency_script(quick: bool, out: Path) -> dict[str, Any]:
+    """Run benchmarks/inference_latency.py (Keras vs TFLite vs ONNX Runtime) and merge its result.
+
+    It measures runtimes this module does not (exported TFLite/ONNX files); this module adds the
+    compiled-function and Predictor paths and the share of the machine's matmul peak.
+    """
+    command = [sys.executable, str(LATENCY_SCRIPT), "--out", str(out)] + (["--quick"] if quick else ["--repeats", "6", "--warmup", "2"])
     log(f"inference: running {' '.join(command[1:])}")
-    result = subprocess.run(command, capture_output=True, text=True, env=env_for_subprocess(), cwd=PROJECT_ROOT, timeout=1200)
-    merged: dict[str, Any] = {"command": " ".join(command[1:]), "exit_code": result.returncode}
-    written = PROJECT_ROOT / "benchmarks" / "results" / "inference_latency.json"
-    if written.exists():
-        merged["results"] = json.loads(written.read_text())
-    else:
-        merged["stdout_tail"] = result.stdout[-2000:]
-    return merged
+    result = subprocess.run(command, capture_output=True, text=True, env=env_for_subprocess(), cwd=PROJECT_ROOT, timeout=1800)
+    if result.returncode != 0 or not out.exists():
+        return {"command": " ".join(command[1:]), "exit_code": result.returncode, "stderr_tail": result.stderr[-2000:]}
+    latency = json.loads(out.read_text())
+    return {"command": " ".join(command[1:]), "exit_code": 0, "file": out.name, "size": latency.get("size"), "repeats": latency.get("repeats"), "rows": latency["rows"]}
 
 
-def inference_benchmark(*, quick: bool, size: int | None = None, n_images: int | None = None, repeats: int | None = None, models: dict[str, dict] | None = None, matmul_n: int | None = None, latency_script: bool = True) -> dict[str, Any]:
+def _latency_ratios(merged: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per model: the fastest exported runtime at batch 1 vs Keras predict_on_batch at batch 1."""
+    out = []
+    rows = merged.get("rows", [])
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = {r["runtime"]: r["ms_per_image_batch1"] for r in rows if r["model"] == model}
+        keras_ms = mine.get("Keras predict_on_batch")
+        exported = {k: v for k, v in mine.items() if k.startswith(("TFLite", "ONNX"))}
+        if keras_ms and exported:
+            best = min(exported, key=exported.get)
+            out.append(ratio(f"latency {merged.get('size')}², {model}: Keras predict_on_batch ms / {best} ms, batch 1 (>1 = exported faster)", keras_ms / exported[best]))
+    return out
+
+
+def inference_benchmark(*, quick: bool, size: int | None = None, n_images: int | None = None, repeats: int | None = None, models: dict[str, dict] | None = None, matmul_n: int | None = None, latency_script: bool = True, results: Path | None = None) -> dict[str, Any]:
+    """``results``: where inference_latency.py writes its own JSON (default benchmarks/results)."""
     import keras
 
     from tumorseg.config import Config
@@ -109,7 +122,7 @@ def inference_benchmark(*, quick: bool, size: int | None = None, n_images: int |
 
     cfg = Config()
     size = size or (128 if quick else 256)
-    n_images = n_images or (16 if quick else 24)
+    n_images = n_images or 16
     repeats = repeats or (1 if quick else 3)
     models = models if models is not None else {"unet": {}, "umobilenetv2": {}}
     # Same thread pools as training; op determinism is a training setting (inference does not set it).
@@ -128,14 +141,14 @@ def inference_benchmark(*, quick: bool, size: int | None = None, n_images: int |
         naive = rates["naive model.predict per image"]
         for label, rate in rates.items():
             gflops = flops * rate / 1e9
-            rows.append({"model": name, "path": label, "images_per_s": rate, "speedup_vs_naive": round(rate / naive, 2), "achieved_gflops": round(gflops, 2), "percent_of_matmul_peak": round(100 * gflops / peak["gflops"], 1)})
+            rows.append({"model": name, "path": label, "images_per_s": rate, "speedup_vs_naive": round(rate / naive, 2), "achieved_gflops": float(f"{gflops:.4g}"), "percent_of_matmul_peak": float(f"{100 * gflops / peak['gflops']:.3g}")})
         best_b1 = max(rates["tf.function forward, batch 1"], rates["predict_on_batch, batch 1"])
         best_b8 = max(rates["tf.function forward, batch 8"], rates["predict_on_batch, batch 8"])
         ratios.append(ratio(f"inference {size}², {name}: best batch-1 path / naive predict loop", best_b1 / naive, target=NAIVE_TARGET))
         ratios.append(ratio(f"inference {size}², {name}: best batch-8 path / naive predict loop", best_b8 / naive, target=NAIVE_TARGET))
         ratios.append(ratio(f"inference {size}², {name}: Predictor batch 8 / naive predict loop", rates["Predictor, batch 8"] / naive, target=NAIVE_TARGET))
         ratios.append(ratio(f"inference {size}², {name}: % of matmul peak (best path)", 100 * flops * max(rates.values()) / 1e9 / peak["gflops"]))
-        rows[-len(rates)]["gflops_per_image"] = round(flops / 1e9, 3)
+        rows[-len(rates)]["gflops_per_image"] = float(f"{flops / 1e9:.4g}")
     body: dict[str, Any] = {
         "reference": "naive loop: model.predict(image[None]) once per image",
         "size": size,
@@ -152,8 +165,16 @@ def inference_benchmark(*, quick: bool, size: int | None = None, n_images: int |
         "ratios": ratios,
         "notes": [f"hardware peak = float32 {peak['n']}x{peak['n']} tf.linalg.matmul: {peak['gflops']} GFLOP/s on {cores()} cores"],
     }
-    if latency_script:
-        merged = _latency_script(quick)
-        if merged is not None:
-            body["latency_script"] = merged
+    if latency_script and LATENCY_SCRIPT.exists():
+        merged = _latency_script(quick, (results or PROJECT_ROOT / "benchmarks" / "results") / "inference_latency.json")
+        body["latency_script"] = merged
+        body["ratios"] += _latency_ratios(merged)
+        if merged.get("rows"):
+            body["table_latency"] = {
+                "columns": ["model", "runtime", "ms/image (batch 1)", "images/s (batch 8)", "file MB"],
+                "rows": [[r["model"], r["runtime"], r["ms_per_image_batch1"], r["images_per_s_batch8"], r["file_mb"]] for r in merged["rows"]],
+            }
+            body["notes"].append(f"exported runtimes (TFLite, ONNX Runtime) from benchmarks/inference_latency.py ({merged['command']}): see {merged['file']}")
+        else:
+            body["notes"].append(f"benchmarks/inference_latency.py failed (exit code {merged['exit_code']}): {merged.get('stderr_tail', '')[-300:]}")
     return body

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import subprocess
@@ -57,7 +58,9 @@ def run_child(name: str, quick: bool, results: Path) -> Path:
     module_name, function_name = BENCHMARKS[name]
     load_start = load_average()
     started = time.perf_counter()
-    body = getattr(importlib.import_module(module_name), function_name)(quick=quick)
+    function = getattr(importlib.import_module(module_name), function_name)
+    extra = {"results": results} if "results" in inspect.signature(function).parameters else {}
+    body = function(quick=quick, **extra)
     payload = result_payload(name, quick=quick, started=started, load_start=load_start, body=body)
     return atomic_write_json(results / f"{name}.json", payload)
 
@@ -136,8 +139,9 @@ def write_summary(results: Path, machine: dict[str, Any]) -> Path:
         lines += [f"## {r['benchmark']}", ""]
         if r.get("reference"):
             lines += [f"Reference: {r['reference']}.", ""]
-        if r.get("table"):
-            lines += _table(r["table"]["columns"], r["table"]["rows"]) + [""]
+        for key in ("table", "table_latency"):
+            if r.get(key):
+                lines += _table(r[key]["columns"], r[key]["rows"]) + [""]
         for note in r.get("notes", []):
             lines.append(f"- {note}")
         lines += ["", f"Took {r.get('seconds', 0):.0f} s{' (--quick)' if r.get('quick') else ''}; details in `{r['benchmark']}.json`.", ""]

@@ -254,11 +254,15 @@ def test_predict_cli_on_a_folder_of_good_and_fuzzed_files(tiny_model_file: Path,
         assert hash_tree(folder) == before
         with open(out / "predictions.csv", newline="", encoding="utf-8") as handle:
             rows = {Path(row["file"]).stem: row for row in csv.DictReader(handle)}
-        for name in good:
-            assert rows[name]["status"] == "ok" and (out / f"{name}_mask.png").exists(), rows[name]
-            mask = cv2.imdecode(np.frombuffer((out / f"{name}_mask.png").read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
+        written = sorted(path.name for path in out.iterdir())
+        masks = [rows[name]["mask"] for name in good]
+        assert len(set(masks)) == len(good)  # no two inputs share an output
+        for name, mask_name in zip(good, masks):
+            assert rows[name]["status"] == "ok" and mask_name == Path(mask_name).name and (out / mask_name).exists(), rows[name]
+            mask = cv2.imdecode(np.frombuffer((out / mask_name).read_bytes(), np.uint8), cv2.IMREAD_UNCHANGED)
             assert mask.shape == blob_pair(40 + good.index(name), 0)[0].shape  # back at the input's own size
         for name in expected_bad:
-            assert rows[name]["status"] == "failed" and rows[name]["reason"], rows[name]
-            assert not (out / f"{name}_mask.png").exists()
+            assert rows[name]["status"] == "failed" and rows[name]["reason"] and not rows[name]["mask"], rows[name]
             assert name in log  # listed with its reason on stderr
+        # a mask and an overlay for each image that decoded (a damage may leave it readable), and the CSV
+        assert len(written) == 2 * (len(good) + len(bad) - len(expected_bad)) + 1, written

@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or .zip archives (as for predict)")
     p.add_argument("--model", required=True, help="a .keras file, runs:/<run id>/model or models:/<name>/<version>")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--layer", default=None, help="layer to explain (default: the model's stride-4 decoder stage); a wrong name lists the choices")
+    p.add_argument("--layer", default=None, help="layer to explain (default: the stride-2 decoder stage, see tumorseg.explain); a wrong name lists the choices")
     p.add_argument("--threshold", type=float, default=0.5, help="tumour where probability > threshold (default: %(default)s)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation for the mask")
 
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get HTTP 413 (default: %(default)s)")
-    p.add_argument("--layer", default=None, help="Grad-CAM layer (default: the model's stride-4 decoder stage)")
+    p.add_argument("--layer", default=None, help="Grad-CAM layer (default: the stride-2 decoder stage, see tumorseg.explain)")
     p.add_argument("--threshold", type=float, default=0.5, help="tumour where probability > threshold (default: %(default)s)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
 

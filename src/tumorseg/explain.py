@@ -11,9 +11,12 @@ Grad-CAM (Selvaraju et al., 2017) adapted to segmentation (Vinogradova et al., 2
 The layer is any feature map of the model's graph, including layers inside a nested functional
 sub-model (UMobileNetV2's MobileNetV2 ``encoder``): a sub-model that outputs that layer's
 activation beside the prediction is built through the nested graph, sharing the trained weights.
-The default layer is the last stride-4 feature map of the top-level graph (a decoder stage in both
-models: fine enough to localise, coarse enough to be semantic); ``layer=`` picks another, e.g.
-``block_16_project`` for UMobileNetV2's bottleneck.
+The default layer is the last stride-2 feature map of the top-level graph: the decoder stage before
+the last one in both models (``dec2`` of the U-Net, ``dec4_relu2`` of UMobileNetV2). The last stage
+(stride 1) would only restate the output (its Grad-CAM is about the logit map), and coarser ones
+did not localise reliably: on blob phantoms, stride-4 maps of a UMobileNetV2 and a plain U-Net
+pointed away from the tumour, while stride-2 maps of UMobileNetV2 and the HAC U-Net peaked on it
+(``layer=`` picks any other, e.g. ``dec3`` or ``block_16_project``, UMobileNetV2's bottleneck).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 from tumorseg.inference import resize_to_input, to_gray_uint8
 
 # Default layer: the last top-level feature map at the first of these strides that the model has.
-DEFAULT_STRIDES = (4, 2, 8, 16, 32, 1)
+DEFAULT_STRIDES = (2, 4, 8, 16, 32, 1)
 
 
 class LayerNotFoundError(ValueError):
@@ -79,7 +82,7 @@ def _find(model, name: str) -> tuple[object, tuple[str, ...]]:
 
 
 def default_layer(model) -> str:
-    """The last top-level feature map at stride 4 (else 2, 8, 16, 32, 1), skipping Dropout (identity at inference)."""
+    """The last top-level feature map at stride 2 (else 4, 8, 16, 32, 1), skipping Dropout (identity at inference)."""
     import keras
 
     height = int(model.input_shape[1])
@@ -112,8 +115,11 @@ def _exposing_model(model, layer, path: tuple[str, ...]):
     """
     import keras
 
+    def one(tensors):  # a single tensor where the graph has one: keeps Keras' input structure
+        return tensors[0] if len(tensors) == 1 else list(tensors)
+
     if not path:
-        return keras.Model(model.inputs, [layer.output, *model.outputs], name=f"{model.name}_gradcam")
+        return keras.Model(one(model.inputs), [layer.output, *model.outputs], name=f"{model.name}_gradcam")
     nested = model.get_layer(path[0])
     if len(nested._inbound_nodes) != 1:
         raise LayerNotFoundError(
@@ -122,15 +128,15 @@ def _exposing_model(model, layer, path: tuple[str, ...]):
     node = nested._inbound_nodes[0]
     inner = _exposing_model(nested, layer, path[1:])
     try:
-        pre = keras.Model(model.inputs, node.input_tensors)
-        post = keras.Model(node.outputs, model.outputs)
+        pre = keras.Model(one(model.inputs), one(node.input_tensors))
+        post = keras.Model(one(node.outputs), one(model.outputs))
     except ValueError as exc:  # the outer graph uses more than the nested model's outputs after it
         raise LayerNotFoundError(f"cannot expose {layer.name!r} through {nested.name!r}: {exc}") from None
-    inputs = [keras.Input(shape=t.shape[1:], dtype=t.dtype, name=t.name) for t in model.inputs]
-    activation, *inner_outputs = inner(pre(inputs[0] if len(inputs) == 1 else inputs))
-    outputs = post(inner_outputs[0] if len(inner_outputs) == 1 else inner_outputs)
-    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-    return keras.Model(inputs, [activation, *outputs], name=f"{model.name}_gradcam")
+    inputs = [keras.Input(shape=t.shape[1:], dtype=t.dtype) for t in model.inputs]
+    activation, *inner_outputs = inner(pre(one(inputs)))
+    outputs = post(one(inner_outputs))
+    outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    return keras.Model(one(inputs), [activation, *outputs], name=f"{model.name}_gradcam")
 
 
 class GradCam:

@@ -75,6 +75,18 @@ def sample_images(size: int, count: int = 16, *, seed: int = 0, folder: str | Pa
     return images
 
 
+def check_and_calibration_images(size: int, count: int, *, seed: int = 0, folder: str | Path | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Images to check an export on, and separate images to calibrate int8 on (so the check does
+    not flatter the calibration): other phantoms, or the other half of ``folder``'s images (the
+    same images only when the folder has fewer than 2 x 4)."""
+    if folder is None:
+        return sample_images(size, count, seed=seed), sample_images(size, count, seed=seed + 1)
+    images = sample_images(size, 2 * count, folder=folder)
+    if len(images) < 8:
+        return images, images
+    return images[0::2], images[1::2]
+
+
 def _model_batches(images: Sequence[np.ndarray], size: int) -> list[np.ndarray]:
     from tumorseg.inference import resize_to_input
 
@@ -249,7 +261,7 @@ def export_model(
     """Export the Keras model at ``source`` (file or MLflow URI) to ``out`` and check it.
 
     The export is written beside ``out`` first, checked against the Keras model on
-    ``sample_count`` images (phantoms, or ``calibration_dir``; the same images calibrate int8),
+    ``sample_count`` images (phantoms, or ``calibration_dir``; int8 calibrates on other images),
     and moved into place only if mean Dice >= ``min_dice`` (default :data:`DICE_BOUNDS`).
     ``<out>.check.json`` is written either way. Raises :class:`ExportError` on a failed check.
     """
@@ -262,12 +274,12 @@ def export_model(
     bound = DICE_BOUNDS[quantize] if min_dice is None else float(min_dice)
     reference = Predictor.load(source)
     size = reference.input_size
-    images = sample_images(size, sample_count, seed=seed, folder=calibration_dir)
+    images, calibration = check_and_calibration_images(size, sample_count, seed=seed, folder=calibration_dir)
 
     started = time.perf_counter()
     convert = to_tflite if fmt == "tflite" else to_onnx
     with quiet_converter_logs():
-        data = convert(reference.model, quantize, images)
+        data = convert(reference.model, quantize, calibration)
     convert_seconds = time.perf_counter() - started
 
     check_path = out.with_name(out.name + ".check.json")
@@ -285,6 +297,8 @@ def export_model(
             "size_mb": round(len(data) / 2**20, 3),
             "input_size": size,
             "sample_images": "synthetic phantoms" if calibration_dir is None else str(calibration_dir),
+            "calibration_images": len(calibration) if quantize == "int8" else 0,
+            "calibration_is_check_set": quantize == "int8" and calibration is images,
             **agreement,
             "min_dice": bound,
             "passed": agreement["dice_mean"] >= bound,

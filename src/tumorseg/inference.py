@@ -289,6 +289,7 @@ class Predictor:
     ``threshold``: a pixel is tumour where the probability is > threshold. ``tta``: average the
     probabilities of the image and its horizontal mirror (mirrored back), which makes the
     prediction exactly equivariant to horizontal flips. ``batch_size``: images per model call.
+    A TFLite back-end is not thread-safe: give each thread its own Predictor (or hold a lock).
     """
 
     def __init__(self, model, *, threshold: float = 0.5, tta: bool = False, batch_size: int = 8) -> None:
@@ -383,10 +384,11 @@ class InputSource:
 
     @property
     def stem(self) -> str:
-        """File-name stem without any folder part; zip member names are untrusted (``../x``, ``C:\\x``)."""
+        """File-name stem without any folder part; zip member names are untrusted (``../x``, ``C:\\x``).
+        Letters and digits of any script are kept (``Glioma_ß``), anything else becomes ``_``."""
         name = (self.member if self.member is not None else self.path.name).replace("\\", "/").rsplit("/", 1)[-1]
         stem = name.rsplit(".", 1)[0] if "." in name.lstrip(".") else name
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")[:100] or "image"
+        return re.sub(r"[^\w.-]+", "_", stem).strip("._-")[:100] or "image"
 
 
 @dataclass

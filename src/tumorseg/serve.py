@@ -195,7 +195,7 @@ def create_app(
     """The web app around an already loaded ``predictor`` (loaded once, shared by all requests).
 
     ``max_upload_mb``: larger request bodies get 413 (see :class:`BodyLimit`).
-    ``gradcam_layer``: see :mod:`tumorseg.explain` (default: the model's stride-4 decoder stage).
+    ``gradcam_layer``: see :mod:`tumorseg.explain` (default: the stride-2 decoder stage).
     """
     if max_upload_mb <= 0:
         raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
