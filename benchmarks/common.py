@@ -20,8 +20,11 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
-# A 1-minute load average above this fraction of the cores means something else was running.
+# A 1-minute load average above this fraction of the cores means something else was running
+# (checked before a benchmark starts; during the run, :class:`ForeignCpu` decides).
 QUIET_LOAD_FRACTION = 0.5
+# Other processes using more than this fraction of all cores during a benchmark make it invalid.
+QUIET_FOREIGN_FRACTION = 0.10
 
 
 def cores() -> int:
@@ -40,6 +43,46 @@ def load_average() -> list[float]:
 
 def is_quiet(load_1m: float) -> bool:
     return load_1m < QUIET_LOAD_FRACTION * cores()
+
+
+class ForeignCpu:
+    """CPU time that *other* processes used while a benchmark ran, as a fraction of all cores.
+
+    Machine-wide busy time (``/proc/stat``) minus this process's own CPU time and that of its
+    reaped children. Unlike the load average, it does not lag a minute behind and does not count
+    the benchmark itself (which keeps every core busy), so it tells a quiet run from a contended one.
+    """
+
+    def __enter__(self) -> "ForeignCpu":
+        self.fraction: float | None = None
+        self._start = self._sample()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._sample()
+        if self._start is None or end is None:
+            return  # not on Linux: unknown
+        wall = end[0] - self._start[0]
+        machine = end[1] - self._start[1]
+        own = end[2] - self._start[2]
+        if wall > 0:
+            self.fraction = round(max(0.0, machine - own) / (wall * cores()), 3)
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except (OSError, IndexError):
+            return None
+        ticks = [int(x) for x in fields]
+        busy = sum(ticks[:8]) - ticks[3] - ticks[4]  # user nice system [idle iowait] irq softirq steal
+        times = os.times()
+        own = times.user + times.system + times.children_user + times.children_system
+        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own
+
+    @property
+    def quiet(self) -> bool:
+        return self.fraction is not None and self.fraction < QUIET_FOREIGN_FRACTION
 
 
 def cpu_model() -> str:
@@ -128,14 +171,18 @@ def ratio(what: str, value: float, *, target: float | None = None, higher_is_bet
     return row
 
 
-def result_payload(name: str, *, quick: bool, started: float, load_start: list[float], body: dict[str, Any]) -> dict[str, Any]:
+def result_payload(name: str, *, quick: bool, started: float, load_start: list[float], body: dict[str, Any], foreign: ForeignCpu | None = None) -> dict[str, Any]:
+    """The result file's content. Quiet = nothing else ran: by :class:`ForeignCpu` when given
+    (precise), else by the load average at the start and end (lags, and counts the benchmark)."""
     load_end = load_average()
+    measured = foreign is not None and foreign.fraction is not None
     payload = {
         "benchmark": name,
         "quick": quick,
         "load_avg_1m": load_start[0],
         "load_avg_1m_end": load_end[0],
-        "quiet_machine": is_quiet(load_start[0]) and is_quiet(load_end[0]),
+        "foreign_cpu_fraction": foreign.fraction if measured else None,
+        "quiet_machine": foreign.quiet if measured else is_quiet(load_start[0]) and is_quiet(load_end[0]),
         "seconds": round(time.perf_counter() - started, 1),
         "machine": machine_info() | {"load_avg_start": load_start, "load_avg_end": load_end},
     }
@@ -143,11 +190,16 @@ def result_payload(name: str, *, quick: bool, started: float, load_start: list[f
     payload.setdefault("ratios", [])
     payload.setdefault("notes", [])
     if not payload["quiet_machine"]:
-        payload["notes"].append(
-            f"NOT a valid timing: the 1-minute load average was {load_start[0]} at the start and {load_end[0]} at the end "
-            f"on {cores()} cores (something else was running). Re-run on a quiet machine."
-        )
+        payload["notes"].append(not_quiet_note(load_start[0], load_end[0], foreign))
     return payload
+
+
+def not_quiet_note(load_start: float, load_end: float, foreign: ForeignCpu | None) -> str:
+    if foreign is not None and foreign.fraction is not None:
+        why = f"other processes used {100 * foreign.fraction:.0f}% of the {cores()} cores while it ran"
+    else:
+        why = f"the 1-minute load average was {load_start} at the start and {load_end} at the end on {cores()} cores"
+    return f"NOT a valid timing: {why} (something else was running). Re-run on a quiet machine."
 
 
 def env_for_subprocess(**extra: str) -> dict[str, str]:

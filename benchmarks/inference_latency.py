@@ -10,7 +10,7 @@ same random 0..255 inputs:
 * ONNX Runtime float32 (``tf2onnx``), CPU execution provider.
 
 Writes ``benchmarks/results/inference_latency.json`` (with the machine, versions and the load
-average at the start and end: a number taken on a busy machine is marked as such) and a markdown
+average and the CPU share other processes used meanwhile: a number taken on a busy machine is marked as such) and a markdown
 table ``benchmarks/results/inference_latency.md``.
 
     python benchmarks/inference_latency.py                 # full: 256x256, 20 repeats
@@ -34,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, cores, is_quiet, load_average, machine_info  # noqa: E402
+from common import RESULTS_DIR, ForeignCpu, load_average, machine_info, not_quiet_note  # noqa: E402
 
 MODELS = ("unet", "umobilenetv2")
 TFLITE_VARIANTS = ("none", "float16", "dynamic")
@@ -122,7 +122,7 @@ def markdown(payload: dict[str, Any]) -> str:
     head = ["runtime"] + [f"{m} ms/image (b1)" for m in models] + [f"{m} images/s (b8)" for m in models] + [f"{m} file MB" for m in models]
     lines = [
         f"Inference latency at {payload['size']}x{payload['size']}, {payload['machine']['cores']} cores ({payload['machine']['cpu_model']}), "
-        f"median of {payload['repeats']} runs; load average at start {payload['load_avg_start'][0]}"
+        f"median of {payload['repeats']} runs; other processes used {100 * (payload['foreign_cpu_fraction'] or 0):.0f}% of the CPU meanwhile"
         + ("" if payload["quiet_machine"] else " — **busy machine: not a valid timing, re-run on a quiet one**"),
         "",
         "| " + " | ".join(head) + " |",
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     configure_runtime(seed=0, threads=0, deterministic=False)  # all cores, as in training and tumorseg predict
     rows = []
-    with tempfile.TemporaryDirectory(prefix="tumorseg-latency-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="tumorseg-latency-") as scratch, ForeignCpu() as foreign:
         for name in args.models:
             rows += measure(name, args.size, warmup=warmup, repeats=repeats, scratch=Path(scratch))
     load_end = load_average()
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": warmup,
         "load_avg_start": load_start,
         "load_avg_end": load_end,
-        "quiet_machine": is_quiet(load_start[0]) and is_quiet(load_end[0]),
+        "foreign_cpu_fraction": foreign.fraction,
+        "quiet_machine": foreign.quiet,
         "seconds": round(time.perf_counter() - started, 1),
         "machine": machine_info() | {"load_avg_start": load_start, "load_avg_end": load_end},
         "rows": rows,
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     }
     if not payload["quiet_machine"]:
-        payload["notes"].append(f"NOT a valid timing: load average {load_start[0]} at the start, {load_end[0]} at the end on {cores()} cores. Re-run on a quiet machine.")
+        payload["notes"].append(not_quiet_note(load_start[0], load_end[0], foreign))
     out = Path(args.out)
     atomic_write_json(out, payload)
     atomic_write_text(out.with_suffix(".md"), markdown(payload))

@@ -38,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, env_for_subprocess, is_quiet, load_average, log, machine_info, result_payload  # noqa: E402
+from common import RESULTS_DIR, ForeignCpu, env_for_subprocess, is_quiet, load_average, log, machine_info, result_payload  # noqa: E402
 
 # name -> (module in benchmarks/, function(quick=...) -> result body)
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -60,8 +60,9 @@ def run_child(name: str, quick: bool, results: Path) -> Path:
     started = time.perf_counter()
     function = getattr(importlib.import_module(module_name), function_name)
     extra = {"results": results} if "results" in inspect.signature(function).parameters else {}
-    body = function(quick=quick, **extra)
-    payload = result_payload(name, quick=quick, started=started, load_start=load_start, body=body)
+    with ForeignCpu() as foreign:
+        body = function(quick=quick, **extra)
+    payload = result_payload(name, quick=quick, started=started, load_start=load_start, body=body, foreign=foreign)
     return atomic_write_json(results / f"{name}.json", payload)
 
 
@@ -123,7 +124,7 @@ def write_summary(results: Path, machine: dict[str, Any]) -> Path:
     ]
     noisy = [r["benchmark"] for r in found if not r.get("quiet_machine", False)]
     if noisy:
-        lines += [f"> **Not valid timings:** {', '.join(noisy)} ran on a busy machine (see `load_avg_1m`); re-run on a quiet one.", ""]
+        lines += [f"> **Not valid timings:** {', '.join(noisy)} ran while other processes used the CPU (see `foreign_cpu_fraction`); re-run on a quiet machine.", ""]
     quick = [r["benchmark"] for r in found if r.get("quick")]
     if quick:
         lines += [f"> {', '.join(quick)}: `--quick` run (smaller sizes, fewer repetitions).", ""]

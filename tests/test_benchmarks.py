@@ -43,6 +43,31 @@ def test_quiet_machine_flag_and_note():
     assert loaded["quiet_machine"] is False and any("NOT a valid timing" in n for n in loaded["notes"])
 
 
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="ForeignCpu reads /proc/stat (Linux)")
+def test_foreign_cpu_counts_other_processes_but_not_our_own_work():
+    import time
+
+    def spin(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    with common.ForeignCpu() as own:  # our own busy loop is not foreign
+        spin(0.6)
+    # a process we did not start (not our reaped child): spins while we sleep
+    other = subprocess.Popen([sys.executable, "-c", "import time\nend = time.perf_counter() + 1.0\nwhile time.perf_counter() < end: pass"])
+    try:
+        with common.ForeignCpu() as foreign:
+            time.sleep(0.8)
+    finally:
+        other.wait()
+    # other processes of the test machine add noise: compare, with margins, rather than expect zero
+    assert own.fraction is not None and foreign.fraction is not None
+    assert foreign.fraction > own.fraction + 0.5 / common.cores() * 0.6, (own.fraction, foreign.fraction)
+    payload = common.result_payload("x", quick=True, started=0.0, load_start=[0.0, 0, 0], body={}, foreign=foreign)
+    assert payload["foreign_cpu_fraction"] == foreign.fraction and payload["quiet_machine"] == foreign.quiet
+
+
 def test_ratio_target_logic():
     assert common.ratio("a", 6.0, target=5.0)["meets_target"] is True
     assert common.ratio("b", 0.5, target=0.1, higher_is_better=False)["meets_target"] is False
