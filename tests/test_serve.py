@@ -1,4 +1,5 @@
-"""The web app's API through FastAPI's TestClient (no network): a good upload and every bad one."""
+"""The web app's API through FastAPI's TestClient (no network): a good upload and every bad one; and the
+background server (serve_in_background) on loopback."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import threading
 import time
 
 import cv2
+import httpx
 import numpy as np
 import pytest
 from conftest import blob_pair
@@ -16,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from tumorseg import __version__
 from tumorseg.inference import Predictor
-from tumorseg.serve import create_app, run_server
+from tumorseg.serve import create_app, run_server, serve_in_background
 
 MAX_UPLOAD_MB = 0.1
 
@@ -99,7 +101,7 @@ def test_health_index_static_and_openapi(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="file"' in page.text and 'type="file"' in page.text
-    for asset in ("/static/app.js", "/static/style.css"):
+    for asset in ("/static/app.js", "/static/style.css", "/static/favicon.svg"):  # favicon: no 404 in the console
         response = client.get(asset)
         assert response.status_code == 200
         # self-contained: nothing loaded from another host (no CDN; the app must work offline)
@@ -228,3 +230,19 @@ def test_create_app_validates_its_settings(blob_model):
         create_app(Predictor(model), max_upload_mb=0)
     with pytest.raises(ValueError, match="not a feature map"):
         create_app(Predictor(model), gradcam_layer="nope")
+
+
+def test_serve_in_background_listens_on_a_free_port_and_always_stops(app):
+    with serve_in_background(app) as url:
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        assert url == f"http://127.0.0.1:{port}/" and port > 0
+        assert httpx.get(url + "health").json()["model"] == "blob_unet.keras"
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"), serve_in_background(app, port=port):
+            pass  # the port is taken: a clear error, not a hang
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "health")
+    assert not any(thread.name == "tumorseg-serve" for thread in threading.enumerate())
+
+    with pytest.raises(RuntimeError, match="inside"), serve_in_background(app):
+        raise RuntimeError("inside")  # an error in the block stops the server too
+    assert not any(thread.name == "tumorseg-serve" for thread in threading.enumerate())

@@ -23,9 +23,13 @@ one request at a time already uses every core.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
+import socket
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
 from importlib import resources
 from typing import Any
 
@@ -289,3 +293,49 @@ def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
             host,
         )
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+@contextlib.contextmanager
+def serve_in_background(app: ASGIApp, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn in a background thread; yields its base URL (``http://host:port/``).
+
+    For the browser test and ``scripts/screenshot_webapp.py``: a real HTTP server in this process
+    (the model stays loaded once) that is always stopped on leaving the block. ``port=0`` takes a
+    free port: the socket is bound here, before uvicorn starts, so no other process can take it
+    in between. Returns only once ``GET /health`` answers.
+    """
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}; choose another port") from exc
+    bound_port = sock.getsockname()[1]
+    url = f"http://[{host}]:{bound_port}/" if family == socket.AF_INET6 else f"http://{host}:{bound_port}/"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tumorseg-serve", daemon=True)
+    thread.start()
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not thread.is_alive():
+                raise RuntimeError(f"the web server on {url} stopped while starting (see the log above)")
+            try:
+                with direct.open(url + "health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the web server on {url} did not answer GET /health within {timeout:g} s")
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
