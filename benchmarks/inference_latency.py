@@ -15,6 +15,7 @@ table ``benchmarks/results/inference_latency.md``.
 
     python benchmarks/inference_latency.py                 # full: 256x256, 20 repeats
     python benchmarks/inference_latency.py --quick         # a smoke run: few repeats
+    python benchmarks/run.py --only inference_latency      # the same, as part of the suite
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, ForeignCpu, load_average, machine_info, not_quiet_note  # noqa: E402
+from common import RESULTS_DIR, ForeignCpu, cores, load_average, ratio, result_payload  # noqa: E402
 
 MODELS = ("unet", "umobilenetv2")
 TFLITE_VARIANTS = ("none", "float16", "dynamic")
@@ -122,7 +123,7 @@ def markdown(payload: dict[str, Any]) -> str:
     head = ["runtime"] + [f"{m} ms/image (b1)" for m in models] + [f"{m} images/s (b8)" for m in models] + [f"{m} file MB" for m in models]
     lines = [
         f"Inference latency at {payload['size']}x{payload['size']}, {payload['machine']['cores']} cores ({payload['machine']['cpu_model']}), "
-        f"median of {payload['repeats']} runs; other processes used {100 * (payload['foreign_cpu_fraction'] or 0):.0f}% of the CPU meanwhile"
+        f"median of {payload['repeats']} runs, {payload['machine']['date'][:10]}; other processes used {100 * (payload['foreign_cpu_fraction'] or 0):.0f}% of the CPU meanwhile"
         + ("" if payload["quiet_machine"] else " — **busy machine: not a valid timing, re-run on a quiet one**"),
         "",
         "| " + " | ".join(head) + " |",
@@ -144,6 +145,49 @@ def log(message: str) -> None:
     print(f"[latency {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def latency_benchmark(*, quick: bool, size: int = 256, models: tuple[str, ...] = MODELS, repeats: int | None = None, warmup: int = 3) -> dict[str, Any]:
+    """The result body (rows, a table, ratios vs the naive loop); :func:`common.result_payload` adds the machine."""
+    from tumorseg.training import configure_runtime
+
+    repeats = repeats or (3 if quick else 20)
+    warmup = 1 if quick else warmup
+    configure_runtime(seed=0, threads=0, deterministic=False)  # all cores, as in training and tumorseg predict
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tumorseg-latency-") as scratch:
+        for name in models:
+            rows += measure(name, size, warmup=warmup, repeats=repeats, scratch=Path(scratch))
+    ratios = []
+    for name in models:
+        mine = {r["runtime"]: r for r in rows if r["model"] == name}
+        naive = mine["naive model.predict per image"]["ms_per_image_batch1"]
+        for runtime in ("Keras predict_on_batch", "TFLite float32", "ONNX Runtime float32"):
+            ratios.append(ratio(f"{name}: {runtime} vs naive model.predict, batch 1 speed-up", naive / mine[runtime]["ms_per_image_batch1"], target=2.0))
+    columns = ["model", "runtime", "ms/image (batch 1)", "images/s (batch 8)", "file MB", "max |diff| vs Keras"]
+    table_rows = [[r["model"], r["runtime"], r["ms_per_image_batch1"], r["images_per_s_batch8"], r["file_mb"], r["max_abs_difference_vs_keras"]] for r in rows]
+    return {
+        "size": size,
+        "models": list(models),
+        "repeats": repeats,
+        "warmup": warmup,
+        "reference": "the naive per-image `model.predict(x)` loop (what a user writes first)",
+        "rows": rows,
+        "table": {"columns": columns, "rows": table_rows},
+        "ratios": ratios,
+        "notes": [
+            "ms/image at batch 1 = median wall time of one call on one image; images/s at batch 8 = 8 / median time of one 8-image call",
+            "untrained models at the default config (umobilenetv2 with encoder_weights none): latency does not depend on the weights",
+            "TFLite runs with num_threads = cores; ONNX Runtime with its default (all cores); Keras with the training thread settings",
+        ],
+    }
+
+
+def write_extra(payload: dict[str, Any], results: Path) -> Path:
+    """The README's latency table, beside the JSON (``benchmarks/run.py`` calls this too)."""
+    from tumorseg.io import atomic_write_text
+
+    return atomic_write_text(Path(results) / "inference_latency.md", markdown(payload))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=256, help="input side (default: %(default)s)")
@@ -151,48 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: %(default)s)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--quick", action="store_true", help="few repeats: checks the script works; timings are rough")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "inference_latency.json"), help="result JSON (the .md goes beside it)")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="output folder: inference_latency.json and .md (default: %(default)s)")
     args = parser.parse_args(argv)
-    repeats = args.repeats or (3 if args.quick else 20)
-    warmup = 1 if args.quick else args.warmup
 
-    from tumorseg.io import atomic_write_json, atomic_write_text
-    from tumorseg.training import configure_runtime
+    from tumorseg.io import atomic_write_json
 
-    load_start = load_average()
-    started = time.perf_counter()
-    configure_runtime(seed=0, threads=0, deterministic=False)  # all cores, as in training and tumorseg predict
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="tumorseg-latency-") as scratch, ForeignCpu() as foreign:
-        for name in args.models:
-            rows += measure(name, args.size, warmup=warmup, repeats=repeats, scratch=Path(scratch))
-    load_end = load_average()
-    payload = {
-        "benchmark": "inference_latency",
-        "quick": args.quick,
-        "size": args.size,
-        "models": args.models,
-        "repeats": repeats,
-        "warmup": warmup,
-        "load_avg_start": load_start,
-        "load_avg_end": load_end,
-        "foreign_cpu_fraction": foreign.fraction,
-        "quiet_machine": foreign.quiet,
-        "seconds": round(time.perf_counter() - started, 1),
-        "machine": machine_info() | {"load_avg_start": load_start, "load_avg_end": load_end},
-        "rows": rows,
-        "notes": [
-            "ms/image at batch 1 = median wall time of one call on one image; images/s at batch 8 = 8 / median time of one 8-image call",
-            "untrained models at the default config (umobilenetv2 with encoder_weights none): latency does not depend on the weights",
-            "TFLite runs with num_threads = cores; ONNX Runtime with its default (all cores); Keras with the training thread settings",
-        ],
-    }
-    if not payload["quiet_machine"]:
-        payload["notes"].append(not_quiet_note(load_start[0], load_end[0], foreign))
-    out = Path(args.out)
-    atomic_write_json(out, payload)
-    atomic_write_text(out.with_suffix(".md"), markdown(payload))
-    log(f"wrote {out} and {out.with_suffix('.md')}")
+    load_start, started = load_average(), time.perf_counter()
+    with ForeignCpu() as foreign:
+        body = latency_benchmark(quick=args.quick, size=args.size, models=tuple(args.models), repeats=args.repeats, warmup=args.warmup)
+    payload = result_payload("inference_latency", quick=args.quick, started=started, load_start=load_start, body=body, foreign=foreign)
+    out = atomic_write_json(Path(args.results) / "inference_latency.json", payload)
+    log(f"wrote {out} and {write_extra(payload, args.results)}")
     return 0
 
 

@@ -12,6 +12,8 @@ ratio and the machine's description, in ``benchmarks/results/SUMMARY.md``):
                   ``Unet('mobilenetv2')``, run from a separate venv (benchmarks/.venv-peer)
   inference       images/s at batch 1 and 8: a compiled forward pass vs a per-image ``model.predict``
                   loop; achieved GFLOP/s vs this machine's measured float32 matmul GFLOP/s
+  inference_latency  ms/image at 256², batch 1 and 8: Keras vs TFLite (float32/float16/dynamic) vs
+                  ONNX Runtime, both models (also inference_latency.md: the README's table)
   prepare         prepare-stage pairs/s (512² -> 256²) vs a naive cv2 read/resize/write loop
   augment         augment-stage pairs/s vs the same albumentations Compose in a naive loop
   pipeline        ``dvc repro`` no-op time in a tiny project copy; peak RSS of every stage
@@ -47,6 +49,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "input_pipeline": ("bench_input_pipeline", "input_pipeline_benchmark"),
     "train_step": ("bench_train_step", "train_step_benchmark"),
     "inference": ("bench_inference", "inference_benchmark"),
+    "inference_latency": ("inference_latency", "latency_benchmark"),
     "pipeline": ("bench_pipeline", "pipeline_benchmark"),
 }
 
@@ -63,7 +66,11 @@ def run_child(name: str, quick: bool, results: Path) -> Path:
     with ForeignCpu() as foreign:
         body = function(quick=quick, **extra)
     payload = result_payload(name, quick=quick, started=started, load_start=load_start, body=body, foreign=foreign)
-    return atomic_write_json(results / f"{name}.json", payload)
+    path = atomic_write_json(results / f"{name}.json", payload)
+    module = importlib.import_module(module_name)
+    if hasattr(module, "write_extra"):  # e.g. a markdown table beside the JSON
+        module.write_extra(payload, results)
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -79,6 +86,13 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,d}"
     return "" if value is None else str(value)
+
+
+def _other_cpu(result: dict[str, Any]) -> str:
+    """CPU share other processes used while the benchmark ran (or the 1-minute load, for old files)."""
+    if result.get("foreign_cpu_fraction") is not None:
+        return f"{100 * result['foreign_cpu_fraction']:.0f}%"
+    return f"load {result.get('load_avg_1m')}"
 
 
 def _table(columns: list[str], rows: list[list[Any]]) -> list[str]:
@@ -132,10 +146,10 @@ def write_summary(results: Path, machine: dict[str, Any]) -> Path:
     rows = []
     for r in found:
         if r.get("error"):
-            rows.append([r["benchmark"], f"FAILED: {r['error']}", None, None, None, r.get("load_avg_1m"), r.get("date")])
+            rows.append([r["benchmark"], f"FAILED: {r['error']}", None, None, None, _other_cpu(r), r.get("date")])
         for item in r.get("ratios", []):
-            rows.append([r["benchmark"], item["what"], item["value"], item.get("target"), item.get("meets_target"), r.get("load_avg_1m"), r["machine"]["date"][:16]])
-    lines += _table(["benchmark", "ratio", "value", "target", "met", "load 1m", "measured"], rows) + [""]
+            rows.append([r["benchmark"], item["what"], item["value"], item.get("target"), item.get("meets_target"), _other_cpu(r), r["machine"]["date"][:16]])
+    lines += _table(["benchmark", "ratio", "value", "target", "met", "other CPU use", "measured"], rows) + [""]
     for r in found:
         lines += [f"## {r['benchmark']}", ""]
         if r.get("reference"):

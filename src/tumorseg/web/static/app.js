@@ -17,7 +17,11 @@ async function loadHealth() {
   } catch (e) { /* the page still works without it */ }
 }
 
+// Only the answer to the latest upload is shown: an older request that finishes later is ignored.
+let latest = 0;
+
 async function upload(file) {
+  const ticket = ++latest;
   $("error").hidden = true;
   $("result").hidden = true;
   $("status").textContent = `Analysing ${file.name} …`;
@@ -27,12 +31,14 @@ async function upload(file) {
   try {
     r = await fetch("predict", { method: "POST", body });
   } catch (e) {
+    if (ticket !== latest) return;
     $("status").textContent = "";
     showError("Could not reach the server: " + e);
     return;
   }
   let answer = null;
   try { answer = await r.json(); } catch (e) { /* not JSON */ }
+  if (ticket !== latest) return;
   $("status").textContent = "";
   if (!r.ok) {
     showError(`Error ${r.status}: ` + (answer && answer.detail ? answer.detail : r.statusText));
@@ -60,5 +66,6 @@ async function upload(file) {
 $("file").addEventListener("change", (event) => {
   const file = event.target.files[0];
   if (file) upload(file);
+  event.target.value = "";  // choosing the same file again analyses it again
 });
 loadHealth();
