@@ -114,8 +114,9 @@ def test_kaggle_unreachable_fails_fast_with_what_to_set(tmp_path: Path, monkeypa
 
 
 def test_kaggle_reachability_probe_gives_up_on_a_silent_host(monkeypatch):
-    def hang(*args, **kwargs):
+    def hang(*args, **kwargs):  # a resolver that hangs, then fails the way socket does
         time.sleep(30)
+        raise TimeoutError("timed out")
 
     monkeypatch.setattr(sources.socket, "create_connection", hang)
     started = time.monotonic()
