@@ -78,11 +78,33 @@ class ForeignCpu:
         busy = sum(ticks[:8]) - ticks[3] - ticks[4]  # user nice system [idle iowait] irq softirq steal
         times = os.times()
         own = times.user + times.system + times.children_user + times.children_system
-        return time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), own
+        hz = os.sysconf("SC_CLK_TCK")
+        return time.monotonic(), busy / hz, own + _live_descendants_ticks() / hz
 
     @property
     def quiet(self) -> bool:
         return self.fraction is not None and self.fraction < QUIET_FOREIGN_FRACTION
+
+
+def _live_descendants_ticks() -> int:
+    """CPU ticks of our live descendants and of the children they reaped: worker pools started by
+    forkserver are the forkserver's children, not ours, and ``os.times`` never sees them."""
+    parents: dict[int, int] = {}
+    spent: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        parents[int(entry.name)] = int(fields[1])
+        spent[int(entry.name)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    mine, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - mine
+        mine |= frontier
+    return sum(spent[pid] for pid in mine)
 
 
 def cpu_model() -> str:

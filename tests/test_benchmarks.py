@@ -43,6 +43,14 @@ def test_quiet_machine_flag_and_note():
     assert loaded["quiet_machine"] is False and any("NOT a valid timing" in n for n in loaded["notes"])
 
 
+def _spin_seconds(seconds: float) -> None:
+    import time
+
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="ForeignCpu reads /proc/stat (Linux)")
 def test_foreign_cpu_counts_other_processes_but_not_our_own_work():
     import time
@@ -52,15 +60,19 @@ def test_foreign_cpu_counts_other_processes_but_not_our_own_work():
         while time.perf_counter() < end:
             pass
 
-    with common.ForeignCpu() as own:  # our own busy loop is not foreign
-        spin(0.6)
-    # a process we did not start (not our reaped child): spins while we sleep
-    other = subprocess.Popen([sys.executable, "-c", "import time\nend = time.perf_counter() + 1.0\nwhile time.perf_counter() < end: pass"])
-    try:
-        with common.ForeignCpu() as foreign:
-            time.sleep(0.8)
-    finally:
-        other.wait()
+    with common.ForeignCpu() as own:  # our own busy loop is not foreign, nor a forkserver pool's work
+        spin(0.3)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("forkserver")) as pool:
+            list(pool.map(_spin_seconds, [0.5, 0.5]))
+    # a process that is not ours: orphaned at once (its shell parent exits), it spins while we sleep
+    spinner = "import time\nend = time.perf_counter() + 1.2\nwhile time.perf_counter() < end: pass"
+    subprocess.run(["sh", "-c", f'"{sys.executable}" -c "{spinner}" &'], check=True)
+    with common.ForeignCpu() as foreign:
+        time.sleep(0.8)
+    time.sleep(0.5)  # let it finish
     # other processes of the test machine add noise: compare, with margins, rather than expect zero
     assert own.fraction is not None and foreign.fraction is not None
     assert foreign.fraction > own.fraction + 0.5 / common.cores() * 0.6, (own.fraction, foreign.fraction)
