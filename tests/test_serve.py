@@ -246,3 +246,13 @@ def test_serve_in_background_listens_on_a_free_port_and_always_stops(app):
     with pytest.raises(RuntimeError, match="inside"), serve_in_background(app):
         raise RuntimeError("inside")  # an error in the block stops the server too
     assert not any(thread.name == "tumorseg-serve" for thread in threading.enumerate())
+
+
+def test_the_model_is_warmed_up_before_the_first_request(blob_model, monkeypatch):
+    model, _ = blob_model
+    predictor = Predictor(model)
+    seen: list[tuple[int, ...]] = []
+    original = predictor.predict
+    monkeypatch.setattr(predictor, "predict", lambda images: seen.append(images[0].shape) or original(images))
+    create_app(predictor)
+    assert seen == [(predictor.input_size, predictor.input_size)]  # traced at start-up, not on a user's upload

@@ -160,6 +160,11 @@ class Analyser:
             self.gradcam = GradCam(predictor.model, gradcam_layer, threshold=predictor.threshold)
         elif gradcam_layer:
             raise ValueError("--layer needs a Keras model: an exported .tflite/.onnx model has no Grad-CAM")
+        # Trace the graphs now: the first request would otherwise wait seconds for it.
+        blank = np.zeros((predictor.input_size, predictor.input_size), np.uint8)
+        predictor.predict([blank])
+        if self.gradcam is not None:
+            self.gradcam(blank)
 
     def __call__(self, data: bytes, filename: str, with_gradcam: bool) -> dict[str, Any]:
         image = decode_image(data, filename, max_pixels=self.max_pixels)  # InputImageError -> 422
