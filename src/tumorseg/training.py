@@ -90,8 +90,12 @@ def make_dataset(images: np.ndarray, masks: np.ndarray, *, batch_size: int, shuf
         dataset = dataset.map(_map, num_parallel_calls=1, deterministic=True)
     # Several replicas need equal shares of every batch: drop the ragged last batch.
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-    dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)), num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    # One cheap cast per batch and a fixed 2-batch prefetch: tf.data's autotuner sizes its own thread
+    # pools to the core count, and on a 2-core machine those threads took time from the training step.
+    dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)), num_parallel_calls=1, deterministic=True)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return dataset.prefetch(2).with_options(options)
 
 
 # --------------------------------------------------------------------------------------------
