@@ -13,7 +13,7 @@ from tumorseg.study import ablation_markdown, select_runs, varying_params
 
 def _fake_run(uri: str, name: str, model: str, lr_schedule: str, dices: list[float], source: str = "real") -> None:
     with tracking.run(uri, run_id=None, run_name=name, tags={"model": model, "data_source": source, "dvc_experiment": name}):
-        tracking.log_params({"lr": 1e-4, "train.lr_schedule": lr_schedule, f"models.{model}.alpha": 1.0, "profile": name})
+        tracking.log_params({"lr": 1e-4, "train.lr_schedule": lr_schedule, f"models.{model}.alpha": 1.0, "profile": name, "model": model, "epochs": len(dices)})
         for epoch, value in enumerate(dices, start=1):
             tracking.log_metrics({"val_dice": value}, step=epoch)
         tracking.log_metrics({"best_val_dice": max(dices), "test_dice": max(dices) - 0.01, "test_dice_by_class_glioma": 0.5})
@@ -29,7 +29,8 @@ def test_study_lists_runs_with_their_levers_and_draws_curves(tmp_path: Path, mon
     runs = select_runs(tracking.study_runs(uri), data_source="real")
     assert [r["tags"]["dvc_experiment"] for r in runs] == ["plateau", "cosine"]
     assert runs[1]["history"] == [(1, 0.35), (2, 0.55), (3, 0.7), (4, 0.72)]
-    assert varying_params(runs) == ["train.lr_schedule"]  # lr and alpha are equal; profile is bookkeeping
+    # lr and alpha are equal; profile is bookkeeping; epochs and model have their own columns
+    assert varying_params(runs) == ["train.lr_schedule"]
     table = ablation_markdown(runs)
     assert "| umobilenetv2 · cosine | cosine | 4 | 0.7200 | 0.7100 | 0.5000 |" in table
 

@@ -21,8 +21,9 @@ SCORE_COLUMNS = [
     ("test_dice_by_size_small", "small third"),
     ("ms_per_step", "ms/step"),
 ]
-# Params that differ between runs for bookkeeping reasons, not as levers.
-IGNORED_PARAMS = {"profile", "data.local_path"}
+# Params that differ between runs for bookkeeping reasons, not as levers, or that the table shows
+# anyway (the model is in the run's label, the epochs in their own column).
+IGNORED_PARAMS = {"profile", "data.local_path", "model", "epochs"}
 
 
 def select_runs(runs: list[dict[str, Any]], *, data_source: str | None = None, model: str | None = None) -> list[dict[str, Any]]:
