@@ -116,3 +116,62 @@ def test_cosine_training_logs_a_falling_learning_rate(prepared: Path, tmp_path: 
         rates = [float(row["lr"]) for row in csv.DictReader(handle)]
     assert len(rates) == 3 and all(a > b for a, b in zip(rates, rates[1:]))
     assert rates[-1] == pytest.approx(CFG.train.min_lr, rel=1e-3)  # the last step reaches min_lr
+
+
+def test_warm_start_begins_from_the_given_model_at_another_input_size(prepared: Path, tmp_path: Path):
+    """Progressive resizing: a model trained at 32² continues at 48² from its own weights."""
+    import keras
+
+    import tumorseg.models  # noqa: F401
+
+    _train(prepared, tmp_path / "small", epochs=1)
+    source = keras.models.load_model(tmp_path / "small" / "unet.keras")
+    larger = tmp_path / "prepared48"
+    for split, count in (("train", 8), ("val", 8)):
+        for index in range(count):
+            write_pair(larger / split, f"{split}{index}.png", *blob_pair(48, index, radius=7))
+    # A learning rate of ~0 leaves the kernels where the run began.
+    def continue_at_48(init: str, out: Path):
+        result = train_model(
+            "unet",
+            model_params=CFG.models.unet.model_dump() | {"base_filters": 4, "depth": 2, "use_caspp": False},
+            loss_params=CFG.loss.model_dump(),
+            train_params=CFG.train.model_dump() | {"deterministic": False, "init_from": {"unet": init, "umobilenetv2": "none"}},
+            augment_params=CFG.augment.model_dump(),
+            lr=1e-12,
+            epochs=1,
+            batch_size=8,
+            image_size=48,
+            seed=1,
+            prepared_dir=larger,
+            augmented_dir=None,
+            model_path=out / "unet.keras",
+            history_path=out / "history.csv",
+            state_dir=out / "state",
+            progress=False,
+        )
+        return keras.models.load_model(result.model_path)
+
+    def same_kernels(a, b) -> bool:
+        pairs = [(x, y) for x, y in zip(a.weights, b.weights) if x.path.endswith("kernel")]
+        assert len(pairs) >= 4
+        return all(np.allclose(x.numpy(), y.numpy(), atol=1e-6) for x, y in pairs)
+
+    continued = continue_at_48(str(tmp_path / "small" / "unet.keras"), tmp_path / "big")
+    assert continued.input_shape == (None, 48, 48, 1)
+    assert same_kernels(source, continued)
+    assert not same_kernels(source, continue_at_48("none", tmp_path / "scratch"))  # the check can fail
+
+
+def test_warm_start_names_the_key_when_the_file_is_missing_or_does_not_fit(tmp_path: Path):
+    import tumorseg.models  # noqa: F401
+    from tumorseg.models import build_model
+    from tumorseg.training import load_initial_weights
+
+    small = build_model("unet", (32, 32, 1), base_filters=4, depth=2, use_caspp=False)
+    with pytest.raises(FileNotFoundError, match=r"train\.init_from\.unet: .*missing\.keras does not exist"):
+        load_initial_weights(small, tmp_path / "missing.keras", key="train.init_from.unet")
+    small.save(tmp_path / "small.keras")
+    wider = build_model("unet", (32, 32, 1), base_filters=8, depth=2, use_caspp=False)
+    with pytest.raises(ValueError, match=r"train\.init_from\.unet: .*small\.keras does not fit"):
+        load_initial_weights(wider, tmp_path / "small.keras", key="train.init_from.unet")

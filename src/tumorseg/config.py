@@ -192,6 +192,13 @@ class UMobileNetV2Config(_Strict):
         return value
 
 
+class InitFromConfig(_Strict):
+    """Per model: a trained ``.keras`` model of the same architecture to start from, or none."""
+
+    unet: str = "none"
+    umobilenetv2: str = "none"
+
+
 class TrainConfig(_Strict):
     """How both models are trained (the shared settings; lr/epochs/batch are top level)."""
 
@@ -212,6 +219,9 @@ class TrainConfig(_Strict):
     deterministic: bool = True  # op determinism: same seed -> same weights (slightly slower)
     jit_compile: bool = False  # XLA; measured 3.7x slower per step on 2 CPU cores
     distribute: Literal["none", "mirrored", "multi_worker"] = "none"
+    # Warm start (fine-tuning, progressive resizing: a 128² model continued at 256²). Every weight
+    # must fit the model that params.yaml builds; the input size may differ (fully convolutional).
+    init_from: InitFromConfig = InitFromConfig()
 
 
 class EvaluateConfig(_Strict):

@@ -19,7 +19,7 @@ from tumorseg import tracking
 from tumorseg.config import Config
 from tumorseg.data.prepare import PrepareReport, prepare_dataset
 from tumorseg.data.sources import SourceInfo, data_label, download, read_source_info
-from tumorseg.io import atomic_write_json, atomic_write_text, read_json
+from tumorseg.io import atomic_write_json, atomic_write_text, read_json, sha256_file
 from tumorseg.training import clear_state, read_state, remember_run_id, sweep_temporaries, train_model, update_state
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,11 @@ def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Pat
     history_path = metrics_dir / f"history_{name}.csv"
     model_params = getattr(cfg.models, name).model_dump()
     tags = _run_tags(cfg, name, record, params_path)
+    init_from = getattr(cfg.train.init_from, name)
+    if init_from != "none":  # fail before a run is opened; record which weights it started from
+        if not Path(init_from).is_file():
+            raise FileNotFoundError(f"train.init_from.{name}: {init_from} does not exist; give a .keras model file or `none`")
+        tags["init_from_sha256"] = sha256_file(init_from)
     state = read_state(state_dir)
     previous_run = state.get("run_id")
     if previous_run:

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -430,6 +431,9 @@ def train_model(
 
     with strategy.scope():
         model = build_model(name, (image_size, image_size, 1), **model_params)
+        init_from = str((train_params.get("init_from") or {}).get(name, "none"))
+        if init_from != "none" and not state.epochs_done:  # a resume restores its own checkpoint
+            load_initial_weights(model, Path(init_from), key=f"train.init_from.{name}")
         freeze_epochs = int(model_params.get("freeze_epochs", 0) or 0) if name == "umobilenetv2" else 0
         transfer = freeze_epochs > 0 and str(model_params.get("encoder_weights", "none")) != "none"
 
@@ -482,6 +486,22 @@ def train_model(
     if not model_path.exists():  # no epoch produced a finite val Dice: keep the last weights
         save_model_atomically(model, model_path)
     return result
+
+
+def load_initial_weights(model, path: Path, *, key: str) -> None:
+    """Warm-start ``model`` from a saved model of the same architecture (any input size)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: {path} does not exist; give a .keras model file or `none` to train from scratch")
+    try:
+        with warnings.catch_warnings():  # Keras 3.15 warns about weightless op containers of our blocks
+            warnings.filterwarnings("ignore", message="Skipping nested container")
+            model.load_weights(path)
+    except Exception as exc:  # Keras raises ValueError/KeyError/OSError for unfit or unreadable files
+        raise ValueError(
+            f"{key}: {path} does not fit the {model.name} model built from params.yaml ({type(exc).__name__}: {exc}); "
+            "it must be a model trained with the same model settings (models.* in params.yaml)"
+        ) from exc
+    log.info("starting from the weights of %s (%s)", path, key)
 
 
 def sweep_temporaries(*targets: Path) -> None:
