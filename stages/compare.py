@@ -1,4 +1,4 @@
-"""DVC stage `compare`: the comparison report, JSON metric and bar chart of both models."""
+"""DVC stage `compare`: the comparison report, JSON metric and bar chart of both models and their ensemble."""
 
 import argparse
 import sys

@@ -1,4 +1,4 @@
-"""DVC stage `evaluate`: score every trained model on the untouched test split."""
+"""DVC stage `evaluate`: score every trained model, and their ensemble, on the untouched test split."""
 
 import argparse
 import sys
@@ -20,7 +20,7 @@ def main() -> int:
     parser.add_argument("--metrics-dir", type=Path, default=Path("metrics"))
     parser.add_argument("--reports-dir", type=Path, default=Path("reports"))
     args = parser.parse_args()
-    evaluate_step(load_config(args.params), args.models, prepared_dir=args.prepared, models_dir=args.models_dir, metrics_dir=args.metrics_dir, reports_dir=args.reports_dir, raw_dir=args.raw)
+    evaluate_step(load_config(args.params), args.models, prepared_dir=args.prepared, models_dir=args.models_dir, metrics_dir=args.metrics_dir, reports_dir=args.reports_dir, raw_dir=args.raw, params_path=args.params)
     return 0
 
 

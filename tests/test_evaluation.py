@@ -140,3 +140,40 @@ def test_labels_file_errors_name_the_problem(tmp_path: Path):
     (tmp_path / "bad.csv").write_text("file,kind\n1.png,glioma\n")
     with pytest.raises(ValueError, match="tumour_type"):
         read_labels(str(tmp_path / "bad.csv"), tmp_path)
+
+
+class Member:
+    """A back-end for an ensemble: ``rule(x)`` at its own input size."""
+
+    name = "stub"
+
+    def __init__(self, size: int, rule) -> None:
+        self.input_size, self.rule = size, rule
+
+    def __call__(self, batch):
+        return self.rule(batch).astype("float32")
+
+
+def test_an_ensemble_is_scored_as_the_mean_of_its_members(project: Path):
+    from tumorseg.inference import EnsembleBackend
+
+    bright = Member(32, lambda x: x > 150)
+    blind = Member(16, lambda x: np.zeros_like(x))  # another input size: resized in and out
+    ensemble = EnsembleBackend([bright, blind])  # mean = 0.5 where bright, 0 elsewhere
+    alone, _, _ = _evaluate(project, BrightPixels(), resolution="prepared", threshold=0.4)
+    mean_low, _, _ = _evaluate(project, ensemble, resolution="prepared", threshold=0.4)
+    mean_high, _, _ = _evaluate(project, ensemble, resolution="prepared", threshold=0.5)
+    assert alone["dice"] > 0.85 and mean_low["dice"] == pytest.approx(alone["dice"], abs=0.02)
+    assert mean_high["dice"] == pytest.approx(0.0, abs=1e-6)  # 0.5 is not > 0.5: nothing found
+
+
+def test_a_model_built_for_another_input_size_is_scored_through_resizing(project: Path):
+    import keras
+
+    inputs = keras.Input((16, 16, 1))
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid")
+    model = keras.Model(inputs, conv(inputs))
+    conv.set_weights([np.full((1, 1, 1, 1), 0.5, np.float32), np.array([-75.0], np.float32)])  # sigmoid((x - 150) / 2)
+    metrics, _, predictions = _evaluate(project, model, resolution="original")
+    assert predictions.probabilities.shape[1:] == (32, 32, 1)  # back at the prepared size
+    assert metrics["dice"] > 0.7  # a 16² view of 64² truths: coarse, but it finds the blobs

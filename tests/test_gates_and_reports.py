@@ -77,3 +77,21 @@ def test_unreachable_tracking_server_fails_fast_before_training(monkeypatch):
     with pytest.raises(tracking.TrackingError, match="127.0.0.1:9"):
         tracking.check_tracking("http://127.0.0.1:9")  # discard port: nothing listens
     assert time.monotonic() - started < 30
+
+
+def test_comparison_adds_the_ensemble_of_exactly_these_models(tmp_path: Path):
+    from tumorseg.config import load_config
+    from tumorseg.pipeline import compare_step
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
+    metrics = tmp_path / "metrics"
+    for model, dice in (("unet", 0.70), ("umobilenetv2", 0.72)):
+        write_metrics(metrics, model, dice=dice, n_images=10)
+        (metrics / f"train_{model}.json").write_text(json.dumps({"params_total": 100, "ms_per_step": 5.0, "best_val_dice": dice, "best_epoch": 3}))
+    write_metrics(metrics, "ensemble", dice=0.75, n_images=10, members=["unet", "umobilenetv2"])
+    summary = compare_step(cfg, ["unet", "umobilenetv2"], metrics_dir=metrics, reports_dir=tmp_path / "reports")
+    assert list(summary["models"]) == ["unet", "umobilenetv2", "ensemble"] and summary["winners"]["dice"] == "ensemble"
+    assert summary["models"]["ensemble"]["params_total"] == 200
+    assert "| metric | unet | umobilenetv2 | ensemble | better |" in (tmp_path / "reports" / "comparison.md").read_text()
+    write_metrics(metrics, "ensemble", dice=0.75, n_images=10, members=["unet", "other"])  # stale: not shown
+    assert list(compare_step(cfg, ["unet", "umobilenetv2"], metrics_dir=metrics, reports_dir=tmp_path / "reports")["models"]) == ["unet", "umobilenetv2"]

@@ -91,8 +91,12 @@ def test_every_stage_writes_its_documented_outputs(project):
         assert {"dice", "iou", "precision", "recall", "specificity", "accuracy", "loss", "hd95", "ms_per_image", "data_source", "n_images", "global_dice"} <= evaluation.keys()
         assert evaluation["data_source"] == "synthetic"
         assert not (root / "models" / ".state" / model).exists(), "resume state left after a completed run"
+    ensemble = json.loads((root / "metrics/evaluate_ensemble.json").read_text())
+    assert ensemble["members"] == ["unet", "umobilenetv2"] and ensemble["data_source"] == "synthetic"
+    assert 0.0 <= ensemble["dice"] <= 1.0 and (root / "reports/evaluate_ensemble/per_image.csv").exists()
     comparison = json.loads((root / "reports/comparison.json").read_text())
     assert comparison["data_source"] == "SYNTHETIC phantoms" and "dice" in comparison["winners"]
+    assert set(comparison["models"]) == {"unet", "umobilenetv2", "ensemble"}
     assert "SYNTHETIC" in (root / "reports/comparison.md").read_text()
 
 
@@ -104,10 +108,16 @@ def test_mlflow_holds_one_tagged_run_per_model_with_test_metrics(project):
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tumorseg")
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.data.tags["model"] for r in runs) == ["umobilenetv2", "unet"]
+    assert sorted(r.data.tags["model"] for r in runs) == ["ensemble", "umobilenetv2", "unet"]
     pipelines = {r.data.tags["pipeline"] for r in runs}
     assert len(pipelines) == 1, "runs of one dvc repro must share the pipeline tag"
+    (ensemble,) = [r for r in runs if r.data.tags["model"] == "ensemble"]
+    trained = {r.data.tags["model"]: r.info.run_id for r in runs if r.data.tags["model"] != "ensemble"}
+    assert ensemble.data.tags["member_run_unet"] == trained["unet"] and ensemble.data.tags["member_run_umobilenetv2"] == trained["umobilenetv2"]
+    assert ensemble.data.tags["data_source"] == "synthetic" and "test_dice" in ensemble.data.metrics
     for r in runs:
+        if r.data.tags["model"] == "ensemble":
+            continue
         tags = r.data.tags
         for key in ("data_source", "data_hash", "git_commit", "tensorflow_version", "keras_version", "seed"):
             assert tags.get(key), key

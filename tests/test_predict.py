@@ -15,7 +15,7 @@ import pytest
 
 from conftest import blob_pair
 from tumorseg.cli import main
-from tumorseg.inference import InputImageError, Predictor, decode_image, list_inputs, read_image, unique_stems
+from tumorseg.inference import EnsembleBackend, InputImageError, Predictor, decode_image, list_inputs, read_image, unique_stems
 from tumorseg.metrics import dice
 
 
@@ -50,6 +50,48 @@ def predictor(model_path: Path) -> Predictor:
 
 def png(image: np.ndarray) -> bytes:
     return cv2.imencode(".png", image)[1].tobytes()
+
+
+# --- ensembles --------------------------------------------------------------------------------
+
+
+class ConstantBackend:
+    """Probability ``value`` everywhere at its own input size; remembers the batch shapes it saw."""
+
+    name = "const"
+
+    def __init__(self, size: int, value: float) -> None:
+        self.input_size, self.value, self.seen = size, value, []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.seen.append(batch.shape)
+        return np.full(batch.shape, self.value, np.float32)
+
+
+def test_ensemble_averages_members_each_at_its_own_input_size():
+    small, large = ConstantBackend(32, 0.2), ConstantBackend(64, 0.6)
+    ensemble = EnsembleBackend([small, large])
+    assert ensemble.input_size == 64 and ensemble.name == "ensemble(const+const)"
+    out = ensemble(np.zeros((2, 48, 48, 1), np.float32))
+    assert out.shape == (2, 48, 48, 1) and out == pytest.approx(np.full_like(out, 0.4))
+    assert small.seen == [(2, 32, 32, 1)] and large.seen == [(2, 64, 64, 1)]
+    assert ensemble.predict(np.zeros((5, 48, 48, 1)), batch_size=2).shape == (5, 48, 48, 1)  # Keras-style batching
+    with pytest.raises(ValueError, match="at least 2 models"):
+        EnsembleBackend([small])
+
+
+def test_predictor_of_several_models_is_their_mean_at_the_images_size(tmp_path: Path, model_path: Path):
+    large_path = tmp_path / "bright64.keras"
+    brightness_model(64).save(large_path)
+    image, truth = blob_pair(64, seed=3, radius=12)
+    singles = [Predictor.load(str(path)).predict([image])[0].probability for path in (model_path, large_path)]
+    ensemble = Predictor.load([str(model_path), str(large_path)])
+    assert ensemble.model is None and ensemble.input_size == 64 and ensemble.backend.name.startswith("ensemble")
+    result = ensemble.predict([image])[0]
+    assert result.probability.shape == (64, 64)
+    assert np.abs(result.probability - (singles[0] + singles[1]) / 2).max() < 0.02  # same up to resampling
+    assert dice(truth > 0, result.mask > 0) > 0.8
+    assert Predictor.load([str(model_path)]).input_size == 32  # one model in a list: just that model
 
 
 # --- decoding ---------------------------------------------------------------------------------
@@ -248,6 +290,17 @@ def test_predict_command_writes_masks_overlays_and_a_csv(tmp_path: Path, model_p
     assert 0.5 < float(first["mean_confidence"]) <= 1.0 and first["mask"] == "slice_mask.png"
     empty = by_file[f"{tmp_path / 'more.zip'}:../outside.png"]
     assert empty["tumour_present"] == "False" and empty["area_px"] == "0" and empty["mean_confidence"] == "0.0"
+
+
+def test_predict_command_averages_models_given_twice(tmp_path: Path, model_path: Path, capsys):
+    large_path = tmp_path / "bright64.keras"
+    brightness_model(64).save(large_path)
+    image, truth = blob_pair(96, seed=5, radius=20)
+    assert cv2.imwrite(str(tmp_path / "slice.png"), image)
+    code = main(["predict", str(tmp_path / "slice.png"), "--model", str(model_path), "--model", str(large_path), "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    mask = cv2.imread(str(tmp_path / "out" / "slice_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (96, 96) and dice(truth > 0, mask > 0) > 0.8
 
 
 def test_predict_command_skips_bad_inputs_with_reasons_and_exit_codes(tmp_path: Path, model_path: Path, capsys):

@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("predict", cmd_predict, "segment images, folders (recursive) or zip archives: <stem>_mask.png, <stem>_overlay.png, predictions.csv", params=False)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or .zip archives")
-    p.add_argument("--model", required=True, help="a .keras/.tflite/.onnx file, runs:/<run id>/model or models:/<name>/<version>")
+    p.add_argument("--model", required=True, action="append", help="a .keras/.tflite/.onnx file, runs:/<run id>/model or models:/<name>/<version>; give --model twice or more to average the models (an ensemble)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=0.5, help="tumour where probability > threshold (default: %(default)s)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (mean of image and mirror)")

@@ -43,19 +43,37 @@ class Predictions:
 def predict_probabilities(model, images: np.ndarray, batch_size: int, *, tta: bool = False) -> np.ndarray:
     """Sigmoid outputs ``(N, H, W, 1)``; with ``tta`` the mean over the image and its mirror image
     (the mirror's prediction flipped back), which the models were trained to be invariant to."""
+    from tumorseg.inference import resize_batch
+
     x = images.astype("float32")
-    probabilities = model.predict(x, batch_size=batch_size, verbose=0)
+    side = _fixed_input_side(model)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        if side is None or side == batch.shape[1]:
+            return model.predict(batch, batch_size=batch_size, verbose=0)
+        # A model trained at another size: the images resized to it, the output back to theirs.
+        return resize_batch(np.asarray(model.predict(resize_batch(batch, side), batch_size=batch_size, verbose=0), np.float32), batch.shape[1])
+
+    probabilities = run(x)
     if tta:
-        mirrored = model.predict(x[:, :, ::-1], batch_size=batch_size, verbose=0)[:, :, ::-1]
+        mirrored = run(np.ascontiguousarray(x[:, :, ::-1]))[:, :, ::-1]
         probabilities = (probabilities + mirrored) / 2.0
     return probabilities.astype("float32")
+
+
+def _fixed_input_side(model) -> int | None:
+    """The square input side a Keras model was built for (None: any size, or not a Keras model)."""
+    shape = getattr(model, "input_shape", None)
+    if not isinstance(shape, tuple) or len(shape) != 4 or shape[1] is None or shape[1] != shape[2]:
+        return None
+    return int(shape[1])
 
 
 def predict_split(model, split_dir: Path, image_size: int, batch_size: int, *, tta: bool = False) -> Predictions:
     names, images, truths = load_pairs(split_dir, image_size)
     if not names:
         raise FileNotFoundError(f"no pairs in {split_dir}; the split is empty (prepare.val_fraction / test_fraction)")
-    model.predict(images[:1].astype("float32"), verbose=0)  # build/trace once, not timed
+    predict_probabilities(model, images[:1], 1)  # build/trace once, not timed
     started = time.perf_counter()
     probabilities = predict_probabilities(model, images, batch_size, tta=tta)
     ms_per_image = 1000.0 * (time.perf_counter() - started) / len(names)

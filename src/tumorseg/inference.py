@@ -215,6 +215,43 @@ class OnnxBackend:
         return np.asarray(self.session.run(None, {self._input.name: batch})[0], dtype=np.float32)
 
 
+def resize_batch(batch: np.ndarray, size: int) -> np.ndarray:
+    """``(N, H, W, 1)`` float32 -> ``(N, size, size, 1)``: area when shrinking, linear when enlarging."""
+    if batch.shape[1:3] == (size, size):
+        return batch
+    shrinking = batch.shape[1] > size or batch.shape[2] > size
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return np.stack([cv2.resize(image[..., 0], (size, size), interpolation=interpolation) for image in batch])[..., None].astype(np.float32)
+
+
+class EnsembleBackend:
+    """The mean probability of several models: any mix of back-ends and input sizes.
+
+    Each member sees the batch resized to its own input size; its output is resized back to the
+    batch's size before averaging. Averaging two differently built models (the U-Net and
+    UMobileNetV2) cancels part of their independent errors.
+    """
+
+    def __init__(self, members: Sequence[Backend]) -> None:
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 models, got {len(members)}")
+        self.members = list(members)
+        self.input_size = max(member.input_size for member in self.members)
+        self.name = "ensemble(" + "+".join(member.name for member in self.members) + ")"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        side = batch.shape[1]
+        total = np.zeros(batch.shape, np.float32)
+        for member in self.members:
+            total += resize_batch(np.asarray(member(resize_batch(batch, member.input_size)), np.float32), side)
+        return total / len(self.members)
+
+    def predict(self, x: np.ndarray, batch_size: int = 8, verbose: int = 0) -> np.ndarray:
+        """Keras-style batched call: scoring code takes an ensemble wherever it takes a model."""
+        x = np.asarray(x, np.float32)
+        return np.concatenate([self(x[start : start + batch_size]) for start in range(0, len(x), batch_size)])
+
+
 def load_keras_model(source: str | Path):
     """A Keras model from a ``.keras``/``.h5`` file or an MLflow URI (``runs:/``, ``models:/``)."""
     import keras
@@ -297,15 +334,19 @@ class Predictor:
             raise ValueError(f"threshold must be in [0, 1), got {threshold}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.backend: Backend = model if isinstance(model, (TFLiteBackend, OnnxBackend, KerasBackend)) else KerasBackend(model)
+        self.backend: Backend = model if isinstance(model, (TFLiteBackend, OnnxBackend, KerasBackend, EnsembleBackend)) else KerasBackend(model)
         self.threshold = float(threshold)
         self.tta = bool(tta)
         self.batch_size = int(batch_size)
 
     @classmethod
-    def load(cls, source: str | Path, *, num_threads: int | None = None, **kwargs) -> Predictor:
+    def load(cls, source: str | Path | Sequence[str | Path], *, num_threads: int | None = None, **kwargs) -> Predictor:
         """From a ``.keras`` file, an MLflow URI (``runs:/<id>/model``, ``models:/<name>/<version>``),
-        or an exported ``.tflite`` / ``.onnx`` file."""
+        or an exported ``.tflite`` / ``.onnx`` file; several of them: their mean (an ensemble)."""
+        if isinstance(source, (list, tuple)):
+            if len(source) == 1:
+                return cls.load(source[0], num_threads=num_threads, **kwargs)
+            return cls(EnsembleBackend([cls.load(s, num_threads=num_threads).backend for s in source]), **kwargs)
         text = str(source)
         suffix = Path(text).suffix.lower()
         if suffix in RUNTIME_SUFFIXES and "://" not in text and not text.startswith(("runs:/", "models:/")):
@@ -320,7 +361,7 @@ class Predictor:
 
     @property
     def model(self):
-        """The Keras model (``None`` when running an exported .tflite/.onnx file)."""
+        """The Keras model (``None`` for an exported .tflite/.onnx file or an ensemble)."""
         return getattr(self.backend, "model", None)
 
     @property

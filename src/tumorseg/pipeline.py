@@ -6,6 +6,7 @@ Each takes the validated :class:`~tumorseg.config.Config` plus explicit paths (t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -23,6 +24,8 @@ from tumorseg.io import atomic_write_json, atomic_write_text, read_json, sha256_
 from tumorseg.training import clear_state, read_state, remember_run_id, sweep_temporaries, train_model, update_state
 
 log = logging.getLogger(__name__)
+
+ENSEMBLE = "ensemble"  # the evaluated mean of all models: metrics/evaluate_ensemble.json
 
 
 def download_step(cfg: Config, out_dir: Path, progress: bool = True) -> SourceInfo:
@@ -230,8 +233,9 @@ def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Pat
     return summary
 
 
-def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_dir: Path, metrics_dir: Path, reports_dir: Path, raw_dir: Path = Path("data/raw")) -> dict[str, dict]:
-    """Score each trained model on the test split; log into its training run in MLflow."""
+def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_dir: Path, metrics_dir: Path, reports_dir: Path, raw_dir: Path = Path("data/raw"), params_path: Path = Path("params.yaml")) -> dict[str, dict]:
+    """Score each trained model on the test split (logged into its training run in MLflow) and,
+    with two or more models, their ensemble (mean probability; a run of its own)."""
     import keras
 
     import tumorseg.models  # noqa: F401 - registers custom objects for loading
@@ -243,9 +247,14 @@ def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_d
     tracking.check_tracking(uri)
     settings = cfg.evaluate
     labels = read_labels(settings.labels, raw_dir)
-    results = {}
-    for name in names:
-        model = keras.models.load_model(models_dir / f"{name}.keras")
+    results: dict[str, dict] = {}
+    loaded = {name: keras.models.load_model(models_dir / f"{name}.keras") for name in names}
+    members = list(names)
+    if len(names) >= 2:  # the ensemble is scored like a model, with its own MLflow run
+        from tumorseg.inference import EnsembleBackend, KerasBackend
+
+        loaded[ENSEMBLE] = EnsembleBackend([KerasBackend(loaded[name]) for name in names])
+    for name, model in loaded.items():
         metrics, per_image, predictions = evaluate_model(
             model,
             combined_loss(**cfg.loss.model_dump()),
@@ -263,11 +272,25 @@ def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_d
             val_dir=prepared_dir / "val" if settings.tune_on_val else None,
         )
         metrics = {**metrics, "data_source": record["data_source"], "data_hash": record["data_hash"], "model": name, "image_size": cfg.image_size}
+        if name == ENSEMBLE:
+            metrics["members"] = members
         out_dir = reports_dir / f"evaluate_{name}"
         metrics_path = metrics_dir / f"evaluate_{name}.json"
         write_evaluation(metrics_path, out_dir, metrics, per_image, predictions)
-        train_summary = read_json(metrics_dir / f"train_{name}.json")
-        with tracking.run(uri, run_id=train_summary.get("mlflow_run_id"), run_name=name, tags={"evaluated": "true"}):
+        if name == ENSEMBLE:
+            member_runs = {m: read_json(metrics_dir / f"train_{m}.json").get("mlflow_run_id", "") for m in members}
+            tags = _run_tags(cfg, ENSEMBLE, record, params_path) | {"evaluated": "true", "members": "+".join(members)}
+            tags.update({f"member_run_{m}": run_id or "" for m, run_id in member_runs.items()})
+            # Re-scoring the same member runs with the same settings logs into the same ensemble run.
+            identity = "+".join(f"{m}={r}" for m, r in member_runs.items()) + repr(sorted(settings.model_dump().items()))
+            token = "ensemble-" + hashlib.sha256(identity.encode()).hexdigest()[:16]
+            context = tracking.run(uri, run_id=None, run_name=f"ensemble-{tags['pipeline']}", tags=tags, resume_token=token)
+        else:
+            train_summary = read_json(metrics_dir / f"train_{name}.json")
+            context = tracking.run(uri, run_id=train_summary.get("mlflow_run_id"), run_name=name, tags={"evaluated": "true"})
+        with context:
+            if name == ENSEMBLE:
+                tracking.log_params(cfg.flat() | {"model": ENSEMBLE, "members": "+".join(members)})
             numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             for group in ("dice_by_class", "dice_by_size"):  # nested: one MLflow metric per class / size band
                 numbers.update({f"{group}_{key}": value for key, value in (metrics.get(group) or {}).items()})
@@ -286,6 +309,11 @@ def compare_step(cfg: Config, names: list[str], *, metrics_dir: Path, reports_di
     for name in names:
         train = read_json(metrics_dir / f"train_{name}.json")
         results[name] = read_json(metrics_dir / f"evaluate_{name}.json") | {k: train[k] for k in ("params_total", "ms_per_step", "best_val_dice", "best_epoch")}
+    ensemble_path = metrics_dir / f"evaluate_{ENSEMBLE}.json"
+    if len(names) >= 2 and ensemble_path.is_file():
+        ensemble = read_json(ensemble_path)
+        if ensemble.get("members") == list(names):  # not a stale file from another set of models
+            results[ENSEMBLE] = ensemble | {"params_total": sum(results[n]["params_total"] for n in names)}
     sources = {r["data_source"] for r in results.values()}
     label = "SYNTHETIC phantoms" if sources == {"synthetic"} else ("real MRI" if sources == {"real"} else f"mixed ({', '.join(sorted(sources))})")
     first = next(iter(results.values()))
