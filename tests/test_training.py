@@ -55,18 +55,18 @@ def test_online_augmentation_keeps_pairs_aligned(prepared: Path):
         assert overlap > 0.5
 
 
-def _train(prepared: Path, out: Path, epochs: int, **train_overrides):
+def _train(prepared: Path, out: Path, epochs: int, *, lr: float = 1e-3, image_size: int = 32, seed: int = 0, **train_overrides):
     return train_model(
         "unet",
         model_params=CFG.models.unet.model_dump() | {"base_filters": 4, "depth": 2, "use_caspp": False},
         loss_params=CFG.loss.model_dump(),
         train_params=CFG.train.model_dump() | {"deterministic": False} | train_overrides,
         augment_params=CFG.augment.model_dump(),
-        lr=1e-3,
+        lr=lr,
         epochs=epochs,
         batch_size=8,
-        image_size=32,
-        seed=0,
+        image_size=image_size,
+        seed=seed,
         prepared_dir=prepared,
         augmented_dir=None,
         model_path=out / "unet.keras",
@@ -132,24 +132,7 @@ def test_warm_start_begins_from_the_given_model_at_another_input_size(prepared: 
             write_pair(larger / split, f"{split}{index}.png", *blob_pair(48, index, radius=7))
     # A learning rate of ~0 leaves the kernels where the run began.
     def continue_at_48(init: str, out: Path):
-        result = train_model(
-            "unet",
-            model_params=CFG.models.unet.model_dump() | {"base_filters": 4, "depth": 2, "use_caspp": False},
-            loss_params=CFG.loss.model_dump(),
-            train_params=CFG.train.model_dump() | {"deterministic": False, "init_from": {"unet": init, "umobilenetv2": "none"}},
-            augment_params=CFG.augment.model_dump(),
-            lr=1e-12,
-            epochs=1,
-            batch_size=8,
-            image_size=48,
-            seed=1,
-            prepared_dir=larger,
-            augmented_dir=None,
-            model_path=out / "unet.keras",
-            history_path=out / "history.csv",
-            state_dir=out / "state",
-            progress=False,
-        )
+        result = _train(larger, out, epochs=1, lr=1e-12, image_size=48, seed=1, init_from={"unet": init, "umobilenetv2": "none"})
         return keras.models.load_model(result.model_path)
 
     def same_kernels(a, b) -> bool:
