@@ -47,7 +47,19 @@ def test_shipped_model_matches_its_checksum_loads_and_segments_real_slices(name:
 
     from tumorseg.inference import Predictor
 
-    predictor = Predictor.load(str(path))  # also what `tumorseg predict --model weights/...` does
+    mean_dice = _mean_dice_on_test_slices(Predictor.load(str(path)))  # what `tumorseg predict --model weights/...` does
+    assert mean_dice >= 0.7, f"{name}: mean Dice {mean_dice:.3f} on {SAMPLE} test slices"
+
+
+@pytest.mark.skipif(len(SHIPPED) < 2, reason="fewer than two shipped models")
+def test_shipped_models_as_an_ensemble_segment_real_slices():
+    from tumorseg.inference import Predictor
+
+    mean_dice = _mean_dice_on_test_slices(Predictor.load([str(WEIGHTS / name) for name in SHIPPED], tta=True))
+    assert mean_dice >= 0.7, f"ensemble: mean Dice {mean_dice:.3f} on {SAMPLE} test slices"
+
+
+def _mean_dice_on_test_slices(predictor) -> float:
     root = shared_dataset("figshare-256")
     test_files = (WEIGHTS / "test_split.txt").read_text().split()
     picked = test_files[:: max(1, len(test_files) // SAMPLE)][:SAMPLE]
@@ -59,4 +71,4 @@ def test_shipped_model_matches_its_checksum_loads_and_segments_real_slices(name:
         assert predicted.shape == truth.shape  # back at the slice's own size
         total = predicted.sum() + truth.sum()
         dices.append(1.0 if total == 0 else 2.0 * (predicted & truth).sum() / total)
-    assert np.mean(dices) >= 0.7, f"{name}: mean Dice {np.mean(dices):.3f} on {len(picked)} test slices"
+    return float(np.mean(dices))
