@@ -168,12 +168,45 @@ def test_an_ensemble_is_scored_as_the_mean_of_its_members(project: Path):
 
 
 def test_a_model_built_for_another_input_size_is_scored_through_resizing(project: Path):
-    import keras
-
-    inputs = keras.Input((16, 16, 1))
-    conv = keras.layers.Conv2D(1, 1, activation="sigmoid")
-    model = keras.Model(inputs, conv(inputs))
-    conv.set_weights([np.full((1, 1, 1, 1), 0.5, np.float32), np.array([-75.0], np.float32)])  # sigmoid((x - 150) / 2)
-    metrics, _, predictions = _evaluate(project, model, resolution="original")
+    metrics, _, predictions = _evaluate(project, _threshold_model(16), resolution="original")
     assert predictions.probabilities.shape[1:] == (32, 32, 1)  # back at the prepared size
     assert metrics["dice"] > 0.7  # a 16² view of 64² truths: coarse, but it finds the blobs
+
+
+def _threshold_model(size: int):
+    """A Keras model at ``size``² that calls pixels brighter than ~150 tumour."""
+    import keras
+
+    inputs = keras.Input((size, size, 1), name="image")
+    conv = keras.layers.Conv2D(1, 1, activation="sigmoid")
+    model = keras.Model(inputs, conv(inputs))
+    conv.set_weights([np.full((1, 1, 1, 1), 0.5, np.float32), np.array([-75.0], np.float32)])
+    return model
+
+
+def test_evaluate_step_scores_outside_models_and_their_ensemble_into_runs_of_their_own(project: Path, tmp_path: Path, monkeypatch):
+    """Models not trained by this pipeline (no metrics/train_*.json, e.g. the shipped weights)."""
+    import mlflow
+
+    from tumorseg.pipeline import evaluate_step
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    models = tmp_path / "models"
+    models.mkdir()
+    _threshold_model(32).save(models / "unet.keras")
+    _threshold_model(16).save(models / "umobilenetv2.keras")  # trained at another size: resized
+    cfg = CFG.model_copy(update={"image_size": 32})
+    kwargs = dict(prepared_dir=project / "prepared", models_dir=models, metrics_dir=tmp_path / "metrics", reports_dir=tmp_path / "reports", raw_dir=project / "raw")
+    results = evaluate_step(cfg, ["unet", "umobilenetv2"], **kwargs)
+    assert list(results) == ["unet", "umobilenetv2", "ensemble"]
+    assert all(r["dice"] > 0.7 for r in results.values()) and results["ensemble"]["members"] == ["unet", "umobilenetv2"]
+    assert (tmp_path / "metrics" / "evaluate_ensemble.json").is_file() and "dice_by_class" in results["ensemble"]
+
+    client = mlflow.tracking.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tumorseg").experiment_id])
+    by_model = {r.data.tags["model"]: r for r in runs}
+    assert sorted(by_model) == ["ensemble", "umobilenetv2", "unet"]
+    assert by_model["unet"].data.tags["model_file"].endswith("unet.keras") and "test_dice" in by_model["unet"].data.metrics
+    assert by_model["ensemble"].data.tags["member_run_unet"] == by_model["unet"].info.run_id
+    evaluate_step(cfg, ["unet", "umobilenetv2"], **kwargs)  # the same files re-scored: the same runs
+    assert len(client.search_runs([client.get_experiment_by_name("tumorseg").experiment_id])) == 3

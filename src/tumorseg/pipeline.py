@@ -250,6 +250,8 @@ def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_d
     results: dict[str, dict] = {}
     loaded = {name: keras.models.load_model(models_dir / f"{name}.keras") for name in names}
     members = list(names)
+    run_ids: dict[str, str] = {}  # the MLflow run each model's evaluation went to
+    settings_key = repr(sorted(settings.model_dump().items()))
     if len(names) >= 2:  # the ensemble is scored like a model, with its own MLflow run
         from tumorseg.inference import EnsembleBackend, KerasBackend
 
@@ -277,20 +279,12 @@ def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_d
         out_dir = reports_dir / f"evaluate_{name}"
         metrics_path = metrics_dir / f"evaluate_{name}.json"
         write_evaluation(metrics_path, out_dir, metrics, per_image, predictions)
-        if name == ENSEMBLE:
-            member_runs = {m: read_json(metrics_dir / f"train_{m}.json").get("mlflow_run_id", "") for m in members}
-            tags = _run_tags(cfg, ENSEMBLE, record, params_path) | {"evaluated": "true", "members": "+".join(members)}
-            tags.update({f"member_run_{m}": run_id or "" for m, run_id in member_runs.items()})
-            # Re-scoring the same member runs with the same settings logs into the same ensemble run.
-            identity = "+".join(f"{m}={r}" for m, r in member_runs.items()) + repr(sorted(settings.model_dump().items()))
-            token = "ensemble-" + hashlib.sha256(identity.encode()).hexdigest()[:16]
-            context = tracking.run(uri, run_id=None, run_name=f"ensemble-{tags['pipeline']}", tags=tags, resume_token=token)
-        else:
-            train_summary = read_json(metrics_dir / f"train_{name}.json")
-            context = tracking.run(uri, run_id=train_summary.get("mlflow_run_id"), run_name=name, tags={"evaluated": "true"})
-        with context:
-            if name == ENSEMBLE:
-                tracking.log_params(cfg.flat() | {"model": ENSEMBLE, "members": "+".join(members)})
+        member_runs = {m: run_ids[m] for m in members} if name == ENSEMBLE else None
+        context, own_run = _evaluation_run(cfg, name, uri=uri, record=record, params_path=params_path, metrics_dir=metrics_dir, models_dir=models_dir, member_runs=member_runs, settings_key=settings_key)
+        with context as active:
+            run_ids[name] = active.info.run_id
+            if own_run:
+                tracking.log_params(cfg.flat() | {"model": name})
             numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             for group in ("dice_by_class", "dice_by_size"):  # nested: one MLflow metric per class / size band
                 numbers.update({f"{group}_{key}": value for key, value in (metrics.get(group) or {}).items()})
@@ -300,6 +294,33 @@ def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_d
         results[name] = metrics
         log.info("%s: test Dice %.4f (global %.4f), IoU %.4f, HD95 %s on %d %s images", name, metrics["dice"], metrics["global_dice"], metrics["iou"], metrics["hd95"], metrics["n_images"], record["data_source"])
     return results
+
+
+def _evaluation_run(cfg: Config, name: str, *, uri: str, record: dict, params_path: Path, metrics_dir: Path, models_dir: Path, member_runs: dict[str, str] | None, settings_key: str):
+    """The MLflow run an evaluation is logged to, and whether it is a run of its own.
+
+    A model trained by this pipeline: its training run. A model trained elsewhere (the shipped
+    weights) or the ensemble (``member_runs``): a run of its own, found again by a token when the
+    same model file or the same members are re-scored with the same settings.
+    """
+    if member_runs is None:
+        run_id = _training_summary(metrics_dir, name).get("mlflow_run_id")
+        if run_id:
+            return tracking.run(uri, run_id=run_id, run_name=name, tags={"evaluated": "true"}), False
+        model_file = models_dir / f"{name}.keras"
+        identity, extra = sha256_file(model_file), {"model_file": str(model_file)}
+    else:
+        identity = "+".join(f"{m}={r}" for m, r in member_runs.items())
+        extra = {"members": "+".join(member_runs)} | {f"member_run_{m}": r for m, r in member_runs.items()}
+    token = f"evaluate-{name}-" + hashlib.sha256((identity + settings_key).encode()).hexdigest()[:16]
+    tags = _run_tags(cfg, name, record, params_path) | extra | {"evaluated": "true"}
+    return tracking.run(uri, run_id=None, run_name=f"{name}-{tags['pipeline']}", tags=tags, resume_token=token), True
+
+
+def _training_summary(metrics_dir: Path, name: str) -> dict:
+    """``metrics/train_<name>.json``, or {} for a model that was not trained by this pipeline."""
+    path = metrics_dir / f"train_{name}.json"
+    return read_json(path) if path.is_file() else {}
 
 
 def compare_step(cfg: Config, names: list[str], *, metrics_dir: Path, reports_dir: Path) -> dict:
