@@ -52,6 +52,17 @@ def png(image: np.ndarray) -> bytes:
     return cv2.imencode(".png", image)[1].tobytes()
 
 
+def test_small_predicted_blobs_are_dropped_on_request(model_path: Path):
+    image, _ = blob_pair(64, seed=2, radius=12)
+    image[2:5, 2:5] = 255  # a bright 9 px speck far from the tumour
+    kept = Predictor.load(str(model_path)).predict([image])[0]
+    cleaned = Predictor.load(str(model_path), min_component_px=20).predict([image])[0]
+    assert kept.mask[3, 3] == 255 and cleaned.mask[3, 3] == 0  # the speck goes
+    assert 0 < kept.area_px - cleaned.area_px <= 20  # and only the speck
+    with pytest.raises(ValueError, match="min_component_px"):
+        Predictor.load(str(model_path), min_component_px=-1)
+
+
 # --- ensembles --------------------------------------------------------------------------------
 
 

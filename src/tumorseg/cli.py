@@ -102,14 +102,14 @@ def cmd_study(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tumorseg.inference import Predictor, list_inputs, predict_files
 
-    if not 0.0 <= args.threshold < 1.0 or args.batch_size < 1 or args.max_pixels < 1:
-        print("error: --threshold must be in [0, 1), --batch-size and --max-pixels at least 1", file=sys.stderr)
+    if not 0.0 <= args.threshold < 1.0 or args.batch_size < 1 or args.max_pixels < 1 or args.min_component_px < 0:
+        print("error: --threshold must be in [0, 1), --batch-size and --max-pixels at least 1, --min-component-px at least 0", file=sys.stderr)
         return 2
     listing = list_inputs(args.inputs)
     if not listing.sources and not listing.problems:
         print(f"error: no images (PNG, JPEG, BMP, TIFF) found in {' '.join(args.inputs)}", file=sys.stderr)
         return 2
-    predictor = Predictor.load(args.model, threshold=args.threshold, tta=args.tta, batch_size=args.batch_size)
+    predictor = Predictor.load(args.model, threshold=args.threshold, tta=args.tta, batch_size=args.batch_size, min_component_px=args.min_component_px)
     report = predict_files(predictor, listing, Path(args.out), max_pixels=args.max_pixels, progress=show_progress())
     tumours = sum(1 for row in report.rows if row["tumour_present"] is True)
     ignored = f"; {report.ignored} non-image file(s) ignored" if report.ignored else ""
@@ -268,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=0.5, help="tumour where probability > threshold (default: %(default)s)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (mean of image and mirror)")
+    p.add_argument("--min-component-px", type=int, default=0, help="drop predicted blobs smaller than this many pixels (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="images per model call (default: %(default)s)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images (default: %(default)s)")
 

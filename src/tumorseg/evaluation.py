@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from tumorseg.data.augment import frame_tile, overlay_outline
+from tumorseg.inference import remove_small_components, resize_batch
 from tumorseg.io import atomic_write_json, atomic_write_png, atomic_write_text
 from tumorseg.metrics import SCORE_NAMES, evaluate_masks
 from tumorseg.training import load_pairs
@@ -43,8 +44,6 @@ class Predictions:
 def predict_probabilities(model, images: np.ndarray, batch_size: int, *, tta: bool = False) -> np.ndarray:
     """Sigmoid outputs ``(N, H, W, 1)``; with ``tta`` the mean over the image and its mirror image
     (the mirror's prediction flipped back), which the models were trained to be invariant to."""
-    from tumorseg.inference import resize_batch
-
     x = images.astype("float32")
     side = _fixed_input_side(model)
 
@@ -89,18 +88,6 @@ def mean_loss(loss_fn, truths: np.ndarray, probabilities: np.ndarray, batch_size
         total += float(loss_fn(y_true, y_pred)) * len(y_true)
         count += len(y_true)
     return total / count
-
-
-def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
-    """Drop 8-connected foreground blobs smaller than ``min_pixels`` (isolated false positives)."""
-    if min_pixels <= 0 or not mask.any():
-        return mask
-    import cv2
-
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = np.zeros(count, bool)
-    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_pixels
-    return keep[labels]
 
 
 def binary_masks(probabilities: list[np.ndarray], threshold: float, min_component_px: int) -> list[np.ndarray]:

@@ -297,10 +297,20 @@ class Prediction:
         }
 
 
-def summarise(probability: np.ndarray, threshold: float) -> Prediction:
-    """Threshold a probability map and measure the predicted tumour."""
+def remove_small_components(mask: np.ndarray, min_pixels: int) -> np.ndarray:
+    """Drop 8-connected foreground blobs smaller than ``min_pixels`` (isolated false positives)."""
+    if min_pixels <= 0 or not mask.any():
+        return mask
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = np.zeros(count, bool)
+    keep[1:] = stats[1:, cv2.CC_STAT_AREA] >= min_pixels
+    return keep[labels]
+
+
+def summarise(probability: np.ndarray, threshold: float, min_component_px: int = 0) -> Prediction:
+    """Threshold a probability map, drop blobs under ``min_component_px`` and measure the tumour."""
     probability = np.clip(probability.astype(np.float32, copy=False), 0.0, 1.0)
-    tumour = probability > threshold
+    tumour = remove_small_components(probability > threshold, min_component_px)
     area = int(np.count_nonzero(tumour))
     return Prediction(
         probability=probability,
@@ -326,18 +336,22 @@ class Predictor:
     ``threshold``: a pixel is tumour where the probability is > threshold. ``tta``: average the
     probabilities of the image and its horizontal mirror (mirrored back), which makes the
     prediction exactly equivariant to horizontal flips. ``batch_size``: images per model call.
+    ``min_component_px``: drop predicted blobs smaller than this (at the image's own size).
     A TFLite back-end is not thread-safe: give each thread its own Predictor (or hold a lock).
     """
 
-    def __init__(self, model, *, threshold: float = 0.5, tta: bool = False, batch_size: int = 8) -> None:
+    def __init__(self, model, *, threshold: float = 0.5, tta: bool = False, batch_size: int = 8, min_component_px: int = 0) -> None:
         if not 0.0 <= threshold < 1.0:
             raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+        if min_component_px < 0:
+            raise ValueError(f"min_component_px must be at least 0, got {min_component_px}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.backend: Backend = model if isinstance(model, (TFLiteBackend, OnnxBackend, KerasBackend, EnsembleBackend)) else KerasBackend(model)
         self.threshold = float(threshold)
         self.tta = bool(tta)
         self.batch_size = int(batch_size)
+        self.min_component_px = int(min_component_px)
 
     @classmethod
     def load(cls, source: str | Path | Sequence[str | Path], *, num_threads: int | None = None, **kwargs) -> Predictor:
@@ -388,7 +402,7 @@ class Predictor:
                 height, width = image.shape
                 if probability.shape != (height, width):
                     probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
-                results.append(summarise(probability, self.threshold))
+                results.append(summarise(probability, self.threshold, self.min_component_px))
         return results
 
 
