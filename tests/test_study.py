@@ -39,3 +39,16 @@ def test_study_lists_runs_with_their_levers_and_draws_curves(tmp_path: Path, mon
     assert chart is not None and chart.shape[1] > 400
     assert "train.lr_schedule" in (tmp_path / "study" / "ablation.md").read_text()
     assert main(["study", "--out", str(tmp_path / "none"), "--model", "unet", "--data-source", "real"]) == 1
+
+
+def test_a_models_own_settings_show_only_in_its_rows_and_scoring_settings_are_no_levers():
+    def run(model: str, init_unet: str, init_umnv2: str, tta: str) -> dict:
+        params = {"train.init_from.unet": init_unet, "train.init_from.umobilenetv2": init_umnv2, "evaluate.tta": tta, "image_size": "256"}
+        return {"tags": {"model": model, "dvc_experiment": f"{model}-{init_unet}-{init_umnv2}"}, "params": params, "metrics": {"best_val_dice": 0.8}, "history": [(1, 0.8)], "run_name": model}
+
+    runs = [run("unet", "none", "none", "False"), run("unet", "u.keras", "none", "True"), run("umobilenetv2", "u.keras", "m.keras", "True")]
+    # unet's init differs between unet runs; umobilenetv2's init is the same within its one run
+    assert varying_params(runs) == ["train.init_from.unet"]
+    rows = ablation_markdown(runs).splitlines()[2:]
+    assert rows[1].startswith("| unet · unet-u.keras-none | u.keras |")
+    assert rows[2].startswith("| umobilenetv2 · umobilenetv2-u.keras-m.keras | — |")  # not umobilenetv2's setting

@@ -20,10 +20,25 @@ SCORE_COLUMNS = [
     ("test_dice_by_class_glioma", "glioma"),
     ("test_dice_by_size_small", "small third"),
     ("ms_per_step", "ms/step"),
+    ("test_threshold", "test threshold"),  # how the test columns were scored (the latest evaluation)
+    ("test_min_component_px", "test min blob px"),
 ]
 # Params that differ between runs for bookkeeping reasons, not as levers, or that the table shows
 # anyway (the model is in the run's label, the epochs in their own column).
 IGNORED_PARAMS = {"profile", "data.local_path", "model", "epochs"}
+# Scoring settings are not training levers: a run's test columns are its latest evaluation's,
+# whatever these said when it was trained.
+IGNORED_PREFIXES = ("evaluate.",)
+
+
+def owner_model(key: str) -> str | None:
+    """The model a param belongs to (``models.<name>.*``, ``train.init_from.<name>``), or None."""
+    parts = key.split(".")
+    if parts[0] == "models" and len(parts) > 2:
+        return parts[1]
+    if parts[:2] == ["train", "init_from"] and len(parts) == 3:
+        return parts[2]
+    return None
 
 
 def select_runs(runs: list[dict[str, Any]], *, data_source: str | None = None, model: str | None = None) -> list[dict[str, Any]]:
@@ -47,14 +62,16 @@ def run_label(run: dict[str, Any]) -> str:
 
 
 def varying_params(runs: list[dict[str, Any]]) -> list[str]:
-    """Param keys whose value differs between runs (the levers of the study). A ``models.<name>.*``
-    key counts only when it differs between runs of that model."""
-    keys = sorted({k for run in runs for k in run["params"]} - IGNORED_PARAMS)
+    """Param keys whose value differs between runs (the levers of the study). A model's own key
+    (``models.<name>.*``, ``train.init_from.<name>``) counts only when it differs between runs of
+    that model."""
+    keys = sorted(k for k in {k for run in runs for k in run["params"]} - IGNORED_PARAMS if not k.startswith(IGNORED_PREFIXES))
     levers = []
     for key in keys:
         pool = runs
-        if key.startswith("models."):
-            pool = [run for run in runs if run["tags"].get("model") == key.split(".")[1]]
+        owner = owner_model(key)
+        if owner:
+            pool = [run for run in runs if run["tags"].get("model") == owner]
         if len({run["params"].get(key) for run in pool}) > 1:
             levers.append(key)
     return levers
@@ -68,7 +85,8 @@ def ablation_markdown(runs: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     for run in runs:
         metrics = run["metrics"]
-        cells = [run_label(run), *(run["params"].get(k, "—") for k in levers), str(len(run["history"]))]
+        model = run["tags"].get("model")
+        cells = [run_label(run), *("—" if owner_model(k) not in (None, model) else run["params"].get(k, "—") for k in levers), str(len(run["history"]))]
         cells += [_fmt(metrics.get(key)) for key, _ in SCORE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
