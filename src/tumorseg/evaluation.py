@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from tumorseg.data.augment import frame_tile, overlay_outline
-from tumorseg.inference import remove_small_components, resize_batch
+from tumorseg.inference import predict_at_size, remove_small_components
 from tumorseg.io import atomic_write_json, atomic_write_png, atomic_write_text
 from tumorseg.metrics import SCORE_NAMES, evaluate_masks
 from tumorseg.training import load_pairs
@@ -46,12 +47,11 @@ def predict_probabilities(model, images: np.ndarray, batch_size: int, *, tta: bo
     (the mirror's prediction flipped back), which the models were trained to be invariant to."""
     x = images.astype("float32")
     side = _fixed_input_side(model)
+    call = partial(model.predict, batch_size=batch_size, verbose=0)
 
     def run(batch: np.ndarray) -> np.ndarray:
-        if side is None or side == batch.shape[1]:
-            return model.predict(batch, batch_size=batch_size, verbose=0)
-        # A model trained at another size: the images resized to it, the output back to theirs.
-        return resize_batch(np.asarray(model.predict(resize_batch(batch, side), batch_size=batch_size, verbose=0), np.float32), batch.shape[1])
+        # A model built for another size sees the images resized to it, its output back to theirs.
+        return call(batch) if side is None else predict_at_size(call, side, batch)
 
     probabilities = run(x)
     if tta:

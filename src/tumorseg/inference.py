@@ -216,12 +216,15 @@ class OnnxBackend:
 
 
 def resize_batch(batch: np.ndarray, size: int) -> np.ndarray:
-    """``(N, H, W, 1)`` float32 -> ``(N, size, size, 1)``: area when shrinking, linear when enlarging."""
+    """``(N, H, W, 1)`` float32 -> ``(N, size, size, 1)``, each image as :func:`resize_to_input` does."""
     if batch.shape[1:3] == (size, size):
         return batch
-    shrinking = batch.shape[1] > size or batch.shape[2] > size
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    return np.stack([cv2.resize(image[..., 0], (size, size), interpolation=interpolation) for image in batch])[..., None].astype(np.float32)
+    return np.stack([resize_to_input(image[..., 0], size) for image in batch])[..., None].astype(np.float32)
+
+
+def predict_at_size(call, size: int, batch: np.ndarray) -> np.ndarray:
+    """``call`` (a model built for ``size``²) on ``batch`` resized to it, its output resized back."""
+    return resize_batch(np.asarray(call(resize_batch(batch, size)), np.float32), batch.shape[1])
 
 
 class EnsembleBackend:
@@ -240,10 +243,9 @@ class EnsembleBackend:
         self.name = "ensemble(" + "+".join(member.name for member in self.members) + ")"
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        side = batch.shape[1]
         total = np.zeros(batch.shape, np.float32)
         for member in self.members:
-            total += resize_batch(np.asarray(member(resize_batch(batch, member.input_size)), np.float32), side)
+            total += predict_at_size(member, member.input_size, batch)
         return total / len(self.members)
 
     def predict(self, x: np.ndarray, batch_size: int = 8, verbose: int = 0) -> np.ndarray:

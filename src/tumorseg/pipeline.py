@@ -21,7 +21,7 @@ from tumorseg.config import Config
 from tumorseg.data.prepare import PrepareReport, prepare_dataset
 from tumorseg.data.sources import SourceInfo, data_label, download, read_source_info
 from tumorseg.io import atomic_write_json, atomic_write_text, read_json, sha256_file
-from tumorseg.training import clear_state, read_state, remember_run_id, sweep_temporaries, train_model, update_state
+from tumorseg.training import clear_state, initial_weights_file, read_state, remember_run_id, sweep_temporaries, train_model, update_state
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,8 @@ def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Pat
     history_path = metrics_dir / f"history_{name}.csv"
     model_params = getattr(cfg.models, name).model_dump()
     tags = _run_tags(cfg, name, record, params_path)
-    init_from = getattr(cfg.train.init_from, name)
-    if init_from != "none":  # fail before a run is opened; record which weights it started from
-        if not Path(init_from).is_file():
-            raise FileNotFoundError(f"train.init_from.{name}: {init_from} does not exist; give a .keras model file or `none`")
+    init_from = initial_weights_file(getattr(cfg.train.init_from, name), key=f"train.init_from.{name}")  # fails before a run opens
+    if init_from is not None:
         tags["init_from_sha256"] = sha256_file(init_from)
     state = read_state(state_dir)
     previous_run = state.get("run_id")

@@ -431,9 +431,10 @@ def train_model(
 
     with strategy.scope():
         model = build_model(name, (image_size, image_size, 1), **model_params)
-        init_from = str((train_params.get("init_from") or {}).get(name, "none"))
-        if init_from != "none" and not state.epochs_done:  # a resume restores its own checkpoint
-            load_initial_weights(model, Path(init_from), key=f"train.init_from.{name}")
+        key = f"train.init_from.{name}"
+        init_from = initial_weights_file(str((train_params.get("init_from") or {}).get(name, "none")), key=key)
+        if init_from is not None and not state.epochs_done:  # a resume restores its own checkpoint
+            load_initial_weights(model, init_from, key=key)
         freeze_epochs = int(model_params.get("freeze_epochs", 0) or 0) if name == "umobilenetv2" else 0
         transfer = freeze_epochs > 0 and str(model_params.get("encoder_weights", "none")) != "none"
 
@@ -488,10 +489,19 @@ def train_model(
     return result
 
 
-def load_initial_weights(model, path: Path, *, key: str) -> None:
-    """Warm-start ``model`` from a saved model of the same architecture (any input size)."""
+def initial_weights_file(value: str, *, key: str) -> Path | None:
+    """The ``train.init_from.<model>`` file, checked to exist; None for ``none`` (from scratch)."""
+    if value == "none":
+        return None
+    path = Path(value)
     if not path.is_file():
         raise FileNotFoundError(f"{key}: {path} does not exist; give a .keras model file or `none` to train from scratch")
+    return path
+
+
+def load_initial_weights(model, path: Path, *, key: str) -> None:
+    """Warm-start ``model`` from a saved model of the same architecture (any input size)."""
+    initial_weights_file(str(path), key=key)
     try:
         with warnings.catch_warnings():  # Keras 3.15 warns about weightless op containers of our blocks
             warnings.filterwarnings("ignore", message="Skipping nested container")
