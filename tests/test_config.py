@@ -97,3 +97,14 @@ def test_a_profile_hiding_a_changed_value_is_reported(caplog):
     with caplog.at_level("WARNING"):
         config_from_dict(raw_params() | {"profile": "quick"})  # nothing changed: nothing to say
     assert not caplog.records
+
+
+def test_training_seed_defaults_to_the_split_seed_and_can_be_set_apart():
+    cfg = load_config(PARAMS)
+    assert cfg.train.seed is None and cfg.train.effective_seed(cfg.seed) == cfg.seed
+    raw = raw_params()
+    raw["train"]["seed"] = 3
+    assert config_from_dict(raw).train.effective_seed(cfg.seed) == 3
+    raw["train"]["seed"] = -1
+    with pytest.raises(ConfigError, match=r"train\.seed"):
+        config_from_dict(raw)

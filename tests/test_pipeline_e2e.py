@@ -24,7 +24,7 @@ TINY = {
         "unet": {"base_filters": 4, "depth": 2, "caspp_rates": [1, 2]},
         "umobilenetv2": {"alpha": 0.35, "encoder_weights": "none", "decoder_filters": [16, 8, 8, 8, 8]},
     },
-    "train": {"deterministic": False, "early_stopping_patience": 0},
+    "train": {"deterministic": False, "early_stopping_patience": 0, "seed": 7},
 }
 
 
@@ -122,6 +122,7 @@ def test_mlflow_holds_one_tagged_run_per_model_with_test_metrics(project):
         for key in ("data_source", "data_hash", "git_commit", "tensorflow_version", "keras_version", "seed"):
             assert tags.get(key), key
         assert tags["data_source"] == "synthetic"
+        assert (tags["seed"], tags["train_seed"]) == ("42", "7"), "the split seed and the training seed are recorded apart"
         assert r.data.params["lr"] == "0.0001" and r.data.params["epochs"] == "2"
         assert {"val_dice", "best_val_dice", "test_dice", "test_hd95", "ms_per_step"} <= r.data.metrics.keys()
         assert len(client.get_metric_history(r.info.run_id, "val_dice")) == 2

@@ -222,6 +222,12 @@ class TrainConfig(_Strict):
     # Warm start (fine-tuning, progressive resizing: a 128² model continued at 256²). Every weight
     # must fit the model that params.yaml builds; the input size may differ (fully convolutional).
     init_from: InitFromConfig = InitFromConfig()
+    # Seed of the training alone (weight init, batch order, online augmentation), so that seeds can
+    # be compared on one split; null = the top-level seed, which also draws the split.
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+
+    def effective_seed(self, split_seed: int) -> int:
+        return split_seed if self.seed is None else self.seed
 
 
 class EvaluateConfig(_Strict):

@@ -144,6 +144,7 @@ def _run_tags(cfg: Config, name: str, record: dict, params_path: Path) -> dict[s
         "pipeline": tracking.pipeline_id(root, params_text, record["data_hash"]),
         "profile": cfg.profile,
         "seed": str(cfg.seed),
+        "train_seed": str(cfg.train.effective_seed(cfg.seed)),
         **tracking.environment_tags(),
     }
 
@@ -186,7 +187,7 @@ def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Pat
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
             image_size=cfg.image_size,
-            seed=cfg.seed,
+            seed=cfg.train.effective_seed(cfg.seed),
             prepared_dir=prepared_dir,
             augmented_dir=augmented_dir,
             model_path=model_path,
