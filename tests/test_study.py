@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import cv2
+import pytest
 
 from tumorseg import tracking
 from tumorseg.cli import main
-from tumorseg.study import ablation_markdown, select_runs, varying_params
+from tumorseg.study import ablation_markdown, mean_std, run_seed, seed_groups, seeds_markdown, select_runs, varying_params
 
 
 def _fake_run(uri: str, name: str, model: str, lr_schedule: str, dices: list[float], source: str = "real") -> None:
@@ -52,3 +53,23 @@ def test_a_models_own_settings_show_only_in_its_rows_and_scoring_settings_are_no
     rows = ablation_markdown(runs).splitlines()[2:]
     assert rows[1].startswith("| unet · unet-u.keras-none | u.keras |")
     assert rows[2].startswith("| umobilenetv2 · umobilenetv2-u.keras-m.keras | — |")  # not umobilenetv2's setting
+
+
+def test_runs_that_differ_only_in_their_seed_are_summarised_as_mean_and_std():
+    def run(seed: str | None, lr: str = "0.0001", threads: str = "0", test: float = 0.7, **tags) -> dict:
+        params = {"lr": lr, "train.threads": threads, "epochs": "40", "evaluate.tta": "True"}
+        if seed is not None:  # runs logged before train.seed existed lack the key
+            params["train.seed"] = seed
+        run_tags = {"model": "umobilenetv2", "data_source": "real", "data_hash": "h", "seed": "42", "dvc_experiment": f"s{seed}-{lr}"} | tags
+        if seed not in (None, "None"):
+            run_tags["train_seed"] = seed
+        return {"tags": run_tags, "params": params, "metrics": {"best_val_dice": 0.8, "test_dice": test}, "history": [], "run_name": "r"}
+
+    shipped = run(None, test=0.70)
+    runs = [shipped, run("1", threads="1", test=0.72), run("2", threads="1", test=0.74), run("1", lr="0.001"), run("1", threads="1", test=0.9), run("3", model="unet")]
+    groups = seed_groups(runs)
+    # the repeat of seed 1, the other lr and the other model are not seeds of the shipped configuration
+    assert [[run_seed(r) for r in group] for group in groups] == [["42", "1", "2"]]
+    assert mean_std([0.70, 0.72, 0.74]) == pytest.approx((0.72, 0.02))
+    row = seeds_markdown(groups).splitlines()[2]
+    assert row.startswith("| umobilenetv2 · sNone-0.0001 | 42, 1, 2 | 0.8000 ± 0.0000 | 0.7200 ± 0.0200 | — |")

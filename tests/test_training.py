@@ -146,6 +146,32 @@ def test_warm_start_begins_from_the_given_model_at_another_input_size(prepared: 
     assert not same_kernels(source, continue_at_48("none", tmp_path / "scratch"))  # the check can fail
 
 
+@pytest.mark.slow
+def test_weight_averaging_ships_the_average_and_survives_a_resume(prepared: Path, tmp_path: Path):
+    """Keras starts the average at the weights after the first step, which Adam moves by at most
+    lr; with ema_momentum close to 1 the average then stays there while the raw weights move on.
+    So epoch 2's checkpoint (what is validated and published) holds the average only if it is within lr of the start, also after a
+    resume (a resume that trained on from the averages, or that shipped the raw weights, is ~2 lr
+    or more away)."""
+    import keras
+
+    import tumorseg.models  # noqa: F401
+
+    start = _train(prepared, tmp_path / "start", epochs=1).model_path
+    kernels = lambda model: [w.numpy() for w in model.weights if w.path.endswith("kernel")]  # noqa: E731
+    begin = kernels(keras.models.load_model(start))
+
+    def distance(folder: Path, **overrides) -> float:
+        for epochs in (1, 2):  # stop after epoch 1, then resume from the state folder
+            result = _train(prepared, folder, epochs=epochs, lr=1e-2, seed=3, init_from={"unet": str(start), "umobilenetv2": "none"}, **overrides)
+        assert result.resumed_from_epoch == 1
+        last = folder / "state" / read_state(folder / "state")["checkpoint"]  # epoch 2's, best or not
+        return max(float(np.abs(a - b).max()) for a, b in zip(begin, kernels(keras.models.load_model(last))))
+
+    assert distance(tmp_path / "ema", ema_momentum=0.99999) <= 1.001e-2
+    assert distance(tmp_path / "raw") > 1.5e-2  # the check can fail: plain training moves on
+
+
 def test_warm_start_names_the_key_when_the_file_is_missing_or_does_not_fit(tmp_path: Path):
     import tumorseg.models  # noqa: F401
     from tumorseg.models import build_model

@@ -29,6 +29,10 @@ IGNORED_PARAMS = {"profile", "data.local_path", "model", "epochs"}
 # Scoring settings are not training levers: a run's test columns are its latest evaluation's,
 # whatever these said when it was trained.
 IGNORED_PREFIXES = ("evaluate.",)
+# Settings that do not change what is trained (threads) or are the seed itself: runs that differ
+# only in these are repeats of one configuration, summarised as mean ± std.
+SEED_PARAMS = {"seed", "train.seed", "train.threads"}
+SEED_SCORES = [("best_val_dice", "val Dice"), ("test_dice", "test Dice"), ("test_dice_by_class_glioma", "glioma"), ("test_dice_by_size_small", "small third")]
 
 
 def owner_model(key: str) -> str | None:
@@ -92,6 +96,57 @@ def ablation_markdown(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_seed(run: dict[str, Any]) -> str:
+    """The seed that trained a run (``train_seed`` tag; older runs: the top-level ``seed``)."""
+    tags = run["tags"]
+    return tags.get("train_seed") or tags.get("seed") or "?"
+
+
+def _same_configuration(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Same model, data and settings apart from seeds. A key only one run logged (a setting added
+    to params.yaml after the other run) does not tell them apart."""
+    if any(a["tags"].get(tag) != b["tags"].get(tag) for tag in ("model", "data_source", "data_hash")):
+        return False
+    ignored = SEED_PARAMS | {"profile", "data.local_path", "model"}
+    shared = (a["params"].keys() & b["params"].keys()) - ignored
+    return all(a["params"][key] == b["params"][key] for key in shared if not key.startswith(IGNORED_PREFIXES))
+
+
+def seed_groups(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Runs of one configuration with different seeds (groups of two or more, in run order)."""
+    groups: list[list[dict[str, Any]]] = []
+    for run in runs:
+        for group in groups:
+            if _same_configuration(group[0], run) and run_seed(run) not in {run_seed(member) for member in group}:
+                group.append(run)
+                break
+        else:
+            groups.append([run])
+    return [group for group in groups if len(group) > 1]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1): the spread a new seed would show."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+
+
+def seeds_markdown(groups: list[list[dict[str, Any]]]) -> str:
+    header = ["configuration", "seeds", *(title for _, title in SEED_SCORES)]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    for group in groups:
+        cells = [run_label(group[0]), ", ".join(run_seed(run) for run in group)]
+        for key, _ in SEED_SCORES:
+            values = [run["metrics"][key] for run in group if isinstance(run["metrics"].get(key), float | int) and math.isfinite(run["metrics"][key])]
+            if len(values) < 2:
+                cells.append("—")
+                continue
+            mean, std = mean_std(values)
+            cells.append(f"{mean:.4f} ± {std:.4f}" + ("" if len(values) == len(group) else f" (n={len(values)})"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
@@ -123,5 +178,9 @@ def write_study(runs: list[dict[str, Any]], out_dir: Path, *, title: str) -> tup
     out_dir.mkdir(parents=True, exist_ok=True)
     chart, table = out_dir / "val_dice_curves.png", out_dir / "ablation.md"
     curves_chart(runs, chart, title)
-    atomic_write_text(table, f"# {title}\n\n![validation Dice per epoch]({chart.name})\n\n" + ablation_markdown(runs))
+    text = f"# {title}\n\n![validation Dice per epoch]({chart.name})\n\n" + ablation_markdown(runs)
+    groups = seed_groups(runs)
+    if groups:
+        text += "\n## Seeds\n\nRuns of one configuration that differ only in their seed: mean ± sample std.\n\n" + seeds_markdown(groups)
+    atomic_write_text(table, text)
     return chart, table

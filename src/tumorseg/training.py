@@ -246,7 +246,7 @@ def write_history_csv(path: Path, rows: dict[int, dict[str, float]]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _epoch_commit_callback(state: ResumeState, *, phase: str, model_path: Path, history_path: Path, on_epoch):
+def _epoch_commit_callback(state: ResumeState, *, phase: str, model_path: Path, history_path: Path, on_epoch, ema: bool = False):
     import keras
 
     class EpochCommit(keras.callbacks.Callback):
@@ -268,7 +268,11 @@ def _epoch_commit_callback(state: ResumeState, *, phase: str, model_path: Path, 
             row["ms_per_step"] = 1000.0 * seconds / max(1, self._steps)
 
             checkpoint = state.dir / f"epoch-{number:04d}.keras"
+            if ema:  # the averages are what was validated and what ships; the raw weights ride along
+                _swap_ema_weights(self.model)  # in the optimizer's slots, for a resume
             save_model_atomically(self.model, checkpoint)  # 1. model + optimizer after this epoch
+            if ema:
+                _swap_ema_weights(self.model)
             score = row.get(MONITOR, float("nan"))
             improved = score == score and score > state.data.get("best_score", -math.inf)
             previous = {state.data.get("checkpoint"), state.data.get("best_checkpoint")}
@@ -336,12 +340,27 @@ def learning_rate_for(schedule: str, lr: float, *, steps_per_epoch: int, start_e
     )
 
 
-def _optimizer(name: str, lr, weight_decay: float):
+def _optimizer(name: str, lr, weight_decay: float, ema_momentum: float = 0.0):
     import keras
 
+    ema = {"use_ema": True, "ema_momentum": ema_momentum} if ema_momentum > 0 else {}
     if name == "adamw":
-        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay)
-    return keras.optimizers.Adam(learning_rate=lr)
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay, **ema)
+    return keras.optimizers.Adam(learning_rate=lr, **ema)
+
+
+def _swap_ema_weights(model) -> None:
+    """Exchange the model's weights with the optimizer's moving averages (Keras' own swap).
+
+    Checkpoints are written with the averages in the model (they are what is validated and
+    shipped) and the raw weights in the optimizer's average slots, so a resumed run swaps once to
+    train on from the raw weights.
+    """
+    import keras
+
+    swap = keras.callbacks.SwapEMAWeights()
+    swap.set_model(model)
+    swap._swap_variables()
 
 
 def compile_for_training(model, *, train_params: dict[str, Any], loss_params: dict[str, Any], learning_rate: float, steps_per_epoch: int, start_epoch: int = 0, stop_epoch: int = 1) -> None:
@@ -354,7 +373,7 @@ def compile_for_training(model, *, train_params: dict[str, Any], loss_params: di
 
     schedule = learning_rate_for(train_params["lr_schedule"], learning_rate, steps_per_epoch=steps_per_epoch, start_epoch=start_epoch, stop_epoch=stop_epoch, warmup_epochs=train_params["warmup_epochs"], min_lr=train_params["min_lr"])
     model.compile(
-        optimizer=_optimizer(train_params["optimizer"], schedule, train_params["weight_decay"]),
+        optimizer=_optimizer(train_params["optimizer"], schedule, train_params["weight_decay"], train_params.get("ema_momentum", 0.0)),
         loss=combined_loss(**loss_params),
         metrics=segmentation_metrics(tversky_alpha=loss_params["tversky_alpha"], tversky_beta=loss_params["tversky_beta"]),
         jit_compile=train_params["jit_compile"],
@@ -449,6 +468,7 @@ def train_model(
         phases = [("frozen_encoder", 0, min(freeze_epochs, epochs), scaled_lr), ("fine_tune", min(freeze_epochs, epochs), epochs, scaled_lr * model_params["fine_tune_lr_factor"])]
 
     restored = False
+    ema = train_params.get("ema_momentum", 0.0) > 0
     for phase, start, stop, phase_lr in phases:
         if start >= stop or state.data.get(f"{phase}_done_until", 0) >= stop or state.epochs_done >= stop:
             continue
@@ -458,9 +478,13 @@ def train_model(
             compile_model(phase_lr, start, stop)
             if state.epochs_done and not restored:
                 _restore(model, state, phase)
+                if ema and state.data.get("checkpoint_phase", phase) == phase:
+                    _swap_ema_weights(model)  # the checkpoint holds the averages in the model
         restored = True  # later phases continue from the weights in memory
         initial_epoch = max(start, state.epochs_done)
-        callbacks = [_epoch_commit_callback(state, phase=phase, model_path=model_path, history_path=history_path, on_epoch=on_epoch)]
+        callbacks = [_epoch_commit_callback(state, phase=phase, model_path=model_path, history_path=history_path, on_epoch=on_epoch, ema=ema)]
+        if ema:  # validate the averaged weights (Keras swaps them in around each validation)
+            callbacks.insert(0, keras.callbacks.SwapEMAWeights())
         if train_params["reduce_lr_patience"] and train_params["lr_schedule"] == "plateau":
             callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=train_params["reduce_lr_factor"], patience=train_params["reduce_lr_patience"], min_lr=train_params["min_lr"], verbose=1))
         if train_params["early_stopping_patience"]:
