@@ -167,6 +167,18 @@ def test_an_ensemble_is_scored_as_the_mean_of_its_members(project: Path):
     assert mean_high["dice"] == pytest.approx(0.0, abs=1e-6)  # 0.5 is not > 0.5: nothing found
 
 
+def test_ensemble_predictions_are_the_mean_of_the_members_on_the_same_images():
+    from tumorseg.evaluation import Predictions, mean_predictions
+
+    images, truths = np.zeros((2, 4, 4, 1), np.uint8), np.zeros((2, 4, 4, 1), np.uint8)
+    a = Predictions(["1.png", "2.png"], images, truths, np.full((2, 4, 4, 1), 0.2, np.float32), 3.0)
+    b = Predictions(["1.png", "2.png"], images, truths, np.full((2, 4, 4, 1), 0.6, np.float32), 5.0)
+    both = mean_predictions([a, b])
+    assert np.allclose(both.probabilities, 0.4) and both.ms_per_image == 8.0 and both.names == a.names
+    with pytest.raises(ValueError, match="different images"):
+        mean_predictions([a, Predictions(["2.png", "1.png"], images, truths, b.probabilities, 5.0)])
+
+
 def test_a_model_built_for_another_input_size_is_scored_through_resizing(project: Path):
     metrics, _, predictions = _evaluate(project, _threshold_model(16), resolution="original")
     assert predictions.probabilities.shape[1:] == (32, 32, 1)  # back at the prepared size
@@ -201,6 +213,14 @@ def test_evaluate_step_scores_outside_models_and_their_ensemble_into_runs_of_the
     assert list(results) == ["unet", "umobilenetv2", "ensemble"]
     assert all(r["dice"] > 0.7 for r in results.values()) and results["ensemble"]["members"] == ["unet", "umobilenetv2"]
     assert (tmp_path / "metrics" / "evaluate_ensemble.json").is_file() and "dice_by_class" in results["ensemble"]
+    # scored from the members' own predictions, as if the ensemble had predicted again
+    import keras
+
+    from tumorseg.inference import EnsembleBackend, KerasBackend
+
+    backend = EnsembleBackend([KerasBackend(keras.models.load_model(models / f"{name}.keras")) for name in ("unet", "umobilenetv2")])
+    direct, _, _ = _evaluate(project, backend, resolution=cfg.evaluate.resolution, threshold=cfg.evaluate.threshold)
+    assert results["ensemble"]["dice"] == pytest.approx(direct["dice"], abs=1e-6) and results["ensemble"]["hd95"] == pytest.approx(direct["hd95"], abs=1e-6)
 
     client = mlflow.tracking.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("tumorseg").experiment_id])

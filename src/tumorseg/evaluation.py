@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -77,6 +78,17 @@ def predict_split(model, split_dir: Path, image_size: int, batch_size: int, *, t
     probabilities = predict_probabilities(model, images, batch_size, tta=tta)
     ms_per_image = 1000.0 * (time.perf_counter() - started) / len(names)
     return Predictions(names, images, truths, probabilities, ms_per_image)
+
+
+def mean_predictions(members: Sequence[Predictions]) -> Predictions:
+    """An ensemble's predictions from its members' own: their mean probability. The same as
+    predicting with the ensemble (mirroring, averaging and linear resizing commute), for free."""
+    first = members[0]
+    for other in members[1:]:
+        if other.names != first.names:
+            raise ValueError("ensemble members were scored on different images")
+    probabilities = np.mean([member.probabilities for member in members], axis=0).astype("float32")
+    return Predictions(first.names, first.images, first.truths, probabilities, sum(member.ms_per_image for member in members))
 
 
 def mean_loss(loss_fn, truths: np.ndarray, probabilities: np.ndarray, batch_size: int = 32) -> float:
@@ -208,18 +220,23 @@ def evaluate_model(
     raw_masks_dir: Path | None = None,
     labels: pd.DataFrame | None = None,
     val_dir: Path | None = None,
+    predict: Callable[[Path], Predictions] | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame, Predictions]:
     """Score ``model`` on ``split_dir``. With ``val_dir`` the threshold and minimum blob size are
-    first chosen on that validation split (the test split is never used for a choice)."""
+    first chosen on that validation split (the test split is never used for a choice).
+    ``predict`` (split folder -> predictions) replaces predicting with ``model``, e.g. by cached
+    or combined predictions."""
+    if predict is None:
+        predict = partial(predict_split, model, image_size=image_size, batch_size=batch_size, tta=tta)
     tuned: dict[str, float] = {}
     if val_dir is not None:
-        val = predict_split(model, val_dir, image_size, batch_size, tta=tta)
+        val = predict(val_dir)
         val_target = scoring_target(val, resolution, manifest_path=manifest_path, mask_threshold=mask_threshold, raw_masks_dir=raw_masks_dir)
         tuned = tune_postprocessing(val_target.resize(val.probabilities), val_target.truths)
         threshold, min_component_px = tuned["threshold"], tuned["min_component_px"]
         log.info("tuned on %d validation images: threshold %.2f, min blob %d px (val Dice %.4f)", len(val.names), threshold, min_component_px, tuned["dice"])
 
-    predictions = predict_split(model, split_dir, image_size, batch_size, tta=tta)
+    predictions = predict(split_dir)
     target = scoring_target(predictions, resolution, manifest_path=manifest_path, mask_threshold=mask_threshold, raw_masks_dir=raw_masks_dir)
     masks = binary_masks(target.resize(predictions.probabilities), threshold, min_component_px)
     scores = evaluate_masks(target.truths, masks)

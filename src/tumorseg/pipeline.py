@@ -238,7 +238,7 @@ def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_d
     import keras
 
     import tumorseg.models  # noqa: F401 - registers custom objects for loading
-    from tumorseg.evaluation import evaluate_model, read_labels, write_evaluation
+    from tumorseg.evaluation import Predictions, evaluate_model, mean_predictions, predict_split, read_labels, write_evaluation
     from tumorseg.losses import combined_loss
 
     record = _data_record(prepared_dir)
@@ -251,13 +251,22 @@ def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_d
     members = list(names)
     run_ids: dict[str, str] = {}  # the MLflow run each model's evaluation went to
     settings_key = repr(sorted(settings.model_dump().items()))
-    if len(names) >= 2:  # the ensemble is scored like a model, with its own MLflow run
-        from tumorseg.inference import EnsembleBackend, KerasBackend
+    predicted: dict[tuple[str, Path], Predictions] = {}  # each member predicts each split once
 
-        loaded[ENSEMBLE] = EnsembleBackend([KerasBackend(loaded[name]) for name in names])
-    for name, model in loaded.items():
+    def predictor(name: str):
+        def predict(split_dir: Path) -> Predictions:
+            if name == ENSEMBLE:  # the mean of the members' predictions: no model runs again
+                return mean_predictions([predictor(member)(split_dir) for member in members])
+            if (name, split_dir) not in predicted:
+                predicted[name, split_dir] = predict_split(loaded[name], split_dir, cfg.image_size, cfg.batch_size, tta=settings.tta)
+            return predicted[name, split_dir]
+
+        return predict
+
+    # with two or more models, the ensemble is scored like a model, with its own MLflow run
+    for name in [*names, ENSEMBLE] if len(names) >= 2 else names:
         metrics, per_image, predictions = evaluate_model(
-            model,
+            loaded.get(name),
             combined_loss(**cfg.loss.model_dump()),
             prepared_dir / "test",
             image_size=cfg.image_size,
@@ -271,6 +280,7 @@ def evaluate_step(cfg: Config, names: list[str], *, prepared_dir: Path, models_d
             raw_masks_dir=raw_dir / "masks",
             labels=labels,
             val_dir=prepared_dir / "val" if settings.tune_on_val else None,
+            predict=predictor(name),
         )
         metrics = {**metrics, "data_source": record["data_source"], "data_hash": record["data_hash"], "model": name, "image_size": cfg.image_size}
         if name == ENSEMBLE:
