@@ -130,3 +130,20 @@ def test_accepts_loss_config_fields_and_serializes():
     assert isinstance(clone, L.CombinedLoss)
     assert clone.get_config() == loss.get_config()
     assert (clone.bce_weight, clone.tversky_alpha, clone.smooth) == (0.5, 0.4, 2.0)
+
+
+def test_focal_term_hand_values_and_weight():
+    # the two p = 0.5 pixels cost ln 2 * (1 - 0.5)^2 each, the two exact ones ~0 -> ln(2) / 8
+    assert float(L.focal_loss(T1, P1, gamma=2.0)[0]) == pytest.approx(np.log(2) / 8, abs=1e-5)
+    assert float(L.focal_loss(T1, P1, gamma=0.0)[0]) == pytest.approx(float(L.bce_loss(T1, P1)[0]), abs=1e-5)
+    rng = np.random.default_rng(5)
+    t = (rng.random((3, 8, 8, 1)) > 0.5).astype("float32")
+    p = rng.random((3, 8, 8, 1)).astype("float32")
+    assert L.focal_loss(t, p).shape == (3,)
+    with_focal = L.combined_loss(focal_weight=2.0, focal_gamma=1.0)
+    expected = float(L.combined_loss()(t, p)) + 2.0 * float(np.mean(L.focal_loss(t, p, 1.0)))
+    assert float(with_focal(t, p)) == pytest.approx(expected, rel=1e-6)
+    only_focal = L.combined_loss(bce_weight=0.0, dice_weight=0.0, tversky_weight=0.0, focal_weight=1.0)
+    assert keras.losses.deserialize(keras.losses.serialize(only_focal)).get_config() == only_focal.get_config()
+    with pytest.raises(ValueError, match="focal_gamma"):
+        L.combined_loss(focal_gamma=-1.0)

@@ -134,7 +134,7 @@ class AugmentConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """The reference loss: weighted BCE + soft Dice + Tversky."""
+    """The reference loss: weighted BCE + soft Dice + Tversky (+ an optional focal term)."""
 
     bce_weight: float = Field(1.0, ge=0.0)
     dice_weight: float = Field(1.0, ge=0.0)
@@ -142,11 +142,13 @@ class LossConfig(_Strict):
     tversky_alpha: float = Field(0.3, ge=0.0, le=1.0)  # weight of false positives
     tversky_beta: float = Field(0.7, ge=0.0, le=1.0)  # weight of false negatives
     smooth: float = Field(1.0, gt=0.0)
+    focal_weight: float = Field(0.0, ge=0.0)  # focal BCE term (not in the reference loss)
+    focal_gamma: float = Field(2.0, ge=0.0, le=10.0)  # down-weighting of easy pixels; 0 = BCE
 
     @model_validator(mode="after")
     def _some_term(self) -> "LossConfig":
-        if self.bce_weight + self.dice_weight + self.tversky_weight <= 0:
-            raise ValueError("at least one of bce_weight, dice_weight, tversky_weight must be > 0")
+        if self.bce_weight + self.dice_weight + self.tversky_weight + self.focal_weight <= 0:
+            raise ValueError("at least one of bce_weight, dice_weight, tversky_weight, focal_weight must be > 0")
         return self
 
 

@@ -1,4 +1,5 @@
-"""Segmentation losses: BCE, soft Dice, Tversky and their weighted sum (the reference loss).
+"""Segmentation losses: BCE, soft Dice, Tversky, focal BCE and their weighted sum (the reference
+loss is the first three).
 
 All functions take ``y_true`` (binary masks, 0/1) and ``y_pred`` (sigmoid probabilities) of shape
 ``(N, H, W, 1)`` (any ``(N, ...)`` works) and return ONE LOSS PER IMAGE, shape ``(N,)``; Keras then
@@ -13,7 +14,9 @@ With p = y_pred clipped to [eps, 1 - eps] (eps = 1e-7), t = y_true, sums over on
 * Tversky:  1 - (TP + s) / (TP + alpha FP + beta FN + s),
             TP = sum(p t), FP = sum(p (1 - t)), FN = sum((1 - p) t)
             (alpha weighs false positives, beta false negatives; alpha = beta = 0.5 is Dice)
-* Combined: bce_weight * BCE + dice_weight * Dice + tversky_weight * Tversky
+* Focal:    mean_pixels( (1 - p_t)^gamma * BCE ), p_t = p where t = 1 else 1 - p (Lin et al. 2017,
+            Keras' ``binary_focal_crossentropy``); gamma = 0 is BCE
+* Combined: bce_weight * BCE + dice_weight * Dice + tversky_weight * Tversky + focal_weight * Focal
 
 The smoothing ``s`` (default 1) keeps Dice/Tversky finite and their gradients defined on empty
 masks and empty predictions: an all-zero mask predicted all-zero gives loss 0, not 0/0.
@@ -24,7 +27,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-__all__ = ["CombinedLoss", "EPSILON", "bce_loss", "combined_loss", "dice_loss", "tversky_loss"]
+__all__ = ["CombinedLoss", "EPSILON", "bce_loss", "combined_loss", "dice_loss", "focal_loss", "tversky_loss"]
 
 EPSILON = 1e-7
 
@@ -63,6 +66,15 @@ def tversky_loss(y_true, y_pred, alpha: float = 0.3, beta: float = 0.7, smooth: 
     return 1.0 - (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
 
 
+def focal_loss(y_true, y_pred, gamma: float = 2.0):
+    """Focal BCE, mean over each image's pixels -> ``(N,)``. Pixels the model already gets right
+    (most of the background) weigh ``(1 - p_t)^gamma`` less, so hard pixels count for more."""
+    y_true, y_pred, axes = _prepare(y_true, y_pred)
+    # Keras reduces the last axis: give it a length-1 axis to reduce, keeping one value per pixel.
+    pixel = keras.losses.binary_focal_crossentropy(y_true[..., None], y_pred[..., None], gamma=gamma)
+    return ops.mean(pixel, axis=axes)
+
+
 def _check(name: str, value, low: float, high: float | None = None, low_open: bool = False) -> float:
     try:
         value = float(value)
@@ -76,7 +88,8 @@ def _check(name: str, value, low: float, high: float | None = None, low_open: bo
 
 @keras.saving.register_keras_serializable(package="tumorseg")
 class CombinedLoss(keras.losses.Loss):
-    """``bce_weight * BCE + dice_weight * Dice + tversky_weight * Tversky`` (per image, batch mean).
+    """``bce_weight * BCE + dice_weight * Dice + tversky_weight * Tversky + focal_weight * Focal``
+    (per image, batch mean).
 
     Parameters are exactly ``LossConfig``'s; a term with weight 0 is not computed.
     """
@@ -89,6 +102,8 @@ class CombinedLoss(keras.losses.Loss):
         tversky_alpha: float = 0.3,
         tversky_beta: float = 0.7,
         smooth: float = 1.0,
+        focal_weight: float = 0.0,
+        focal_gamma: float = 2.0,
         name: str = "combined_loss",
         reduction: str = "sum_over_batch_size",
         dtype=None,
@@ -97,11 +112,13 @@ class CombinedLoss(keras.losses.Loss):
         self.bce_weight = _check("bce_weight", bce_weight, 0.0)
         self.dice_weight = _check("dice_weight", dice_weight, 0.0)
         self.tversky_weight = _check("tversky_weight", tversky_weight, 0.0)
-        if self.bce_weight + self.dice_weight + self.tversky_weight <= 0:
-            raise ValueError("loss: at least one of bce_weight, dice_weight, tversky_weight must be > 0")
+        self.focal_weight = _check("focal_weight", focal_weight, 0.0)
+        if self.bce_weight + self.dice_weight + self.tversky_weight + self.focal_weight <= 0:
+            raise ValueError("loss: at least one of bce_weight, dice_weight, tversky_weight, focal_weight must be > 0")
         self.tversky_alpha = _check("tversky_alpha", tversky_alpha, 0.0, 1.0)
         self.tversky_beta = _check("tversky_beta", tversky_beta, 0.0, 1.0)
         self.smooth = _check("smooth", smooth, 0.0, low_open=True)
+        self.focal_gamma = _check("focal_gamma", focal_gamma, 0.0, 10.0)
 
     def call(self, y_true, y_pred):
         total = 0.0
@@ -113,6 +130,8 @@ class CombinedLoss(keras.losses.Loss):
             total = total + self.tversky_weight * tversky_loss(
                 y_true, y_pred, self.tversky_alpha, self.tversky_beta, self.smooth
             )
+        if self.focal_weight:
+            total = total + self.focal_weight * focal_loss(y_true, y_pred, self.focal_gamma)
         return total
 
     def get_config(self):
@@ -124,6 +143,8 @@ class CombinedLoss(keras.losses.Loss):
             "tversky_alpha": self.tversky_alpha,
             "tversky_beta": self.tversky_beta,
             "smooth": self.smooth,
+            "focal_weight": self.focal_weight,
+            "focal_gamma": self.focal_gamma,
         }
 
 
@@ -134,6 +155,8 @@ def combined_loss(
     tversky_alpha: float = 0.3,
     tversky_beta: float = 0.7,
     smooth: float = 1.0,
+    focal_weight: float = 0.0,
+    focal_gamma: float = 2.0,
 ) -> CombinedLoss:
     """The reference loss as a serialisable Keras loss: ``combined_loss(**cfg.loss.model_dump())``."""
     return CombinedLoss(
@@ -143,4 +166,6 @@ def combined_loss(
         tversky_alpha=tversky_alpha,
         tversky_beta=tversky_beta,
         smooth=smooth,
+        focal_weight=focal_weight,
+        focal_gamma=focal_gamma,
     )
