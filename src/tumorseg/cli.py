@@ -66,6 +66,20 @@ def cmd_augment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from tumorseg.pipeline import pretrain_step
+
+    cfg = _config(args)
+    out = Path(args.out or f"pretrained/{args.model}.keras")
+    summary = pretrain_step(cfg, args.model, prepared_dir=Path(args.prepared), out_path=out, params_path=Path(args.params), progress=show_progress())
+    print(
+        f"{args.model}: restoration loss (MAE) on validation images {summary['first_val_loss']:.4f} after epoch 1 -> "
+        f"{summary['best_val_loss']:.4f} at epoch {summary['best_epoch']} -> {out}\n"
+        f"start training from it: dvc exp run -S train.init_from.{args.model}={out}"
+    )
+    return 0
+
+
 def cmd_check_metrics(args: argparse.Namespace) -> int:
     from tumorseg.gates import check_metrics, format_checks
 
@@ -250,6 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepared", default="data/prepared", help="prepared data folder (default: %(default)s)")
     p.add_argument("--out", default="data/augmented", help="output folder (default: %(default)s)")
     p.add_argument("--preview", default="reports/augment_preview.png", help="preview grid PNG (default: %(default)s)")
+
+    p = add("pretrain", cmd_pretrain, "self-supervised pretraining without ImageNet: restore training images with blanked patches (pretrain.* in params), for train.init_from.<model>")
+    p.add_argument("model", choices=("unet", "umobilenetv2"), help="the network to pretrain (built from models.<model> in params)")
+    p.add_argument("--prepared", default="data/prepared", help="prepared data folder (default: %(default)s); only its images are read")
+    p.add_argument("--out", default=None, help="output .keras file (default: pretrained/<model>.keras)")
 
     p = add("check-metrics", cmd_check_metrics, "gate: evaluate metrics vs ci thresholds in params.yaml and an optional baseline")
     p.add_argument("--metrics-dir", default="metrics", help="folder with evaluate_<model>.json (default: %(default)s)")

@@ -235,6 +235,16 @@ class TrainConfig(_Strict):
         return split_seed if self.seed is None else self.seed
 
 
+class PretrainConfig(_Strict):
+    """`tumorseg pretrain`: self-supervised warm start without ImageNet (restore masked images);
+    lr, batch_size, image_size, seed and the optimizer settings are training's."""
+
+    epochs: int = Field(10, ge=1, le=10_000)
+    holes: int = Field(8, ge=1, le=1000)  # blanked rectangles per image: 1..holes
+    hole_fraction: float = Field(0.125, gt=0.0, le=1.0)  # largest hole side, fraction of the image side
+    noise_std: float = Field(0.05, ge=0.0, le=1.0)  # Gaussian noise std, fraction of the intensity range
+
+
 class EvaluateConfig(_Strict):
     """How the test split is scored (the headline numbers) and post-processed."""
 
@@ -293,6 +303,7 @@ class Config(_Strict):
     loss: LossConfig = LossConfig()
     models: ModelsConfig = ModelsConfig()
     train: TrainConfig = TrainConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     ci: CIConfig = CIConfig()
 

@@ -149,6 +149,41 @@ def _run_tags(cfg: Config, name: str, record: dict, params_path: Path) -> dict[s
     }
 
 
+def pretrain_step(cfg: Config, name: str, *, prepared_dir: Path, out_path: Path, params_path: Path, progress: bool = True) -> dict:
+    """Self-supervised pretraining of ``name`` (an MLflow run of its own, tag ``task=pretrain``);
+    the file it writes is meant for ``train.init_from.<name>``."""
+    from tumorseg.pretrain import pretrain_model
+
+    record = _data_record(prepared_dir)
+    uri = tracking.tracking_uri()
+    tracking.check_tracking(uri)
+    tags = _run_tags(cfg, name, record, params_path) | {"task": "pretrain"}
+    p = cfg.pretrain
+    with tracking.run(uri, run_id=None, run_name=f"{name}-pretrain-{tags['pipeline']}", tags=tags) as active:
+        tracking.log_params(cfg.flat() | {"model": name})
+        result = pretrain_model(
+            name,
+            model_params=getattr(cfg.models, name).model_dump(),
+            train_params=cfg.train.model_dump(),
+            image_size=cfg.image_size,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr * cfg.train.lr_scale,
+            epochs=p.epochs,
+            seed=cfg.train.effective_seed(cfg.seed),
+            holes=p.holes,
+            hole_fraction=p.hole_fraction,
+            noise_std=p.noise_std,
+            prepared_dir=prepared_dir,
+            model_path=out_path,
+            on_epoch=lambda epoch, row: tracking.log_metrics(row, step=epoch),
+            progress=progress,
+        )
+        summary = {"model": name, "file": str(out_path), "sha256": sha256_file(out_path), "best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss, "first_val_loss": result.first_val_loss, "epochs_run": result.epochs_run, "seconds_per_epoch": result.seconds_per_epoch, "mlflow_run_id": active.info.run_id, **record}
+        tracking.log_metrics({"best_val_loss": result.best_val_loss, "best_epoch": result.best_epoch, "seconds_per_epoch": result.seconds_per_epoch})
+        tracking.set_tags({"pretrained_sha256": summary["sha256"]})
+    return summary
+
+
 def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Path, models_dir: Path, metrics_dir: Path, params_path: Path, progress: bool = True):
     """Train one model with MLflow tracking; resumable (state in ``models_dir/.state/<name>``)."""
 

@@ -199,6 +199,11 @@ def log_metrics_once(metrics: Mapping[str, float]) -> None:
     log_metrics({k: v for k, v in metrics.items() if k not in existing})
 
 
+def set_tags(tags: Mapping[str, str]) -> None:
+    """Tags known only once the run has done its work (e.g. the sha256 of the file it wrote)."""
+    _mlflow().set_tags(dict(tags))
+
+
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     if Path(path).exists():
         _mlflow().log_artifact(str(path), artifact_path=artifact_path)

@@ -340,7 +340,7 @@ def learning_rate_for(schedule: str, lr: float, *, steps_per_epoch: int, start_e
     )
 
 
-def _optimizer(name: str, lr, weight_decay: float, ema_momentum: float = 0.0):
+def optimizer_for(name: str, lr, weight_decay: float, ema_momentum: float = 0.0):
     import keras
 
     ema = {"use_ema": True, "ema_momentum": ema_momentum} if ema_momentum > 0 else {}
@@ -373,7 +373,7 @@ def compile_for_training(model, *, train_params: dict[str, Any], loss_params: di
 
     schedule = learning_rate_for(train_params["lr_schedule"], learning_rate, steps_per_epoch=steps_per_epoch, start_epoch=start_epoch, stop_epoch=stop_epoch, warmup_epochs=train_params["warmup_epochs"], min_lr=train_params["min_lr"])
     model.compile(
-        optimizer=_optimizer(train_params["optimizer"], schedule, train_params["weight_decay"], train_params.get("ema_momentum", 0.0)),
+        optimizer=optimizer_for(train_params["optimizer"], schedule, train_params["weight_decay"], train_params.get("ema_momentum", 0.0)),
         loss=combined_loss(**loss_params),
         metrics=segmentation_metrics(tversky_alpha=loss_params["tversky_alpha"], tversky_beta=loss_params["tversky_beta"]),
         jit_compile=train_params["jit_compile"],
