@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("pretrain", cmd_pretrain, "self-supervised pretraining without ImageNet: restore training images with blanked patches (pretrain.* in params), for train.init_from.<model>")
     p.add_argument("model", choices=("unet", "umobilenetv2"), help="the network to pretrain (built from models.<model> in params)")
-    p.add_argument("--prepared", default="data/prepared", help="prepared data folder (default: %(default)s); only its images are read")
+    p.add_argument("--prepared", default="data/prepared", help="prepared data folder (default: %(default)s); masks are never used")
     p.add_argument("--out", default=None, help="output .keras file (default: pretrained/<model>.keras)")
 
     p = add("check-metrics", cmd_check_metrics, "gate: evaluate metrics vs ci thresholds in params.yaml and an optional baseline")
