@@ -95,3 +95,14 @@ def test_comparison_adds_the_ensemble_of_exactly_these_models(tmp_path: Path):
     assert "| metric | unet | umobilenetv2 | ensemble | better |" in (tmp_path / "reports" / "comparison.md").read_text()
     write_metrics(metrics, "ensemble", dice=0.75, n_images=10, members=["unet", "other"])  # stale: not shown
     assert list(compare_step(cfg, ["unet", "umobilenetv2"], metrics_dir=metrics, reports_dir=tmp_path / "reports")["models"]) == ["unet", "umobilenetv2"]
+
+
+def test_report_numbers_keep_the_digits_that_mean_something():
+    from tumorseg.evaluation import _fmt
+
+    assert _fmt(0.75241) == "0.7524"  # a score
+    assert _fmt(55.4905) == "55.5"  # ms per image
+    assert _fmt(12.86473) == "12.9"  # HD95 in pixels
+    assert _fmt(5_400_321) == "5,400,321"  # parameter count
+    assert _fmt(12345.6) == "12,346"
+    assert _fmt(None) == "—" and _fmt(float("nan")) == "—"

@@ -390,11 +390,14 @@ def breakdown_table(results: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _fmt(value: Any) -> str:
+    """Scores (< 10) to 4 decimals; distances and timings to 1 decimal; counts with separators."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
     if isinstance(value, int):
         return f"{value:,}"
-    return f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
+    if abs(value) < 10:
+        return f"{value:.4f}"
+    return f"{value:.1f}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
 def _save_figure(fig, path: Path) -> None:

@@ -274,6 +274,24 @@ def load_keras_model(source: str | Path):
         raise ModelLoadError(f"{path} is not a loadable Keras model ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
+def load_backend(source: str | Path | Sequence[str | Path], *, num_threads: int | None = None) -> Backend:
+    """The back-end for a model file or URI (see ``Predictor.load``); several: an ensemble of them."""
+    if isinstance(source, (list, tuple)):
+        if len(source) == 1:
+            return load_backend(source[0], num_threads=num_threads)
+        return EnsembleBackend([load_backend(s, num_threads=num_threads) for s in source])
+    text = str(source)
+    suffix = Path(text).suffix.lower()
+    if suffix in RUNTIME_SUFFIXES and "://" not in text and not text.startswith(("runs:/", "models:/")):
+        if not Path(text).is_file():
+            raise FileNotFoundError(f"model {text} does not exist")
+        try:
+            return TFLiteBackend(text, num_threads) if suffix == ".tflite" else OnnxBackend(text, num_threads)
+        except Exception as exc:  # runtimes raise RuntimeError/ValueError/their own types for a bad file
+            raise ModelLoadError(f"{text} is not a loadable {suffix[1:]} model ({type(exc).__name__}: {str(exc)[:200]})") from None
+    return KerasBackend(load_keras_model(text))
+
+
 # --------------------------------------------------------------------------------------------
 # Prediction
 # --------------------------------------------------------------------------------------------
@@ -359,21 +377,7 @@ class Predictor:
     def load(cls, source: str | Path | Sequence[str | Path], *, num_threads: int | None = None, **kwargs) -> Predictor:
         """From a ``.keras`` file, an MLflow URI (``runs:/<id>/model``, ``models:/<name>/<version>``),
         or an exported ``.tflite`` / ``.onnx`` file; several of them: their mean (an ensemble)."""
-        if isinstance(source, (list, tuple)):
-            if len(source) == 1:
-                return cls.load(source[0], num_threads=num_threads, **kwargs)
-            return cls(EnsembleBackend([cls.load(s, num_threads=num_threads).backend for s in source]), **kwargs)
-        text = str(source)
-        suffix = Path(text).suffix.lower()
-        if suffix in RUNTIME_SUFFIXES and "://" not in text and not text.startswith(("runs:/", "models:/")):
-            if not Path(text).is_file():
-                raise FileNotFoundError(f"model {text} does not exist")
-            try:
-                backend = TFLiteBackend(text, num_threads) if suffix == ".tflite" else OnnxBackend(text, num_threads)
-            except Exception as exc:  # runtimes raise RuntimeError/ValueError/their own types for a bad file
-                raise ModelLoadError(f"{text} is not a loadable {suffix[1:]} model ({type(exc).__name__}: {str(exc)[:200]})") from None
-            return cls(backend, **kwargs)
-        return cls(load_keras_model(text), **kwargs)
+        return cls(load_backend(source, num_threads=num_threads), **kwargs)
 
     @property
     def model(self):

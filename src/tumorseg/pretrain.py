@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tumorseg.training import configure_runtime, learning_rate_for, load_pairs, optimizer_for, publish_file, save_model_atomically
+from tumorseg.training import batch_as_float, configure_runtime, learning_rate_for, load_pairs, optimizer_for, publish_file, save_model_atomically
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,7 @@ def reconstruction_dataset(images: np.ndarray, *, batch_size: int, seed: int, co
             return noisy, image
 
         dataset = dataset.map(_map, num_parallel_calls=1, deterministic=True)
-    dataset = dataset.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32) / 255.0), num_parallel_calls=1, deterministic=True)
-    options = tf.data.Options()
-    options.autotune.enabled = False  # as in training: no thread pools sized to the core count
-    return dataset.prefetch(2).with_options(options)
+    return batch_as_float(dataset, batch_size, target_scale=1.0 / 255.0)
 
 
 @dataclass

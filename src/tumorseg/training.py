@@ -90,10 +90,21 @@ def make_dataset(images: np.ndarray, masks: np.ndarray, *, batch_size: int, shuf
 
         dataset = dataset.map(_map, num_parallel_calls=1, deterministic=True)
     # Several replicas need equal shares of every batch: drop the ragged last batch.
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    return batch_as_float(dataset, batch_size, drop_remainder=drop_remainder)
+
+
+def batch_as_float(dataset, batch_size: int, *, target_scale: float = 1.0, drop_remainder: bool = False):
+    """Batched float32 (input, target * target_scale) pairs, prefetched, with tf.data's autotuner off."""
+    import tensorflow as tf
+
     # One cheap cast per batch and a fixed 2-batch prefetch: tf.data's autotuner sizes its own thread
     # pools to the core count, and on a 2-core machine those threads took time from the training step.
-    dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), tf.cast(y, tf.float32)), num_parallel_calls=1, deterministic=True)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    def _cast(x, y):
+        y = tf.cast(y, tf.float32)
+        return tf.cast(x, tf.float32), y if target_scale == 1.0 else y * target_scale
+
+    dataset = dataset.map(_cast, num_parallel_calls=1, deterministic=True)
     options = tf.data.Options()
     options.autotune.enabled = False
     return dataset.prefetch(2).with_options(options)
