@@ -55,6 +55,19 @@ def test_a_models_own_settings_show_only_in_its_rows_and_scoring_settings_are_no
     assert rows[2].startswith("| umobilenetv2 · umobilenetv2-u.keras-m.keras | — |")  # not umobilenetv2's setting
 
 
+def test_settings_added_later_are_columns_only_when_their_logged_values_differ():
+    def run(name: str, **params) -> dict:
+        return {"tags": {"model": "umobilenetv2", "dvc_experiment": name}, "params": {"lr": "0.001", **params}, "metrics": {"best_val_dice": 0.8}, "history": [], "run_name": name}
+
+    old = run("old")  # trained before loss.focal_* and pretrain.* existed
+    runs = [old, run("focal", **{"loss.focal_weight": "1.0", "loss.focal_gamma": "2.0", "pretrain.epochs": "10"}), run("plain", **{"loss.focal_weight": "0.0", "loss.focal_gamma": "2.0", "pretrain.epochs": "10"})]
+    # focal_weight differs between the runs that logged it; gamma and pretrain.epochs were the same wherever logged
+    assert varying_params(runs) == ["loss.focal_weight"]
+    assert "| umobilenetv2 · old | — |" in ablation_markdown(runs)
+    # a key only one run logged cannot be compared: it stays visible
+    assert varying_params([old, run("new", **{"train.ema_momentum": "0.999"})]) == ["train.ema_momentum"]
+
+
 def test_runs_that_differ_only_in_their_seed_are_summarised_as_mean_and_std():
     def run(seed: str | None, lr: str = "0.0001", threads: str = "0", test: float = 0.7, **tags) -> dict:
         params = {"lr": lr, "train.threads": threads, "epochs": "40", "evaluate.tta": "True"}

@@ -68,7 +68,8 @@ def run_label(run: dict[str, Any]) -> str:
 def varying_params(runs: list[dict[str, Any]]) -> list[str]:
     """Param keys whose value differs between runs (the levers of the study). A model's own key
     (``models.<name>.*``, ``train.init_from.<name>``) counts only when it differs between runs of
-    that model."""
+    that model. Runs logged before a setting existed lack its key: they do not make it differ from
+    the one value every later run logged (unless only one run logged it: nothing to compare)."""
     keys = sorted(k for k in {k for run in runs for k in run["params"]} - IGNORED_PARAMS if not k.startswith(IGNORED_PREFIXES))
     levers = []
     for key in keys:
@@ -76,7 +77,8 @@ def varying_params(runs: list[dict[str, Any]]) -> list[str]:
         owner = owner_model(key)
         if owner:
             pool = [run for run in runs if run["tags"].get("model") == owner]
-        if len({run["params"].get(key) for run in pool}) > 1:
+        logged = [run["params"][key] for run in pool if key in run["params"]]
+        if len(set(logged)) > 1 or (len(logged) == 1 and len(pool) > 1):
             levers.append(key)
     return levers
 
