@@ -100,6 +100,7 @@ def batch_as_float(dataset, batch_size: int, *, target_scale: float = 1.0, drop_
     # One cheap cast per batch and a fixed 2-batch prefetch: tf.data's autotuner sizes its own thread
     # pools to the core count, and on a 2-core machine those threads took time from the training step.
     dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+
     def _cast(x, y):
         y = tf.cast(y, tf.float32)
         return tf.cast(x, tf.float32), y if target_scale == 1.0 else y * target_scale
