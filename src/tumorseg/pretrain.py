@@ -4,8 +4,8 @@ autoencoder); segmentation training then starts from those weights (``train.init
 
 The pretext model *is* the segmentation model — same layers, same one-channel sigmoid output —
 asked for the clean image scaled to [0, 1], so every weight (encoder, decoder, head) carries over.
-Only images are used, never masks (load_pairs reads them with the pairs): the training split's to learn from, the validation split's for
-the loss curve and the choice of the best epoch.
+Only images are used, never masks (load_pairs reads them with the pairs): the training split's
+to learn from, the validation split's for the loss curve and the choice of the best epoch.
 """
 
 from __future__ import annotations
