@@ -98,11 +98,11 @@ def test_comparison_adds_the_ensemble_of_exactly_these_models(tmp_path: Path):
 
 
 def test_report_numbers_keep_the_digits_that_mean_something():
-    from tumorseg.evaluation import _fmt
+    from tumorseg.evaluation import format_number
 
-    assert _fmt(0.75241) == "0.7524"  # a score
-    assert _fmt(55.4905) == "55.5"  # ms per image
-    assert _fmt(12.86473) == "12.9"  # HD95 in pixels
-    assert _fmt(5_400_321) == "5,400,321"  # parameter count
-    assert _fmt(12345.6) == "12,346"
-    assert _fmt(None) == "—" and _fmt(float("nan")) == "—"
+    assert format_number(0.75241) == "0.7524"  # a score
+    assert format_number(55.4905) == "55.5"  # ms per image
+    assert format_number(12.86473) == "12.9"  # HD95 in pixels
+    assert format_number(5_400_321) == "5,400,321"  # parameter count
+    assert format_number(12345.6) == "12,346"
+    assert format_number(None) == "—" and format_number(float("nan")) == "—"

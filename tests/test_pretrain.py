@@ -64,6 +64,7 @@ def test_pretraining_learns_to_restore_and_its_file_warm_starts_the_model(tmp_pa
     model = build_model("unet", (64, 64, 1), **TINY_UNET)  # segmentation at another size
     load_initial_weights(model, out, key="train.init_from.unet")
     pretrained = keras.models.load_model(out)
+    assert getattr(pretrained, "optimizer", None) is None  # published without the optimizer state
     kernels = [(a, b) for a, b in zip(model.weights, pretrained.weights) if a.path.endswith("kernel")]
     assert kernels and all(np.array_equal(a.numpy(), b.numpy()) for a, b in kernels)
     assert not list(out.parent.glob(".*"))  # no temporary checkpoint left behind

@@ -17,7 +17,7 @@ def _fake_run(uri: str, name: str, model: str, lr_schedule: str, dices: list[flo
         tracking.log_params({"lr": 1e-4, "train.lr_schedule": lr_schedule, f"models.{model}.alpha": 1.0, "profile": name, "model": model, "epochs": len(dices)})
         for epoch, value in enumerate(dices, start=1):
             tracking.log_metrics({"val_dice": value}, step=epoch)
-        tracking.log_metrics({"best_val_dice": max(dices), "test_dice": max(dices) - 0.01, "test_dice_by_class_glioma": 0.5})
+        tracking.log_metrics({"best_val_dice": max(dices), "test_dice": max(dices) - 0.01, "test_dice_by_class_glioma": 0.5, "ms_per_step": 305.44, "test_threshold": 0.45, "test_min_component_px": 50})
 
 
 def test_study_lists_runs_with_their_levers_and_draws_curves(tmp_path: Path, monkeypatch, capsys):
@@ -33,7 +33,8 @@ def test_study_lists_runs_with_their_levers_and_draws_curves(tmp_path: Path, mon
     # lr and alpha are equal; profile is bookkeeping; epochs and model have their own columns
     assert varying_params(runs) == ["train.lr_schedule"]
     table = ablation_markdown(runs)
-    assert "| umobilenetv2 · cosine | cosine | 4 | 0.7200 | 0.7100 | 0.5000 |" in table
+    # scores to 4 decimals, timings to 1, the blob size (a float in MLflow) as the count it is
+    assert "| umobilenetv2 · cosine | cosine | 4 | 0.7200 | 0.7100 | 0.5000 | — | 305.4 | 0.4500 | 50 |" in table
 
     assert main(["study", "--out", str(tmp_path / "study"), "--data-source", "real"]) == 0
     chart = cv2.imread(str(tmp_path / "study" / "val_dice_curves.png"))

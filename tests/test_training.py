@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
+import zipfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -97,6 +100,16 @@ def test_training_writes_the_best_model_and_resumes_after_an_interruption(prepar
     assert 1 <= second.best_epoch <= 3 and 0.0 <= second.best_val_dice <= 1.0
     model = keras.models.load_model(tmp_path / "unet.keras")
     assert model.predict(np.zeros((1, 32, 32, 1), np.float32), verbose=0).shape == (1, 32, 32, 1)
+    # Published without the optimizer state the checkpoint keeps for resuming, same weights.
+    state = read_state(tmp_path / "state")
+    best = keras.models.load_model(tmp_path / "state" / state["best_checkpoint"])
+    assert state["best_epoch"] == second.best_epoch and best.optimizer is not None and getattr(model, "optimizer", None) is None
+    assert all(np.array_equal(a, b) for a, b in zip(best.get_weights(), model.get_weights()))
+    def stored(path: Path) -> set[str]:
+        with zipfile.ZipFile(path) as archive, h5py.File(io.BytesIO(archive.read("model.weights.h5"))) as weights:
+            return set(weights)
+
+    assert stored(tmp_path / "state" / state["best_checkpoint"]) == stored(tmp_path / "unet.keras") | {"optimizer"}
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr():

@@ -20,7 +20,7 @@ import pandas as pd
 
 from tumorseg.data.augment import frame_tile, overlay_outline
 from tumorseg.inference import predict_at_size, remove_small_components
-from tumorseg.io import atomic_write_json, atomic_write_png, atomic_write_text
+from tumorseg.io import atomic_write_figure, atomic_write_json, atomic_write_png, atomic_write_text
 from tumorseg.metrics import SCORE_NAMES, evaluate_masks
 from tumorseg.training import load_pairs
 
@@ -353,11 +353,11 @@ def compare_models(results: dict[str, dict[str, Any]], data_label: str, run_fact
         elif len(known) == len(names) and len(names) > 1:
             winner = "tie"
             winners[key] = "tie"
-        lines.append(f"| {label} | " + " | ".join(_fmt(values[n]) for n in names) + f" | {winner} |")
+        lines.append(f"| {label} | " + " | ".join(format_number(values[n]) for n in names) + f" | {winner} |")
     lines += breakdown_table(results)
     lines += ["", "## Reference paper (for context)", "", "| model | Dice | accuracy | loss |", "| --- | ---: | ---: | ---: |"]
     for name, reference in REFERENCE_RESULTS.items():
-        lines.append(f"| {name} | {_fmt(reference.get('dice'))} | {_fmt(reference.get('accuracy'))} | {_fmt(reference.get('loss'))} |")
+        lines.append(f"| {name} | {format_number(reference.get('dice'))} | {format_number(reference.get('accuracy'))} | {format_number(reference.get('loss'))} |")
     lines += [
         "",
         "The paper used an ImageNet-pretrained encoder and a random image-level split (slices of one patient on both",
@@ -385,11 +385,11 @@ def breakdown_table(results: dict[str, dict[str, Any]]) -> list[str]:
     if not rows:
         return []
     lines = ["", "## Dice by tumour type and size", "", "| group | " + " | ".join(names) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |"]
-    lines += [f"| {label} | " + " | ".join(_fmt(values[n]) for n in names) + " |" for label, values in rows]
+    lines += [f"| {label} | " + " | ".join(format_number(values[n]) for n in names) + " |" for label, values in rows]
     return lines
 
 
-def _fmt(value: Any) -> str:
+def format_number(value: Any) -> str:
     """Scores (< 10) to 4 decimals; distances and timings to 1 decimal; counts with separators."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
@@ -398,19 +398,6 @@ def _fmt(value: Any) -> str:
     if abs(value) < 10:
         return f"{value:.4f}"
     return f"{value:.1f}" if abs(value) < 1000 else f"{value:,.0f}"
-
-
-def _save_figure(fig, path: Path) -> None:
-    import io as _io
-
-    import matplotlib.pyplot as plt
-
-    from tumorseg.io import atomic_write_bytes
-
-    buffer = _io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def learning_curves_chart(histories: dict[str, pd.DataFrame], path: Path, title: str) -> None:
@@ -434,7 +421,7 @@ def learning_curves_chart(histories: dict[str, pd.DataFrame], path: Path, title:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path)
+    atomic_write_figure(path, fig)
 
 
 def comparison_chart(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
@@ -457,4 +444,4 @@ def comparison_chart(results: dict[str, dict[str, Any]], path: Path, title: str)
     ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
-    _save_figure(fig, path)
+    atomic_write_figure(path, fig)

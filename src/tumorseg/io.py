@@ -109,6 +109,18 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def atomic_write_figure(path: str | Path, fig) -> Path:
+    """Render a matplotlib figure to PNG in memory, close it, then write the file atomically."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 def encode_png(image: np.ndarray) -> bytes:
     ok, buffer = cv2.imencode(".png", image)
     if not ok:

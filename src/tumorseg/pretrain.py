@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tumorseg.training import batch_as_float, configure_runtime, learning_rate_for, load_pairs, optimizer_for, publish_file, save_model_atomically
+from tumorseg.training import batch_as_float, configure_runtime, learning_rate_for, load_pairs, optimizer_for, publish_without_optimizer, save_model_atomically
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,6 @@ def pretrain_model(
 
     log.info("%s: self-supervised pretraining, %d epochs, %d training / %d validation images", name, epochs, len(train_x), len(val_x))
     model.fit(train_ds, validation_data=val_ds, epochs=epochs, callbacks=[KeepBest()], shuffle=False, verbose=1 if progress else 2)
-    publish_file(checkpoint, model_path)
+    publish_without_optimizer(checkpoint, model_path)
     checkpoint.unlink(missing_ok=True)
     return PretrainResult(model_path, best["epoch"], best["loss"], best["first"], len(timing), float(np.median(timing)))

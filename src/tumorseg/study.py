@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tumorseg.io import atomic_write_text
+from tumorseg.evaluation import format_number
+from tumorseg.io import atomic_write_figure, atomic_write_text
 
 # Columns of the ablation table: (MLflow metric, header).
 SCORE_COLUMNS = [
@@ -23,6 +24,7 @@ SCORE_COLUMNS = [
     ("test_threshold", "test threshold"),  # how the test columns were scored (the latest evaluation)
     ("test_min_component_px", "test min blob px"),
 ]
+COUNT_COLUMNS = {"test_min_component_px"}  # MLflow keeps every metric as a float; these are counts
 # Params that differ between runs for bookkeeping reasons, not as levers, or that the table shows
 # anyway (the model is in the run's label, the epochs in their own column).
 IGNORED_PARAMS = {"profile", "data.local_path", "model", "epochs"}
@@ -93,9 +95,13 @@ def ablation_markdown(runs: list[dict[str, Any]]) -> str:
         metrics = run["metrics"]
         model = run["tags"].get("model")
         cells = [run_label(run), *("—" if owner_model(k) not in (None, model) else run["params"].get(k, "—") for k in levers), str(len(run["history"]))]
-        cells += [_fmt(metrics.get(key)) for key, _ in SCORE_COLUMNS]
+        cells += [format_number(_as_count(metrics.get(key)) if key in COUNT_COLUMNS else metrics.get(key)) for key, _ in SCORE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _as_count(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and math.isfinite(value) and value.is_integer() else value
 
 
 def run_seed(run: dict[str, Any]) -> str:
@@ -149,12 +155,6 @@ def seeds_markdown(groups: list[list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
-    return f"{value:.4f}" if abs(value) < 10 else f"{value:.0f}"
-
-
 def curves_chart(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     """Validation Dice per epoch, one line per run (PNG: viewable offline)."""
     import matplotlib
@@ -162,7 +162,6 @@ def curves_chart(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tumorseg.evaluation import _save_figure
 
     fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
     for index, run in enumerate(runs):
@@ -173,7 +172,7 @@ def curves_chart(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    _save_figure(fig, path)
+    atomic_write_figure(path, fig)
 
 
 def write_study(runs: list[dict[str, Any]], out_dir: Path, *, title: str) -> tuple[Path, Path]:
