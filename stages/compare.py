@@ -4,7 +4,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from tumorseg.config import load_config
 from tumorseg.console import friendly_errors, setup_logging
 from tumorseg.pipeline import compare_step
 
@@ -13,11 +12,10 @@ from tumorseg.pipeline import compare_step
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+", default=["unet", "umobilenetv2"])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--metrics-dir", type=Path, default=Path("metrics"))
     parser.add_argument("--reports-dir", type=Path, default=Path("reports"))
     args = parser.parse_args()
-    compare_step(load_config(args.params), args.models, metrics_dir=args.metrics_dir, reports_dir=args.reports_dir)
+    compare_step(args.models, metrics_dir=args.metrics_dir, reports_dir=args.reports_dir)
     return 0
 
 

@@ -80,21 +80,24 @@ def test_unreachable_tracking_server_fails_fast_before_training(monkeypatch):
 
 
 def test_comparison_adds_the_ensemble_of_exactly_these_models(tmp_path: Path):
-    from tumorseg.config import load_config
     from tumorseg.pipeline import compare_step
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml")
     metrics = tmp_path / "metrics"
-    for model, dice in (("unet", 0.70), ("umobilenetv2", 0.72)):
+    for model, dice, size, epochs in (("unet", 0.70, 256, 6), ("umobilenetv2", 0.72, 128, 64)):
         write_metrics(metrics, model, dice=dice, n_images=10)
-        (metrics / f"train_{model}.json").write_text(json.dumps({"params_total": 100, "ms_per_step": 5.0, "best_val_dice": dice, "best_epoch": 3}))
+        facts = {"params_total": 100, "ms_per_step": 5.0, "best_val_dice": dice, "best_epoch": 3, "image_size": size, "epochs_run": epochs, "batch_size": 8, "effective_lr": 3e-4 if model == "unet" else 1e-3}
+        (metrics / f"train_{model}.json").write_text(json.dumps(facts))
     write_metrics(metrics, "ensemble", dice=0.75, n_images=10, members=["unet", "umobilenetv2"])
-    summary = compare_step(cfg, ["unet", "umobilenetv2"], metrics_dir=metrics, reports_dir=tmp_path / "reports")
+    summary = compare_step(["unet", "umobilenetv2"], metrics_dir=metrics, reports_dir=tmp_path / "reports")
     assert list(summary["models"]) == ["unet", "umobilenetv2", "ensemble"] and summary["winners"]["dice"] == "ensemble"
     assert summary["models"]["ensemble"]["params_total"] == 200
-    assert "| metric | unet | umobilenetv2 | ensemble | better |" in (tmp_path / "reports" / "comparison.md").read_text()
+    report = (tmp_path / "reports" / "comparison.md").read_text()
+    assert "| metric | unet | umobilenetv2 | ensemble | better |" in report
+    # each model's own training, whatever params.yaml says now (models from different runs)
+    assert "| | unet | umobilenetv2 |" in report and "| input size (px) | 256 | 128 |" in report
+    assert "| epochs trained | 6 | 64 |" in report and "| learning rate (peak) | 0.0003 | 0.001 |" in report
     write_metrics(metrics, "ensemble", dice=0.75, n_images=10, members=["unet", "other"])  # stale: not shown
-    assert list(compare_step(cfg, ["unet", "umobilenetv2"], metrics_dir=metrics, reports_dir=tmp_path / "reports")["models"]) == ["unet", "umobilenetv2"]
+    assert list(compare_step(["unet", "umobilenetv2"], metrics_dir=metrics, reports_dir=tmp_path / "reports")["models"]) == ["unet", "umobilenetv2"]
 
 
 def test_report_numbers_keep_the_digits_that_mean_something():

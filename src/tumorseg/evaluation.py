@@ -330,8 +330,24 @@ COMPARE_ROWS = [
     ("ms_per_image", "Inference ms/image", False),
 ]
 
+# Rows of the "how each model was trained" table: (key of metrics/train_<name>.json, label).
+TRAINING_ROWS = [("image_size", "input size (px)"), ("epochs_run", "epochs trained"), ("best_epoch", "best epoch (validation)"), ("best_val_dice", "best validation Dice"), ("batch_size", "batch"), ("effective_lr", "learning rate (peak)")]
 
-def compare_models(results: dict[str, dict[str, Any]], data_label: str, run_facts: str) -> tuple[str, dict[str, Any]]:
+
+def training_table(training: dict[str, dict[str, Any]]) -> list[str]:
+    """Markdown rows of each model's own training facts (its train JSON). Compared models may come
+    from different runs, so these are per model, never the workspace's params.yaml."""
+    names = [n for n, facts in training.items() if facts]
+    if not names:
+        return []
+    lines = ["", "## How each model was trained", "", "| | " + " | ".join(names) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |"]
+    for key, label in TRAINING_ROWS:
+        values = [training[n].get(key) for n in names]
+        lines.append(f"| {label} | " + " | ".join(f"{v:g}" if key == "effective_lr" and isinstance(v, float) else format_number(v) for v in values) + " |")
+    return lines
+
+
+def compare_models(results: dict[str, dict[str, Any]], data_label: str, run_facts: str, training: dict[str, dict[str, Any]] | None = None) -> tuple[str, dict[str, Any]]:
     """Markdown report and JSON summary of the models' test metrics, winner named per metric."""
     names = list(results)
     winners: dict[str, str] = {}
@@ -355,6 +371,7 @@ def compare_models(results: dict[str, dict[str, Any]], data_label: str, run_fact
             winners[key] = "tie"
         lines.append(f"| {label} | " + " | ".join(format_number(values[n]) for n in names) + f" | {winner} |")
     lines += breakdown_table(results)
+    lines += training_table(training or {})
     lines += ["", "## Reference paper (for context)", "", "| model | Dice | accuracy | loss |", "| --- | ---: | ---: | ---: |"]
     for name, reference in REFERENCE_RESULTS.items():
         lines.append(f"| {name} | {format_number(reference.get('dice'))} | {format_number(reference.get('accuracy'))} | {format_number(reference.get('loss'))} |")

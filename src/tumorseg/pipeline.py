@@ -367,12 +367,12 @@ def _training_summary(metrics_dir: Path, name: str) -> dict:
     return read_json(path) if path.is_file() else {}
 
 
-def compare_step(cfg: Config, names: list[str], *, metrics_dir: Path, reports_dir: Path) -> dict:
+def compare_step(names: list[str], *, metrics_dir: Path, reports_dir: Path) -> dict:
     from tumorseg.evaluation import compare_models, comparison_chart, learning_curves_chart
 
-    results = {}
+    results, training = {}, {}
     for name in names:
-        train = read_json(metrics_dir / f"train_{name}.json")
+        training[name] = train = read_json(metrics_dir / f"train_{name}.json")
         results[name] = read_json(metrics_dir / f"evaluate_{name}.json") | {k: train[k] for k in ("params_total", "ms_per_step", "best_val_dice", "best_epoch")}
     ensemble_path = metrics_dir / f"evaluate_{ENSEMBLE}.json"
     if len(names) >= 2 and ensemble_path.is_file():
@@ -382,11 +382,13 @@ def compare_step(cfg: Config, names: list[str], *, metrics_dir: Path, reports_di
     sources = {r["data_source"] for r in results.values()}
     label = "SYNTHETIC phantoms" if sources == {"synthetic"} else ("real MRI" if sources == {"real"} else f"mixed ({', '.join(sorted(sources))})")
     first = next(iter(results.values()))
-    facts = f"Test split: {first['n_images']} images at {cfg.image_size}x{cfg.image_size}; {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g} x {cfg.train.lr_scale:g}, profile `{cfg.profile}`."
-    markdown, summary = compare_models(results, label, facts)
+    # The models compared may come from different runs (another size, length or learning rate than
+    # the workspace's params.yaml now): the report states each one's own, from its train JSON.
+    facts = f"Test split: {first['n_images']} images, scored at {first.get('resolution', 'original')} resolution (how each model was trained: the table below)."
+    markdown, summary = compare_models(results, label, facts, training)
     atomic_write_text(reports_dir / "comparison.md", markdown)
     atomic_write_json(reports_dir / "comparison.json", summary)
-    comparison_chart(results, reports_dir / "comparison.png", f"Test metrics on {label} ({cfg.image_size}px, {cfg.epochs} epochs)")
+    comparison_chart(results, reports_dir / "comparison.png", f"Test metrics on {label}")
     histories = {n: pd.read_csv(metrics_dir / f"history_{n}.csv") for n in names if (metrics_dir / f"history_{n}.csv").exists()}
-    learning_curves_chart(histories, reports_dir / "learning_curves.png", f"Learning curves on {label} ({cfg.image_size}px)")
+    learning_curves_chart(histories, reports_dir / "learning_curves.png", f"Learning curves on {label}")
     return summary
