@@ -86,6 +86,7 @@ def test_comparison_adds_the_ensemble_of_exactly_these_models(tmp_path: Path):
     for model, dice, size, epochs in (("unet", 0.70, 256, 6), ("umobilenetv2", 0.72, 128, 64)):
         write_metrics(metrics, model, dice=dice, n_images=10)
         facts = {"params_total": 100, "ms_per_step": 5.0, "best_val_dice": dice, "best_epoch": 3, "image_size": size, "epochs_run": epochs, "batch_size": 8, "effective_lr": 3e-4 if model == "unet" else 1e-3}
+        facts |= {"init_from": "unet-128.keras"} if model == "unet" else {"init_from": "none", "epochs_planned": 80}  # the U-Net's JSON predates epochs_planned
         (metrics / f"train_{model}.json").write_text(json.dumps(facts))
     write_metrics(metrics, "ensemble", dice=0.75, n_images=10, members=["unet", "umobilenetv2"])
     summary = compare_step(["unet", "umobilenetv2"], metrics_dir=metrics, reports_dir=tmp_path / "reports")
@@ -96,6 +97,7 @@ def test_comparison_adds_the_ensemble_of_exactly_these_models(tmp_path: Path):
     # each model's own training, whatever params.yaml says now (models from different runs)
     assert "| | unet | umobilenetv2 |" in report and "| input size (px) | 256 | 128 |" in report
     assert "| epochs trained | 6 | 64 |" in report and "| learning rate (peak) | 0.0003 | 0.001 |" in report
+    assert "| started from | `unet-128.keras` | `none` |" in report and "| epochs planned (early stopping may end sooner) | — | 80 |" in report
     write_metrics(metrics, "ensemble", dice=0.75, n_images=10, members=["unet", "other"])  # stale: not shown
     assert list(compare_step(["unet", "umobilenetv2"], metrics_dir=metrics, reports_dir=tmp_path / "reports")["models"]) == ["unet", "umobilenetv2"]
 

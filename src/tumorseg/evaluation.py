@@ -331,7 +331,16 @@ COMPARE_ROWS = [
 ]
 
 # Rows of the "how each model was trained" table: (key of metrics/train_<name>.json, label).
-TRAINING_ROWS = [("image_size", "input size (px)"), ("epochs_run", "epochs trained"), ("best_epoch", "best epoch (validation)"), ("best_val_dice", "best validation Dice"), ("batch_size", "batch"), ("effective_lr", "learning rate (peak)")]
+TRAINING_ROWS = [
+    ("image_size", "input size (px)"),
+    ("init_from", "started from"),  # a warm start (`train.init_from`): the epochs below come on top
+    ("epochs_run", "epochs trained"),
+    ("epochs_planned", "epochs planned (early stopping may end sooner)"),
+    ("best_epoch", "best epoch (validation)"),
+    ("best_val_dice", "best validation Dice"),
+    ("batch_size", "batch"),
+    ("effective_lr", "learning rate (peak)"),
+]
 
 
 def training_table(training: dict[str, dict[str, Any]]) -> list[str]:
@@ -343,7 +352,10 @@ def training_table(training: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["", "## How each model was trained", "", "| | " + " | ".join(names) + " |", "| --- | " + " | ".join("---:" for _ in names) + " |"]
     for key, label in TRAINING_ROWS:
         values = [training[n].get(key) for n in names]
-        lines.append(f"| {label} | " + " | ".join(f"{v:g}" if key == "effective_lr" and isinstance(v, float) else format_number(v) for v in values) + " |")
+        if all(v is None for v in values):  # train JSONs written before the key existed
+            continue
+        cells = [f"`{v}`" if isinstance(v, str) else f"{v:g}" if key == "effective_lr" and isinstance(v, float) else format_number(v) for v in values]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -236,6 +236,8 @@ def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Pat
             "best_epoch": result.best_epoch,
             "best_val_dice": result.best_val_dice,
             "epochs_run": result.epochs_run,
+            "epochs_planned": cfg.epochs,
+            "init_from": str(init_from) if init_from is not None else "none",
             "seconds_per_epoch": result.seconds_per_epoch,
             "ms_per_step": result.ms_per_step,
             "params_total": result.params_total,
