@@ -10,7 +10,6 @@ Replace shipped files only when test Dice improves by >= 0.01 (keeps the git his
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import tempfile
 from pathlib import Path
@@ -20,18 +19,10 @@ import numpy as np
 MAX_BYTES = 25 * 1024 * 1024
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_checksums(folder: Path) -> Path:
-    from tumorseg.io import atomic_write_text
+    from tumorseg.io import atomic_write_text, sha256_file
 
-    lines = [f"{sha256(path)}  {path.name}\n" for path in sorted(folder.glob("*.keras"))]
+    lines = [f"{sha256_file(path)}  {path.name}\n" for path in sorted(folder.glob("*.keras"))]
     target = folder / "SHA256SUMS"
     atomic_write_text(target, "".join(lines))
     return target

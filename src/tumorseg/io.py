@@ -47,8 +47,6 @@ def describe_os_error(path: str | Path, exc: OSError) -> str:
     return f"cannot write {path}: {reason}; {hint}."
 
 
-_describe_os_error = describe_os_error
-
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
@@ -56,7 +54,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise OutputError(_describe_os_error(path, exc)) from exc
+        raise OutputError(describe_os_error(path, exc)) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -66,7 +64,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     except OSError as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
-        raise OutputError(_describe_os_error(path, exc)) from exc
+        raise OutputError(describe_os_error(path, exc)) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
@@ -87,7 +85,7 @@ def write_staged_bytes(path: str | Path, data: bytes) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
     except OSError as exc:
-        raise OutputError(_describe_os_error(path, exc)) from exc
+        raise OutputError(describe_os_error(path, exc)) from exc
     return path
 
 
@@ -147,7 +145,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     except OSError as exc:
-        raise OutputError(_describe_os_error(target, exc)) from exc
+        raise OutputError(describe_os_error(target, exc)) from exc
     try:
         yield staging
         os.sync()  # one flush for everything staged (files written with write_staged_bytes are not fsynced)
@@ -161,7 +159,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(backup, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise OutputError(_describe_os_error(target, exc)) from exc
+        raise OutputError(describe_os_error(target, exc)) from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
