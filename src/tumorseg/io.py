@@ -47,7 +47,6 @@ def describe_os_error(path: str | Path, exc: OSError) -> str:
     return f"cannot write {path}: {reason}; {hint}."
 
 
-
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     try:
