@@ -162,7 +162,6 @@ def curves_chart(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     fig, ax = plt.subplots(figsize=(9, 5), dpi=100)
     for index, run in enumerate(runs):
         if run["history"]:
