@@ -108,3 +108,17 @@ def test_training_seed_defaults_to_the_split_seed_and_can_be_set_apart():
     raw["train"]["seed"] = -1
     with pytest.raises(ConfigError, match=r"train\.seed"):
         config_from_dict(raw)
+
+
+def test_training_stage_depends_on_every_setting_and_module_training_reads():
+    """`dvc exp run -S augment.rotate.limit=30` must retrain: with on-the-fly augmentation the
+    transforms act inside the train stage, and with no offline copies data/augmented stays empty,
+    so its hash cannot carry the change. Likewise for the augmentation and inference code."""
+    from tumorseg.config import AugmentConfig
+
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    train, evaluate = stages["train"]["do"], stages["evaluate"]
+    transforms = set(AugmentConfig.model_fields) - {"copies_per_image", "preview_pairs"}  # not read by training
+    assert {f"augment.{name}" for name in transforms} <= set(train["params"])
+    assert {"src/tumorseg/training.py", "src/tumorseg/data/augment.py", "src/tumorseg/models"} <= set(train["deps"])
+    assert {"src/tumorseg/evaluation.py", "src/tumorseg/inference.py"} <= set(evaluate["deps"])
