@@ -105,6 +105,7 @@ def test_training_writes_the_best_model_and_resumes_after_an_interruption(prepar
     best = keras.models.load_model(tmp_path / "state" / state["best_checkpoint"])
     assert state["best_epoch"] == second.best_epoch and best.optimizer is not None and getattr(model, "optimizer", None) is None
     assert all(np.array_equal(a, b) for a, b in zip(best.get_weights(), model.get_weights()))
+
     def stored(path: Path) -> set[str]:
         with zipfile.ZipFile(path) as archive, h5py.File(io.BytesIO(archive.read("model.weights.h5"))) as weights:
             return set(weights)
