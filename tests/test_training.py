@@ -198,3 +198,38 @@ def test_warm_start_names_the_key_when_the_file_is_missing_or_does_not_fit(tmp_p
     wider = build_model("unet", (32, 32, 1), base_filters=8, depth=2, use_caspp=False)
     with pytest.raises(ValueError, match=r"train\.init_from\.unet: .*small\.keras does not fit"):
         load_initial_weights(wider, tmp_path / "small.keras", key="train.init_from.unet")
+
+
+def test_a_resume_with_changed_params_is_recorded_not_hidden(tmp_path: Path):
+    """MLflow params cannot change: a resumed run whose params.yaml changed keeps its first values,
+    so each change (and the epoch it took effect after) goes to a tag, the resume state and back
+    to the caller for the train JSON; a restart with the same params adds nothing."""
+    import mlflow
+
+    from tumorseg import tracking
+    from tumorseg.pipeline import _note_param_changes
+    from tumorseg.training import update_state
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    state_dir = tmp_path / "state"
+    first = {"train.early_stopping_patience": 10, "epochs": 80, "lr": 1e-4}
+    with tracking.run(uri, run_id=None, run_name="r", tags={}) as active:
+        assert _note_param_changes("m", state_dir, tracking.log_params(first)) == []
+        run_id = active.info.run_id
+    update_state(state_dir, epochs_done=36)
+
+    def resume(params: dict) -> list[str]:
+        with tracking.run(uri, run_id=run_id, run_name="r", tags={}):
+            return _note_param_changes("m", state_dir, tracking.log_params(params))
+
+    changed = first | {"train.early_stopping_patience": 0}
+    assert resume(changed) == ["after epoch 36: train.early_stopping_patience 10 -> 0"]
+    update_state(state_dir, epochs_done=50)
+    assert resume(changed) == ["after epoch 36: train.early_stopping_patience 10 -> 0"], "the same change is not recorded twice"
+    update_state(state_dir, epochs_done=60)
+    assert resume(first) == ["after epoch 36: train.early_stopping_patience 10 -> 0", "after epoch 60: train.early_stopping_patience 0 -> 10"]
+
+    run = mlflow.tracking.MlflowClient(tracking_uri=uri).get_run(run_id)
+    assert run.data.params["train.early_stopping_patience"] == "10", "MLflow keeps the value the run started with"
+    assert run.data.tags[tracking.PARAMS_CHANGED_TAG] == "after epoch 36: train.early_stopping_patience 10 -> 0; after epoch 60: train.early_stopping_patience 0 -> 10"
+    assert len(read_state(state_dir)["param_changes"]) == 2

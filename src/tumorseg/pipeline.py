@@ -184,6 +184,34 @@ def pretrain_step(cfg: Config, name: str, *, prepared_dir: Path, out_path: Path,
     return summary
 
 
+def _note_param_changes(name: str, state_dir: Path, changed: dict[str, tuple[str, str]]) -> list[str]:
+    """A resumed training run whose params changed since it started (e.g. early stopping turned off
+    to train on): say so, and keep every change with the epoch it took effect after, in the resume
+    state, the MLflow run (a tag: its params keep the first values) and the train JSON."""
+    state = read_state(state_dir)
+    changes: list[dict] = list(state.get("param_changes", []))
+    in_effect = {change["key"]: change["new"] for change in changes}  # the latest value of each changed key
+    after = int(state.get("epochs_done", len(state.get("history", {}))))
+    fresh = [{"after_epoch": after, "key": key, "old": in_effect.get(key, old), "new": new} for key, (old, new) in sorted(changed.items()) if in_effect.get(key, old) != new]
+    fresh += [{"after_epoch": after, "key": key, "old": value, "new": logged} for key, value in in_effect.items() if key not in changed and value != (logged := _first_value(changes, key))]
+    if fresh:
+        changes += fresh
+        update_state(state_dir, param_changes=changes)
+        log.warning("%s: resumed with params changed since the run started (MLflow keeps the first values; see its tag %s): %s", name, tracking.PARAMS_CHANGED_TAG, "; ".join(map(_describe_change, fresh)))
+    described = [_describe_change(change) for change in changes]
+    if described:
+        tracking.record_param_changes(described)
+    return described
+
+
+def _first_value(changes: list[dict], key: str) -> str:
+    return next(change["old"] for change in changes if change["key"] == key)
+
+
+def _describe_change(change: dict) -> str:
+    return f"after epoch {change['after_epoch']}: {change['key']} {change['old']} -> {change['new']}"
+
+
 def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Path, models_dir: Path, metrics_dir: Path, params_path: Path, progress: bool = True):
     """Train one model with MLflow tracking; resumable (state in ``models_dir/.state/<name>``)."""
 
@@ -208,7 +236,7 @@ def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Pat
     with tracking.run(uri, run_id=previous_run, run_name=f"{name}-{tags['pipeline']}", tags=tags, resume_token=token) as active:
         if active.info.run_id != previous_run:
             remember_run_id(state_dir, active.info.run_id)
-        tracking.log_params(cfg.flat() | {"model": name})
+        param_changes = _note_param_changes(name, state_dir, tracking.log_params(cfg.flat() | {"model": name}))
         repaired = tracking.log_missing_epochs(state.get("history", {}))
         if repaired:
             log.info("%s: logged %d completed epoch(s) that MLflow had missed", name, repaired)
@@ -238,6 +266,7 @@ def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Pat
             "epochs_run": result.epochs_run,
             "epochs_planned": cfg.epochs,
             "init_from": str(init_from) if init_from is not None else "none",
+            "params_changed_on_resume": param_changes,
             "seconds_per_epoch": result.seconds_per_epoch,
             "ms_per_step": result.ms_per_step,
             "params_total": result.params_total,

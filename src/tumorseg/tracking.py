@@ -14,7 +14,7 @@ import logging
 import os
 import platform
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,7 @@ def environment_tags() -> dict[str, str]:
 
 
 RESUME_TAG = "tumorseg.resume_token"
+PARAMS_CHANGED_TAG = "params_changed_on_resume"  # MLflow params are immutable; see record_param_changes
 
 
 @contextlib.contextmanager
@@ -153,15 +154,26 @@ def run(uri: str, *, run_id: str | None, run_name: str, tags: Mapping[str, str],
         yield active
 
 
-def log_params(params: Mapping[str, Any]) -> None:
+def log_params(params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """Log ``params`` into the active run; returns those it had logged before with another value
+    (``{key: (logged, now)}``): a resumed run whose params.yaml changed meanwhile. MLflow params are
+    immutable, so the first value stays and the caller must record the change elsewhere
+    (:func:`record_param_changes`)."""
     mlflow = _mlflow()
-    # MLflow params are immutable: on resume, log only those not yet recorded.
     run = mlflow.active_run()
     existing = mlflow.get_run(run.info.run_id).data.params if run else {}
-    fresh = {k: str(v)[:6000] for k, v in params.items() if k not in existing}
+    as_text = {k: str(v)[:6000] for k, v in params.items()}
+    fresh = {k: v for k, v in as_text.items() if k not in existing}
     items = list(fresh.items())
     for start in range(0, len(items), 100):
         mlflow.log_params(dict(items[start : start + 100]))
+    return {k: (existing[k], v) for k, v in as_text.items() if k in existing and existing[k] != v}
+
+
+def record_param_changes(changes: Sequence[str]) -> None:
+    """Keep a resumed run's param changes (``"after epoch N: key a -> b"``) in the tag
+    ``PARAMS_CHANGED_TAG``: its params still show the values it started with."""
+    _mlflow().set_tag(PARAMS_CHANGED_TAG, "; ".join(changes)[:5000])
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
