@@ -1,0 +1,118 @@
+"""Score weighted ensembles of trained models from cached predictions: is equal weighting leaving
+Dice on the table? Each member predicts the validation and test splits once (flip TTA; cached as
+float16 in ``--cache``); every combination then picks its threshold / blob filter on validation
+and is scored on test like ``evaluate`` scores the ensemble (its equal-weight row reproduces
+``metrics/evaluate_ensemble.json``). Choose weights by the ``val`` column only.
+
+Run in a prepared workspace (``data/prepared``, ``data/raw/masks``, ``params.yaml``)::
+
+    python scripts/ensemble_weights.py --member unet=weights/unet-figshare.keras \\
+        --member umnv2=weights/umobilenetv2-figshare.keras \\
+        --combo unet:0.5+umnv2:0.5 --combo unet:0.4+umnv2:0.6 --out weights.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_combo(text: str) -> dict[str, float]:
+    try:
+        weights = {tag: float(weight) for tag, weight in (part.split(":") for part in text.split("+"))}
+    except ValueError:
+        raise SystemExit(f"--combo {text!r}: expected tag:weight+tag:weight, e.g. unet:0.5+umnv2:0.5") from None
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise SystemExit(f"--combo {text!r}: weights must be >= 0 with a positive sum")
+    return weights
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--member", action="append", required=True, metavar="TAG=MODEL", help="a model file and the tag combos name it by")
+    parser.add_argument("--combo", action="append", required=True, metavar="TAG:W+TAG:W", help="member weights (normalised to sum 1)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--cache", type=Path, default=Path("reports/ensemble_weights_cache"), help="folder for the members' predictions")
+    parser.add_argument("--out", type=Path, required=True, help="JSON lines, one per combo")
+    args = parser.parse_args()
+
+    import keras
+
+    import tumorseg.models  # noqa: F401 - registers custom objects for loading
+    from tumorseg.config import load_config
+    from tumorseg.evaluation import Predictions, evaluate_model, predict_split, read_labels
+    from tumorseg.io import atomic_write_text
+    from tumorseg.losses import combined_loss
+    from tumorseg.training import load_pairs
+
+    members = dict(m.split("=", 1) for m in args.member)
+    combos = [parse_combo(c) for c in args.combo]
+    for weights in combos:
+        unknown = set(weights) - set(members)
+        if unknown:
+            raise SystemExit(f"--combo names {sorted(unknown)}, not among --member tags {sorted(members)}")
+    cfg = load_config(args.params)
+    prepared = Path("data/prepared")
+    args.cache.mkdir(parents=True, exist_ok=True)
+    splits: dict[str, tuple] = {}
+
+    def member_probabilities(tag: str, split_dir: Path, names: list[str]) -> np.ndarray:
+        path = args.cache / f"{tag}_{split_dir.name}.npz"
+        if not path.exists():
+            model = keras.models.load_model(members[tag])
+            predicted = predict_split(model, split_dir, cfg.image_size, cfg.batch_size, tta=True)
+            np.savez(path, names=np.array(predicted.names), probabilities=predicted.probabilities.astype("float16"))
+        cached = np.load(path)
+        if list(cached["names"]) != names:
+            raise SystemExit(f"{path} was predicted on other images; delete it and rerun")
+        return cached["probabilities"].astype("float32")
+
+    def predictor(weights: dict[str, float]):
+        def predict(split_dir: Path) -> Predictions:
+            if split_dir not in splits:
+                splits[split_dir] = load_pairs(split_dir, cfg.image_size)
+            names, images, truths = splits[split_dir]
+            total = sum(weights.values())
+            probabilities = sum(member_probabilities(tag, split_dir, list(names)) * (w / total) for tag, w in weights.items() if w > 0)
+            return Predictions(list(names), images, truths, probabilities.astype("float32"), 0.0)
+
+        return predict
+
+    labels = read_labels(cfg.evaluate.labels, Path("data/raw"))
+    rows = []
+    for text, weights in zip(args.combo, combos):
+        metrics, _, _ = evaluate_model(
+            None,
+            combined_loss(**cfg.loss.model_dump()),
+            prepared / "test",
+            image_size=cfg.image_size,
+            batch_size=cfg.batch_size,
+            tta=True,
+            resolution=cfg.evaluate.resolution,
+            manifest_path=prepared / "manifest.csv",
+            mask_threshold=cfg.prepare.mask_threshold,
+            raw_masks_dir=Path("data/raw/masks"),
+            labels=labels,
+            val_dir=prepared / "val",
+            predict=predictor(weights),
+        )
+        row = {
+            "combo": text,
+            "val_dice_tuned": metrics["val_dice_tuned"],
+            "test_dice": metrics["dice"],
+            "dice_by_class": metrics.get("dice_by_class"),
+            "dice_by_size": metrics["dice_by_size"],
+            "threshold": metrics["threshold"],
+            "min_component_px": metrics["min_component_px"],
+            "hd95": metrics["hd95"],
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
