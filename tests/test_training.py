@@ -235,3 +235,7 @@ def test_a_resume_with_changed_params_is_recorded_not_hidden(tmp_path: Path):
     assert run.data.params["train.early_stopping_patience"] == "10", "MLflow keeps the value the run started with"
     assert run.data.tags[tracking.PARAMS_CHANGED_TAG] == "after epoch 36: train.early_stopping_patience 10 -> 0; after epoch 60: train.early_stopping_patience 0 -> 10"
     assert len(read_state(state_dir)["param_changes"]) == 2
+    # the study compares runs by what they trained on last
+    assert resume(changed)[-1] == "after epoch 60: train.early_stopping_patience 10 -> 0"
+    (study_run,) = tracking.study_runs(uri)
+    assert study_run["params"]["train.early_stopping_patience"] == "0" and study_run["params"]["epochs"] == "80"

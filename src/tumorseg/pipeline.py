@@ -197,19 +197,14 @@ def _note_param_changes(name: str, state_dir: Path, changed: dict[str, tuple[str
     if fresh:
         changes += fresh
         update_state(state_dir, param_changes=changes)
-        log.warning("%s: resumed with params changed since the run started (MLflow keeps the first values; see its tag %s): %s", name, tracking.PARAMS_CHANGED_TAG, "; ".join(map(_describe_change, fresh)))
-    described = [_describe_change(change) for change in changes]
-    if described:
-        tracking.record_param_changes(described)
-    return described
+        log.warning("%s: resumed with params changed since the run started (MLflow keeps the first values; see its tag %s): %s", name, tracking.PARAMS_CHANGED_TAG, "; ".join(map(tracking.describe_param_change, fresh)))
+    if changes:
+        tracking.record_param_changes(changes)
+    return [tracking.describe_param_change(change) for change in changes]
 
 
 def _first_value(changes: list[dict], key: str) -> str:
     return next(change["old"] for change in changes if change["key"] == key)
-
-
-def _describe_change(change: dict) -> str:
-    return f"after epoch {change['after_epoch']}: {change['key']} {change['old']} -> {change['new']}"
 
 
 def train_step(cfg: Config, name: str, *, prepared_dir: Path, augmented_dir: Path, models_dir: Path, metrics_dir: Path, params_path: Path, progress: bool = True):

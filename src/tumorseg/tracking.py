@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -132,6 +133,7 @@ def environment_tags() -> dict[str, str]:
 
 RESUME_TAG = "tumorseg.resume_token"
 PARAMS_CHANGED_TAG = "params_changed_on_resume"  # MLflow params are immutable; see record_param_changes
+PARAMS_IN_EFFECT_TAG = "params_in_effect"
 
 
 @contextlib.contextmanager
@@ -170,10 +172,17 @@ def log_params(params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
     return {k: (existing[k], v) for k, v in as_text.items() if k in existing and existing[k] != v}
 
 
-def record_param_changes(changes: Sequence[str]) -> None:
-    """Keep a resumed run's param changes (``"after epoch N: key a -> b"``) in the tag
-    ``PARAMS_CHANGED_TAG``: its params still show the values it started with."""
-    _mlflow().set_tag(PARAMS_CHANGED_TAG, "; ".join(changes)[:5000])
+def describe_param_change(change: Mapping[str, Any]) -> str:
+    return f"after epoch {change['after_epoch']}: {change['key']} {change['old']} -> {change['new']}"
+
+
+def record_param_changes(changes: Sequence[Mapping[str, Any]]) -> None:
+    """Keep a resumed run's param changes (``{after_epoch, key, old, new}``, oldest first) in tags,
+    since its params still show the values it started with: ``PARAMS_CHANGED_TAG`` for people,
+    ``PARAMS_IN_EFFECT_TAG`` (JSON, each key's latest value) for :func:`study_runs`."""
+    described = "; ".join(map(describe_param_change, changes))
+    in_effect = {c["key"]: c["new"] for c in changes}
+    _mlflow().set_tags({PARAMS_CHANGED_TAG: described[:5000], PARAMS_IN_EFFECT_TAG: json.dumps(in_effect)[:5000]})
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -331,7 +340,8 @@ def study_runs(uri: str | None = None, *, history_metric: str = "val_dice") -> l
             "status": item.info.status,
             "start_time": item.info.start_time,
             "tags": dict(item.data.tags),
-            "params": dict(item.data.params),
+            # a run resumed with changed params: the values it trained on last (its params keep the first)
+            "params": dict(item.data.params) | json.loads(item.data.tags.get(PARAMS_IN_EFFECT_TAG, "{}")),
             "metrics": dict(item.data.metrics),
             "history": sorted((int(m.step), float(m.value)) for m in history),
         })
