@@ -21,7 +21,7 @@ from tumorseg.config import Config
 from tumorseg.data.prepare import PrepareReport, prepare_dataset
 from tumorseg.data.sources import SourceInfo, data_label, download, read_source_info
 from tumorseg.io import atomic_write_json, atomic_write_text, read_json, sha256_file
-from tumorseg.training import clear_state, initial_weights_file, read_state, remember_run_id, sweep_temporaries, train_model, update_state
+from tumorseg.training import ResumeState, clear_state, initial_weights_file, read_state, remember_run_id, sweep_temporaries, train_model, update_state
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +188,10 @@ def _note_param_changes(name: str, state_dir: Path, changed: dict[str, tuple[str
     """A resumed training run whose params changed since it started (e.g. early stopping turned off
     to train on): say so, and keep every change with the epoch it took effect after, in the resume
     state, the MLflow run (a tag: its params keep the first values) and the train JSON."""
-    state = read_state(state_dir)
-    changes: list[dict] = list(state.get("param_changes", []))
+    state = ResumeState(state_dir)
+    changes: list[dict] = list(state.data.get("param_changes", []))
     in_effect = {change["key"]: change["new"] for change in changes}  # the latest value of each changed key
-    after = int(state.get("epochs_done", len(state.get("history", {}))))
+    after = state.epochs_done
     fresh = [{"after_epoch": after, "key": key, "old": in_effect.get(key, old), "new": new} for key, (old, new) in sorted(changed.items()) if in_effect.get(key, old) != new]
     fresh += [{"after_epoch": after, "key": key, "old": value, "new": logged} for key, value in in_effect.items() if key not in changed and value != (logged := _first_value(changes, key))]
     if fresh:
