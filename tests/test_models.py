@@ -428,3 +428,76 @@ def test_attention_gates_weight_every_skip_and_survive_a_round_trip(name, params
     loaded = keras.models.load_model(tmp_path / "gated.keras")
     images = _images(2, 64, seed=3)
     np.testing.assert_allclose(np.asarray(model(images, training=False)), np.asarray(loaded(images, training=False)), atol=1e-6)
+
+
+# --- deep supervision -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "strides"),
+    [
+        ("unet", {"base_filters": 4, "depth": 3}, [4, 2]),  # dec3 (stride 4), dec2 (2); dec1 feeds the main head
+        ("unet", {"base_filters": 4, "depth": 2, "use_hac": False, "use_caspp": False, "attention_gates": True}, [2]),
+        ("umobilenetv2", {**SMALL_MOBILE, "decoder_filters": (16, 8, 8, 8, 8), "dropout": 0.1}, [16, 8, 4, 2]),
+    ],
+)
+def test_deep_supervision_heads_sit_on_every_coarse_decoder_stage(name, params, strides, tmp_path):
+    from tumorseg.models import DeeplySupervised, inference_model, with_deep_supervision
+    from tumorseg.models.supervision import decoder_stages
+
+    model = build_model(name, (64, 64, 1), **params)
+    assert [stride for _, stride in decoder_stages(model)] == strides
+    trained = with_deep_supervision(model, 2.0)
+    assert trained.aux_weights == [2.0 / s for s in strides]  # half the weight per halving of resolution
+    assert len(trained.outputs) == 1 + len(strides)
+    images = _images(2, 64)
+    main, *auxiliary = trained(images, training=False)
+    assert all(tuple(a.shape) == (2, 64, 64, 1) for a in auxiliary)
+    np.testing.assert_allclose(np.asarray(main), np.asarray(model(images, training=False)), atol=1e-6)  # layers shared
+    # the checkpoint keeps the heads (resume); the published model is the plain one, same weights
+    trained.save(tmp_path / "checkpoint.keras")
+    loaded = keras.models.load_model(tmp_path / "checkpoint.keras")
+    assert isinstance(loaded, DeeplySupervised) and loaded.aux_weights == trained.aux_weights
+    plain = inference_model(loaded)
+    plain.save(tmp_path / "published.keras")
+    published = keras.models.load_model(tmp_path / "published.keras")
+    assert len(published.outputs) == 1 and published.count_params() == model.count_params() and published.name == model.name
+    assert not any("_aux_" in layer.name for layer in published.layers)
+    np.testing.assert_allclose(np.asarray(published(images, training=False)), np.asarray(main), atol=1e-6)
+    assert inference_model(model) is model
+
+
+def test_deep_supervision_loss_adds_each_weighted_auxiliary_loss_and_metrics_see_the_main_head():
+    from tumorseg.models import with_deep_supervision
+
+    keras.utils.set_random_seed(0)
+    model = with_deep_supervision(build_model("unet", (32, 32, 1), base_filters=4, depth=2), 3.0)
+    loss = combined_loss()
+    model.compile(optimizer="adam", loss=loss, metrics=segmentation_metrics())
+    images, masks = _fixed_batch(32)
+    main, auxiliary = model(images, training=False)
+    expected = float(loss(masks, main)) + 3.0 / 2 * float(loss(masks, auxiliary))  # one stage, stride 2
+    got = float(model.compute_loss(images, masks, [main, auxiliary], training=False))
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert float(loss(masks, auxiliary)) > 0.1  # the auxiliary term is not ~0, so the check can fail
+    results = model.evaluate(images, masks, verbose=0, return_dict=True)
+    assert "dice" in results and not any("aux" in key or key.startswith("mask_") for key in results)
+    plain_dice = segmentation_metrics()[[m.name for m in segmentation_metrics()].index("dice")]
+    plain_dice.update_state(masks, main)
+    assert results["dice"] == pytest.approx(float(plain_dice.result()), abs=1e-5)
+    # the auxiliary head is trained: its kernel gets a gradient (it would get none if its loss were dropped)
+    import tensorflow as tf
+
+    head = model.get_layer("dec2_aux_logits").kernel
+    with tf.GradientTape() as tape:
+        total = model.compute_loss(images, masks, model(images, training=True))
+    assert float(tf.reduce_max(tf.abs(tape.gradient(total, head.value)))) > 0.0
+
+
+def test_deep_supervision_needs_a_coarse_decoder_stage():
+    from tumorseg.models import with_deep_supervision
+
+    inputs = keras.Input((16, 16, 1))
+    flat = keras.Model(inputs, keras.layers.Conv2D(1, 1, activation="sigmoid")(inputs), name="flat")
+    with pytest.raises(ValueError, match="train.deep_supervision: model 'flat' has no decoder stage"):
+        with_deep_supervision(flat, 1.0)

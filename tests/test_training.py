@@ -239,3 +239,29 @@ def test_a_resume_with_changed_params_is_recorded_not_hidden(tmp_path: Path):
     assert resume(changed)[-1] == "after epoch 60: train.early_stopping_patience 10 -> 0"
     (study_run,) = tracking.study_runs(uri)
     assert study_run["params"]["train.early_stopping_patience"] == "0" and study_run["params"]["epochs"] == "80"
+
+
+@pytest.mark.slow
+def test_deep_supervision_trains_heads_resumes_and_publishes_the_plain_model(prepared: Path, tmp_path: Path):
+    import keras
+
+    from tumorseg.models import DeeplySupervised
+
+    first = _train(prepared, tmp_path, epochs=1, deep_supervision=1.0)
+    checkpoint = keras.models.load_model(tmp_path / "state" / read_state(tmp_path / "state")["checkpoint"])
+    assert isinstance(checkpoint, DeeplySupervised) and len(checkpoint.outputs) == 2  # depth 2: one coarse stage
+    assert first.params_total == keras.models.load_model(tmp_path / "unet.keras").count_params()  # the shipped model's count
+
+    # switching it off mid-run cannot load the checkpoint: said with the way out, nothing overwritten
+    with pytest.raises(ValueError, match=r"(?s)cannot resume from .*epoch-0001\.keras.*train\.deep_supervision.*delete .*state"):
+        _train(prepared, tmp_path, epochs=2, deep_supervision=0.0)
+    second = _train(prepared, tmp_path, epochs=2, deep_supervision=1.0)
+    assert second.resumed_from_epoch == 1 and second.epochs_run == 2
+
+    published = keras.models.load_model(tmp_path / "unet.keras")
+    assert not isinstance(published, DeeplySupervised) and len(published.outputs) == 1
+    assert not any("_aux_" in layer.name for layer in published.layers)
+    with open(tmp_path / "history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["epoch"]) for row in rows] == [1, 2] and all(0.0 <= float(row["val_dice"]) <= 1.0 for row in rows)
+    assert not any("aux" in column for column in rows[0])

@@ -220,6 +220,9 @@ class TrainConfig(_Strict):
     # Polyak averaging: >0 keeps an exponential moving average of the weights (Keras use_ema) and
     # validates, checkpoints and ships the average instead of the last step's weights; 0 = off.
     ema_momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    # Deep supervision: >0 trains auxiliary mask heads on the coarser decoder stages (a stage at
+    # stride s weighs this / s in the loss); the published model has no heads. 0 = off.
+    deep_supervision: float = Field(0.0, ge=0.0, le=10.0)
     threads: int = Field(0, ge=0, le=512)  # TensorFlow intra-op threads; 0 = all cores
     deterministic: bool = True  # op determinism: same seed -> same weights (slightly slower)
     jit_compile: bool = False  # XLA; measured 3.7x slower per step on 2 CPU cores

@@ -232,14 +232,14 @@ def publish_without_optimizer(checkpoint: Path, target: Path) -> None:
 
     import keras
 
-    import tumorseg.models  # noqa: F401 - registers the custom layers for loading
+    from tumorseg.models import inference_model  # the import registers the custom layers for loading
 
     rng = random.getstate()
     try:
         model = keras.models.load_model(checkpoint, compile=False)
     finally:
         random.setstate(rng)
-    save_model_atomically(model, target)
+    save_model_atomically(inference_model(model), target)  # deep supervision's heads stay behind
 
 
 def _remove_quietly(path: Path) -> None:
@@ -416,7 +416,7 @@ def train_model(
     """
     import keras
 
-    from tumorseg.models import build_model, model_summary_stats, set_encoder_trainable
+    from tumorseg.models import build_model, model_summary_stats, set_encoder_trainable, with_deep_supervision
 
     configure_runtime(seed=seed, threads=train_params["threads"], deterministic=train_params["deterministic"])
     try:
@@ -468,6 +468,9 @@ def train_model(
         init_from = initial_weights_file(str((train_params.get("init_from") or {}).get(name, "none")), key=key)
         if init_from is not None and not state.epochs_done:  # a resume restores its own checkpoint
             load_initial_weights(model, init_from, key=key)
+        shipped = model  # what is published: without deep supervision's training-only heads
+        if train_params.get("deep_supervision", 0.0) > 0:
+            model = with_deep_supervision(model, train_params["deep_supervision"])
         freeze_epochs = int(model_params.get("freeze_epochs", 0) or 0) if name == "umobilenetv2" else 0
         transfer = freeze_epochs > 0 and str(model_params.get("encoder_weights", "none")) != "none"
 
@@ -476,7 +479,7 @@ def train_model(
         def compile_model(learning_rate: float, start: int, stop: int) -> None:
             compile_for_training(model, train_params=train_params, loss_params=loss_params, learning_rate=learning_rate, steps_per_epoch=steps_per_epoch, start_epoch=start, stop_epoch=stop)
 
-    stats = model_summary_stats(model)
+    stats = model_summary_stats(shipped)
     phases = [("fine_tune" if transfer else "train", 0, epochs, scaled_lr)]
     if transfer:
         phases = [("frozen_encoder", 0, min(freeze_epochs, epochs), scaled_lr), ("fine_tune", min(freeze_epochs, epochs), epochs, scaled_lr * model_params["fine_tune_lr_factor"])]
@@ -523,7 +526,7 @@ def train_model(
         resumed_from_epoch=resumed_from,
     )
     if not model_path.exists():  # no epoch produced a finite val Dice: keep the last weights
-        save_model_atomically(model, model_path)
+        save_model_atomically(shipped, model_path)
     return result
 
 
@@ -572,11 +575,18 @@ def _restore(model, state: ResumeState, phase: str) -> None:
         return
     if checkpoint is None or not checkpoint.exists():
         raise FileNotFoundError(f"{state.dir / STATE_FILE} refers to {checkpoint}, which is missing: delete {state.dir} to start training afresh")
-    if state.data.get("checkpoint_phase", phase) == phase:
-        model.optimizer.build(model.trainable_variables)  # its variables must exist to be loaded
-        model.load_weights(checkpoint)
-    else:  # the next phase starts with a new optimizer
-        model.load_weights(checkpoint, objects_to_skip=[model.optimizer])
+    try:
+        if state.data.get("checkpoint_phase", phase) == phase:
+            model.optimizer.build(model.trainable_variables)  # its variables must exist to be loaded
+            model.load_weights(checkpoint)
+        else:  # the next phase starts with a new optimizer
+            model.load_weights(checkpoint, objects_to_skip=[model.optimizer])
+    except (ValueError, KeyError) as exc:  # what Keras raises for weights of another architecture
+        raise ValueError(
+            f"cannot resume from {checkpoint}: it does not fit the model that params.yaml builds now ({type(exc).__name__}: {exc}). "
+            f"A resume needs the settings the run started with (models.*, train.deep_supervision): "
+            f"set them back, or delete {state.dir} to train afresh"
+        ) from exc
     log.info("resuming after epoch %d from %s", state.epochs_done, checkpoint)
 
 

@@ -9,6 +9,7 @@ from tumorseg import losses as _losses  # noqa: F401 - registers the serialisabl
 from tumorseg import metrics as _metrics  # noqa: F401 - registers the serialisable metrics
 from tumorseg.models.blocks import CASPPBlock, ChannelAttention, HACBlock, SpatialAttention
 from tumorseg.models.registry import MODEL_NAMES, build_model, count_flops, model_params, model_summary_stats
+from tumorseg.models.supervision import DeeplySupervised, inference_model, with_deep_supervision
 from tumorseg.models.umobilenetv2 import (
     ENCODER_NAME,
     EncoderWeightsError,
@@ -20,6 +21,7 @@ from tumorseg.models.umobilenetv2 import (
 __all__ = [
     "CASPPBlock",
     "ChannelAttention",
+    "DeeplySupervised",
     "ENCODER_NAME",
     "EncoderWeightsError",
     "HACBlock",
@@ -29,7 +31,9 @@ __all__ = [
     "build_model",
     "count_flops",
     "get_encoder",
+    "inference_model",
     "model_params",
     "model_summary_stats",
     "set_encoder_trainable",
+    "with_deep_supervision",
 ]
