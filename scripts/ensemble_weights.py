@@ -9,6 +9,9 @@ Run in a prepared workspace (``data/prepared``, ``data/raw/masks``, ``params.yam
     python scripts/ensemble_weights.py --member unet=weights/unet-figshare.keras \\
         --member umnv2=weights/umobilenetv2-figshare.keras \\
         --combo unet:0.5+umnv2:0.5 --combo unet:0.4+umnv2:0.6 --out weights.jsonl
+
+``--member s160=weights/umobilenetv2-figshare.keras@160`` is the same model run at 160² inputs
+(multi-scale test-time augmentation: combine it with the model at its own size).
 """
 
 from __future__ import annotations
@@ -30,9 +33,36 @@ def parse_combo(text: str) -> dict[str, float]:
     return weights
 
 
+def parse_member(text: str) -> tuple[str, str, int | None]:
+    """``TAG=MODEL`` or ``TAG=MODEL@SIZE`` -> (tag, model file, input size or None)."""
+    tag, _, source = text.partition("=")
+    path, at, size = source.rpartition("@")
+    if not at:
+        return tag, source, None
+    if not size.isdigit() or int(size) % 32:
+        raise SystemExit(f"--member {text!r}: the size after @ must be a multiple of 32, e.g. unet=model.keras@160")
+    return tag, path, int(size)
+
+
+def at_input_size(model, size: int):
+    """The same weights in the same model built for size x size inputs: a multi-scale test-time
+    member (both architectures are fully convolutional; every input's batch_shape is rewritten)."""
+
+    def resize(node):
+        if isinstance(node, dict):
+            return {k: [None, size, size, v[-1]] if k == "batch_shape" and isinstance(v, (list, tuple)) and len(v) == 4 else resize(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(resize(v) for v in node)
+        return node
+
+    rebuilt = model.__class__.from_config(resize(model.get_config()))
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--member", action="append", required=True, metavar="TAG=MODEL", help="a model file and the tag combos name it by")
+    parser.add_argument("--member", action="append", required=True, metavar="TAG=MODEL[@SIZE]", help="a model file and the tag combos name it by; @SIZE runs it at SIZE² inputs instead of its own")
     parser.add_argument("--combo", action="append", required=True, metavar="TAG:W+TAG:W", help="member weights (normalised to sum 1)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--cache", type=Path, default=Path("reports/ensemble_weights_cache"), help="folder for the members' predictions")
@@ -48,7 +78,7 @@ def main() -> None:
     from tumorseg.losses import combined_loss
     from tumorseg.training import load_pairs
 
-    members = dict(m.split("=", 1) for m in args.member)
+    members = {tag: (path, size) for tag, path, size in map(parse_member, args.member)}
     combos = [parse_combo(c) for c in args.combo]
     for weights in combos:
         unknown = set(weights) - set(members)
@@ -62,7 +92,10 @@ def main() -> None:
     def member_probabilities(tag: str, split_dir: Path, names: list[str]) -> np.ndarray:
         path = args.cache / f"{tag}_{split_dir.name}.npz"
         if not path.exists():
-            model = keras.models.load_model(members[tag])
+            source, size = members[tag]
+            model = keras.models.load_model(source)
+            if size is not None:
+                model = at_input_size(model, size)
             predicted = predict_split(model, split_dir, cfg.image_size, cfg.batch_size, tta=True)
             np.savez(path, names=np.array(predicted.names), probabilities=predicted.probabilities.astype("float16"))
         cached = np.load(path)
