@@ -27,22 +27,19 @@ def decoder_stages(model: keras.Model) -> list[tuple[str, int]]:
     A stage is the layers named ``decK`` or ``decK_*`` (both models name their decoder so); its
     output is its last layer's. Stride = input height / stage height.
     """
-    height = model.input_shape[1]
-    stages = []
-    for name, layer in _stage_ends(model).items():
-        stage_height = layer.output.shape[1]
-        if stage_height < height:
-            stages.append((name, height // stage_height))
-    return sorted(stages, key=lambda stage: -stage[1])
+    return [(name, stride) for name, stride, _ in _coarse_stages(model)]
 
 
-def _stage_ends(model: keras.Model) -> dict[str, keras.layers.Layer]:
+def _coarse_stages(model: keras.Model) -> list[tuple[str, int, keras.layers.Layer]]:
+    """``(stage name, stride, last layer)`` of the stages below full resolution, coarsest first."""
     ends = {}
     for layer in model.layers:  # topological order: a stage's last layer comes last
         match = _STAGE.match(layer.name)
         if match:
             ends[match.group(1)] = layer
-    return ends
+    height = model.input_shape[1]
+    stages = [(name, height // layer.output.shape[1], layer) for name, layer in ends.items() if layer.output.shape[1] < height]
+    return sorted(stages, key=lambda stage: -stage[1])
 
 
 @keras.saving.register_keras_serializable(package="tumorseg")
@@ -82,13 +79,12 @@ def with_deep_supervision(model: keras.Model, weight: float) -> DeeplySupervised
     """
     if not weight > 0:
         raise ValueError(f"train.deep_supervision must be > 0 to add auxiliary heads, got {weight}")
-    stages = decoder_stages(model)
+    stages = _coarse_stages(model)
     if not stages:
         raise ValueError(f"train.deep_supervision: model {model.name!r} has no decoder stage (layers named decK_*) below full resolution")
-    ends = _stage_ends(model)
     outputs, aux_weights = [model.outputs[0]], []
-    for name, stride in stages:
-        x = layers.Conv2D(1, 1, name=f"{name}_aux_logits")(ends[name].output)
+    for name, stride, end in stages:
+        x = layers.Conv2D(1, 1, name=f"{name}_aux_logits")(end.output)
         x = layers.UpSampling2D(stride, interpolation="bilinear", name=f"{name}_aux_up")(x)
         outputs.append(layers.Activation("sigmoid", dtype="float32", name=f"{name}_aux_mask")(x))
         aux_weights.append(weight / stride)
