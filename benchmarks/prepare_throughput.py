@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tumorseg.data.prepare import default_workers, prepare_dataset
+from tumorseg.data.prepare import prepare_dataset
+from tumorseg.processes import default_workers
 from tumorseg.data.synthetic import write_synthetic_dataset
 from tumorseg.io import atomic_write_json
 

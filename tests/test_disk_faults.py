@@ -28,7 +28,7 @@ import yaml
 
 from conftest import PROJECT_ROOT
 from tumorseg.cli import main as cli_main
-from tumorseg.io import atomic_write_bytes, hash_tree, sha256_file
+from tumorseg.io import OUTPUT_MARKER, atomic_write_bytes, hash_tree, sha256_file
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
@@ -129,7 +129,10 @@ FAULTS = [pytest.param(errno.ENOSPC, "No space left on device", id="disk-full"),
 
 
 def hidden_files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name.startswith(".")) if folder.exists() else []
+    """Hidden leftovers (temporary files, staging folders); the marker of a finished output folder is not one."""
+    if not folder.exists():
+        return []
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name.startswith(".") and not (p.name == OUTPUT_MARKER and not p.parent.name.startswith(".")))
 
 
 def one_error_line(err: str) -> str:

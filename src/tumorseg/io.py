@@ -4,12 +4,18 @@ Every file a stage writes goes through :func:`atomic_write_bytes` (temp file in 
 fsync, ``os.replace``) and every output folder through :func:`atomic_directory` (built beside the
 target, synced once, swapped in only when complete; files inside its staging folder are written
 with :func:`write_staged_bytes`). Readers see the old version or the new one, never a mix.
+
+Nothing of the user's is ever lost: an output folder may not equal, contain or sit inside an
+input (:func:`check_separate`), and an existing folder is replaced only when tumorseg wrote it (it
+holds the :data:`OUTPUT_MARKER` file). Files and folders get the permissions the umask allows
+(0644/0755 under umask 022), as ``open`` and ``mkdir`` would give, not ``tempfile``'s private 0600/0700.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -25,6 +31,13 @@ import numpy as np
 
 class OutputError(OSError):
     """An output could not be written (read-only folder, disk full, ...): names the path."""
+
+
+class UnsafeOutputError(OutputError):
+    """Writing the output would overwrite or delete something that is not ours (an input, a user's folder)."""
+
+
+OUTPUT_MARKER = ".tumorseg-output"  # in every folder atomic_directory made: only such folders are ever replaced
 
 
 _HINTS = {
@@ -47,6 +60,17 @@ def describe_os_error(path: str | Path, exc: OSError) -> str:
     return f"cannot write {path}: {reason}; {hint}."
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # not Linux: read it by setting it, and put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     try:
@@ -55,6 +79,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     except OSError as exc:
         raise OutputError(describe_os_error(path, exc)) from exc
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600: a teammate could not read it
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -133,34 +158,116 @@ def write_staged_png(path: str | Path, image: np.ndarray) -> Path:
     return write_staged_bytes(path, encode_png(image))
 
 
-@contextlib.contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """Yield a fresh staging folder that replaces ``target`` only if the block completes.
+def check_separate(output: str | Path, inputs: Iterable[str | Path], *, what: str = "the output") -> None:
+    """Refuse, before anything is written, an output that equals, contains or sits inside an input.
 
-    On error the staging folder is removed and ``target`` (if any) is left untouched.
+    Replacing such an output would delete the input (``prepare --out d`` with ``d/images`` as input)
+    or write over it (``--out d/images``). Symlinks are followed, so two names for one folder clash.
+    """
+    out = Path(output).resolve()
+    for source in inputs:
+        source_path = Path(source).resolve()
+        if out == source_path:
+            problem = f"is the input {source} itself"
+        elif source_path in out.parents:
+            problem = f"is inside the input {source}"
+        elif out in source_path.parents:
+            problem = f"contains the input {source}, which replacing it would delete"
+        else:
+            continue
+        raise UnsafeOutputError(f"{what} {output} {problem}: choose an output folder outside the inputs")
+
+
+def check_replaceable(target: str | Path) -> None:
+    """An existing ``target`` may be replaced only if tumorseg made it (or it is an empty folder)."""
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir() or target.is_symlink():
+        raise UnsafeOutputError(f"{target} exists and is not a folder: choose a new folder name for the output")
+    if (target / OUTPUT_MARKER).is_file() or not any(target.iterdir()):
+        return
+    raise UnsafeOutputError(
+        f"{target} is a folder that tumorseg did not write (no {OUTPUT_MARKER} in it), so it will not be replaced: "
+        "choose a new or empty folder, or move its contents away first"
+    )
+
+
+def _writer_alive(leftover: str, target_name: str) -> bool:
+    """Whether the process named in a leftover (``.NAME.PID.xxxx.tmp``, ``.NAME.PID.old``) still runs."""
+    try:
+        pid = int(leftover[len(target_name) + 2 :].split(".", 1)[0])
+    except ValueError:  # an older version's name, without a pid
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return pid != os.getpid()
+
+
+def sweep_stale_staging(target: str | Path) -> list[Path]:
+    """Remove what a killed :func:`atomic_directory` of ``target`` left beside it; returns what went.
+
+    Staging folders whose writer is dead are deleted (a live concurrent writer's are kept). A
+    backup left by a kill between the two renames of a swap is put back when ``target`` is missing,
+    so the previous output is never lost; otherwise it is deleted.
     """
     target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for path in sorted(target.parent.glob(f".{glob.escape(target.name)}.*")):
+        if not path.is_dir() or path.is_symlink() or not (path / OUTPUT_MARKER).is_file() or _writer_alive(path.name, target.name):
+            continue
+        if path.name.endswith(".old") and not target.exists():
+            os.replace(path, target)
+            continue
+        if path.name.endswith((".tmp", ".old")):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path, *, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield a fresh staging folder that replaces ``target`` only if the block completes.
+
+    Refused up front (:class:`UnsafeOutputError`) when ``target`` overlaps one of ``inputs`` or is
+    something tumorseg did not write. On error the staging folder is removed and ``target`` (if any)
+    is left untouched; a kill leaves a staging folder that the next run for ``target`` removes.
+    """
+    check_separate(target, inputs)
+    check_replaceable(target)
+    target = Path(os.path.abspath(target))  # `--out .` has no name to stage beside
+    staging = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    except OSError as exc:
-        raise OutputError(describe_os_error(target, exc)) from exc
-    try:
+        sweep_stale_staging(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent))
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp makes 0700
+        (staging / OUTPUT_MARKER).write_text("written by tumorseg: this folder is replaced whole when its stage runs again\n")
         yield staging
         os.sync()  # one flush for everything staged (files written with write_staged_bytes are not fsynced)
         backup = None
         if target.exists():
-            backup = target.with_name(f".{target.name}.old")
-            shutil.rmtree(backup, ignore_errors=True)
+            check_replaceable(target)  # again: it may have changed while we worked
+            backup = target.with_name(f".{target.name}.{os.getpid()}.old")
             os.replace(target, backup)
         os.replace(staging, target)
         if backup is not None:
             shutil.rmtree(backup, ignore_errors=True)
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OutputError):
+            raise
         raise OutputError(describe_os_error(target, exc)) from exc
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

@@ -8,9 +8,7 @@ the mask, and the intensity part to the image only), so they stay aligned and th
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from tumorseg.io import atomic_directory, atomic_write_json, atomic_write_png, write_staged_png  # noqa: E402
+from tumorseg.processes import default_workers, worker_pool  # noqa: E402
 
 
 def build_augmentation(settings: dict[str, Any], seed: int | None) -> A.Compose:
@@ -79,7 +78,13 @@ def _read_gray(path: Path) -> np.ndarray:
 def pair_seed(seed: int, index: int) -> int:
     """The random seed of pair ``index``: depends on nothing else, so pairs can be augmented in any
     order and in any number of processes with identical results."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
+    return derived_seed(seed, index)
+
+
+def derived_seed(*keys: int) -> int:
+    """A 32-bit seed that depends on ``keys`` only (e.g. seed, epoch, position): random streams
+    drawn from it do not depend on what ran before, so a resumed run draws what an uninterrupted one would."""
+    return int(np.random.SeedSequence([int(key) for key in keys]).generate_state(1)[0])
 
 
 def _augment_pair(pipeline: A.Compose, job: tuple) -> None:
@@ -124,12 +129,10 @@ def augment_dataset(
     (0 = all cores) share the pairs; each pair is seeded by (``seed``, its index), so the output
     does not depend on the number of workers.
     """
-    from tumorseg.data.prepare import default_workers
-
     train_dir, out_dir = Path(train_dir), Path(out_dir)
     names = sorted(p.name for p in (train_dir / "images").glob("*.png"))
     workers = workers or default_workers()
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, inputs=(train_dir,)) as staging:
         (staging / "images").mkdir()
         (staging / "masks").mkdir()
         jobs = [(train_dir, staging, name, index, copies_per_image, seed) for index, name in enumerate(names)]
@@ -140,10 +143,7 @@ def augment_dataset(
                 _augment_pair(pipeline, job)
                 bar.update()
         else:
-            # forkserver, never fork: see tumorseg.data.prepare._run_checks
-            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-            context = multiprocessing.get_context(method)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(settings, seed)) as pool:
+            with worker_pool(workers, _worker_init, (settings, seed)) as pool:
                 for _ in pool.map(_worker_job, jobs, chunksize=max(1, min(16, len(jobs) // (workers * 8)))):
                     bar.update()
         bar.close()

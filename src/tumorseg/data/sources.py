@@ -20,11 +20,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from tumorseg.images import IMAGE_SUFFIXES
 from tumorseg.io import atomic_directory, atomic_write_json, hash_tree, read_json
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # one definition of what counts as an image file
 KAGGLE_HOST = ("www.kaggle.com", 443)
 SOURCE_FILE = "SOURCE.json"
 
@@ -253,13 +254,16 @@ def _declared_kind(root: Path) -> str:
 
 
 def write_synthetic_source(out_dir: str | Path, *, count: int, size: int, seed: int, progress: bool = True) -> SourceInfo:
-    """Generate phantoms into ``out_dir`` (images/, masks/) and label the folder as synthetic."""
+    """Generate phantoms into ``out_dir`` (images/, masks/) and label the folder as synthetic.
+
+    Built beside ``out_dir`` and swapped in, like a stage's output: a user's folder is never written into.
+    """
     from tumorseg.data.synthetic import write_synthetic_dataset
 
-    out_dir = Path(out_dir)
-    write_synthetic_dataset(out_dir, count=count, size=size, seed=seed, progress=progress)
-    origin = _synthetic_origin(count, size, seed)
-    return _record_source(out_dir, source="synthetic", kind="synthetic", origin=origin, requested="synthetic", note="")
+    with atomic_directory(out_dir) as staging:
+        write_synthetic_dataset(staging, count=count, size=size, seed=seed, progress=progress)
+        origin = _synthetic_origin(count, size, seed)
+        return _record_source(staging, source="synthetic", kind="synthetic", origin=origin, requested="synthetic", note="")
 
 
 def _synthetic_origin(count: int, size: int, seed: int) -> str:
@@ -324,7 +328,8 @@ def download(
             log.warning("Every metric from this run is on synthetic data, not real MRI.")
             log.warning("=" * 78)
 
-    with atomic_directory(out_dir) as staging:
+    local_input = [Path(local_path).expanduser()] if source == "local" and local_path else []
+    with atomic_directory(out_dir, inputs=local_input) as staging:
         if source == "synthetic":
             from tumorseg.data.synthetic import write_synthetic_dataset
 
