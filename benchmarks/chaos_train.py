@@ -23,9 +23,15 @@ After every kill, and again at the end, it checks:
   model, with at most one value per epoch and metric;
 
 and at the end: the run completed (exit 0), the final model loads in Keras and predicts, the state
-folder is gone, no temporary file is left, and MLflow holds exactly one FINISHED run whose per-epoch
-metrics have exactly one value for each epoch 1..E. The summary (kills, the phase each hit, epochs
-redone, every check) goes to ``--out`` as JSON; the exit code is 1 if any check failed.
+folder is gone, no temporary file is left, MLflow holds exactly one FINISHED run whose per-epoch
+metrics have exactly one value for each epoch 1..E, and the run is *the same run* as an
+uninterrupted one of the same project (trained first, in a sibling folder): the same per-epoch
+history (every column but the timings) and the same published weights. The project trains the
+way real runs do — op determinism, dropout, on-the-fly augmentation, ReduceLROnPlateau (patience 1,
+so the learning rate falls often) and early stopping (waiting, with patience E so the run is not cut
+short) — so a kill can land right after a learning-rate cut or while early stopping waits. The
+summary (kills, the phase each hit, epochs redone, every check) goes to ``--out`` as JSON; the exit
+code is 1 if any check failed.
 """
 
 from __future__ import annotations
@@ -67,8 +73,11 @@ def make_project(root: Path, *, epochs: int, size: int, count: int) -> None:
 
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params.update(profile="full", epochs=epochs, image_size=size, batch_size=8, lr=1e-3)
-    params["models"]["unet"].update(base_filters=4, depth=2, use_caspp=False)
-    params["train"].update(deterministic=False, early_stopping_patience=0, reduce_lr_patience=0, online_augment=False, lr_scale=1, lr_schedule="plateau")
+    params["models"]["unet"].update(base_filters=4, depth=2, use_caspp=False, dropout=0.1)
+    params["train"].update(
+        deterministic=True, threads=1, early_stopping_patience=epochs, reduce_lr_patience=1, reduce_lr_factor=0.5,
+        online_augment=True, use_augmented=False, lr_scale=1, lr_schedule="plateau",
+    )
     params["prepare"].update(group_by="none", workers=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     write_synthetic_dataset(root / "raw", count=count, size=size, seed=0, progress=False)
@@ -321,6 +330,53 @@ def check_project(root: Path, *, final: bool, epochs: int) -> dict[str, object]:
     return result
 
 
+def uninterrupted_reference(root: Path, *, timeout: float) -> Path:
+    """The same project trained once without interruption, in a sibling folder."""
+    import shutil
+
+    reference = root.parent / f"{root.name}-uninterrupted"
+    shutil.rmtree(reference, ignore_errors=True)
+    reference.mkdir()
+    shutil.copy(root / "params.yaml", reference / "params.yaml")
+    shutil.copytree(root / "data", reference / "data")
+    result = subprocess.run(train_command(reference), cwd=reference, env=train_env(reference), capture_output=True, text=True, timeout=timeout)
+    if result.returncode:
+        raise RuntimeError(f"the uninterrupted reference run failed: {result.stderr[-2000:]}")
+    return reference
+
+
+def history_values(root: Path) -> dict[int, dict[str, float]]:
+    with open(root / "metrics" / f"history_{MODEL}.csv", newline="") as handle:
+        return {int(row["epoch"]): {k: float(v) for k, v in row.items() if k not in ("epoch", "epoch_seconds", "ms_per_step")} for row in csv.DictReader(handle)}
+
+
+def compare_with_reference(root: Path, reference: Path) -> dict[str, object]:
+    """How far the killed-and-resumed run is from the uninterrupted one (0.0 = identical)."""
+    import numpy as np
+
+    import keras
+
+    import tumorseg.models  # noqa: F401 - registers the custom layers
+
+    ours, theirs = history_values(root), history_values(reference)
+    result: dict[str, object] = {"epochs": len(ours), "reference_epochs": len(theirs)}
+    if sorted(ours) != sorted(theirs):
+        return result | {"identical": False, "failure": f"epochs {sorted(ours)} != the uninterrupted run's {sorted(theirs)}"}
+    history_diff = max(abs(ours[e][k] - theirs[e][k]) for e in theirs for k in theirs[e])
+    first = next((e for e in sorted(theirs) if any(abs(ours[e][k] - theirs[e][k]) > 1e-6 for k in theirs[e])), None)
+    weights = [keras.models.load_model(folder / "models" / f"{MODEL}.keras", compile=False).get_weights() for folder in (root, reference)]
+    weight_diff = max(float(np.max(np.abs(a - b))) if a.size else 0.0 for a, b in zip(*weights, strict=True))
+    lr = [theirs[e]["lr"] for e in sorted(theirs)]
+    result |= {
+        "max_abs_diff_history": history_diff,
+        "first_differing_epoch": first,
+        "max_abs_diff_weights": weight_diff,
+        "lr_cuts_after_epochs": [e for e, (a, b) in enumerate(zip(lr, lr[1:]), start=1) if b < a],
+        "identical": history_diff <= 1e-6 and weight_diff <= 1e-6,
+    }
+    return result
+
+
 def final_model_loads(path: Path) -> list[str]:
     if not path.exists():
         return [f"final model {path.name} does not exist"]
@@ -347,7 +403,7 @@ def final_model_loads(path: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-def chaos(root: Path, *, kills: int, seed: int, epochs: int, attempt_timeout: float) -> dict:
+def chaos(root: Path, *, kills: int, seed: int, epochs: int, attempt_timeout: float, reference: Path | None = None) -> dict:
     rng = random.Random(seed)
     timing = {"startup_s": 8.0, "epoch_s": 2.0}  # refined from what the attempts show
     attempts, kill_records = [], []
@@ -401,6 +457,11 @@ def chaos(root: Path, *, kills: int, seed: int, epochs: int, attempt_timeout: fl
         completed = True
         break
     final = check_project(root, final=True, epochs=epochs)
+    if reference is not None:
+        final["resume_equality"] = compare_with_reference(root, reference)
+        if not final["resume_equality"]["identical"]:
+            final["failures"].append(f"the resumed run differs from the uninterrupted one: {final['resume_equality']}")
+            final["passed"] = False
     if not completed:
         final["failures"].append(f"the stage did not complete: the last attempt exited with code {attempts[-1]['exit_code']} (log: {log_path})")
         final["passed"] = False
@@ -453,10 +514,11 @@ def main() -> int:
     from tumorseg.io import atomic_write_json
 
     with tempfile.TemporaryDirectory(prefix="chaos-train-") as scratch:
-        root = args.workdir or Path(scratch)
+        root = args.workdir or Path(scratch) / "project"  # the uninterrupted reference goes beside it
         root.mkdir(parents=True, exist_ok=True)
         make_project(root, epochs=args.epochs, size=args.size, count=args.count)
-        summary = chaos(root, kills=args.kills, seed=args.seed, epochs=args.epochs, attempt_timeout=args.attempt_timeout)
+        reference = uninterrupted_reference(root, timeout=args.attempt_timeout)
+        summary = chaos(root, kills=args.kills, seed=args.seed, epochs=args.epochs, attempt_timeout=args.attempt_timeout, reference=reference)
         summary["workdir"] = str(root) if args.workdir else "(temporary)"
     atomic_write_json(args.out, summary)
     failures = [f for r in summary["kills"] for f in r["checks"]["failures"]] + summary["final"]["failures"]

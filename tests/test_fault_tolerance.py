@@ -111,7 +111,8 @@ def test_mirrored_strategy_on_two_logical_cpus(project: Path, tmp_path: Path):
 
 @pytest.mark.slow
 def test_chaos_script_survives_random_sigkills(tmp_path: Path):
-    """benchmarks/chaos_train.py at small scale: 2 SIGKILLs at seeded random points, every check passes."""
+    """benchmarks/chaos_train.py at small scale: 2 SIGKILLs at seeded random points, every check passes,
+    and the resumed run equals an uninterrupted one."""
     out = tmp_path / "chaos.json"
     command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "chaos_train.py"), "--kills", "2", "--seed", "3", "--epochs", "4", "--count", "32", "--workdir", str(tmp_path / "project"), "--out", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
@@ -122,3 +123,5 @@ def test_chaos_script_survives_random_sigkills(tmp_path: Path):
     final = summary["final"]
     assert final["passed"] and final["mlflow_runs"] == 1 and final["history_csv_epochs"] == 4
     assert set(final["mlflow_steps"].values()) == {4}, "one MLflow value per epoch and metric"
+    equality = final["resume_equality"]  # determinism, dropout, augmentation, plateau and early stopping on
+    assert equality["identical"] and equality["epochs"] == 4, equality

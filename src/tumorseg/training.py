@@ -63,51 +63,82 @@ def load_pairs(folder: Path, size: int | None = None) -> tuple[list[str], np.nda
     return names, images, masks
 
 
-def make_dataset(images: np.ndarray, masks: np.ndarray, *, batch_size: int, shuffle: bool, seed: int, augment=None, drop_remainder: bool = False):
-    """A ``tf.data`` pipeline of (raw float image, 0/1 mask) batches.
+def make_dataset(images: np.ndarray, masks: np.ndarray, *, batch_size: int, shuffle: bool, seed: int, augment=None, drop_remainder: bool = False, epochs: tuple[int, int] = (0, 1)):
+    """A ``tf.data`` pipeline of (raw float image, 0/1 mask) batches for epochs ``[first, stop)``.
 
-    ``augment`` (an albumentations Compose) runs on the fly in a ``numpy_function``; it is applied
-    before batching so image and mask go through it together.
+    Epoch ``e``'s order is a stateless shuffle seeded by (``seed``, ``e``) and every pair's
+    augmentation is seeded by (``seed``, ``e``, position), so nothing depends on what ran before:
+    a run resumed at epoch ``e`` is fed exactly the batches an uninterrupted run gets there. The
+    epochs follow each other in one dataset, so ``fit`` needs ``steps_per_epoch``
+    (:func:`batches_per_epoch`). ``augment`` (an albumentations Compose) runs in a ``numpy_function``
+    before batching, so image and mask go through it together.
     """
     import tensorflow as tf
 
-    dataset = tf.data.Dataset.from_tensor_slices((images, masks))
-    if shuffle:
-        dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
-    if augment is not None:
-        from tumorseg.data.augment import apply
+    first, stop = epochs
+    all_images, all_masks = tf.constant(images), tf.constant(masks)
+    count = len(images)
 
-        def _augment(image, mask):
-            out_image, out_mask = apply(augment, image[..., 0], mask[..., 0] * 255)
-            return out_image[..., None], (out_mask > 127).astype(np.uint8)[..., None]
+    def one_epoch(epoch):
+        order = tf.range(count, dtype=tf.int64)
+        if shuffle:
+            order = tf.random.experimental.stateless_shuffle(order, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
+        pairs = tf.data.Dataset.from_tensor_slices(order).enumerate()
+        pairs = pairs.map(lambda position, index: (tf.gather(all_images, index), tf.gather(all_masks, index), epoch, position), num_parallel_calls=1, deterministic=True)
+        if augment is None:
+            pairs = pairs.map(lambda image, mask, epoch, position: (image, mask), num_parallel_calls=1, deterministic=True)
+        else:
+            pairs = pairs.map(_online_augmentation(augment, seed), num_parallel_calls=1, deterministic=True)
+        # Several replicas need equal shares of every batch: drop the ragged last batch.
+        return pairs.batch(batch_size, drop_remainder=drop_remainder)
 
-        def _map(image, mask):
-            out_image, out_mask = tf.numpy_function(_augment, [image, mask], [tf.uint8, tf.uint8])
-            out_image.set_shape(image.shape)
-            out_mask.set_shape(mask.shape)
-            return out_image, out_mask
+    return as_float_batches(tf.data.Dataset.range(first, stop).flat_map(one_epoch))
 
-        dataset = dataset.map(_map, num_parallel_calls=1, deterministic=True)
-    # Several replicas need equal shares of every batch: drop the ragged last batch.
-    return batch_as_float(dataset, batch_size, drop_remainder=drop_remainder)
+
+def batches_per_epoch(pairs: int, batch_size: int, *, drop_remainder: bool = False) -> int:
+    return pairs // batch_size if drop_remainder else -(-pairs // batch_size)
+
+
+def _online_augmentation(augment, seed: int):
+    """A tf.data map function augmenting one pair, reseeded from (seed, epoch, position)."""
+    import tensorflow as tf
+
+    from tumorseg.data.augment import apply, derived_seed
+
+    def augment_pair(image, mask, epoch, position):
+        augment.set_random_seed(derived_seed(seed, int(epoch), int(position)))
+        out_image, out_mask = apply(augment, image[..., 0], mask[..., 0] * 255)
+        return out_image[..., None], (out_mask > 127).astype(np.uint8)[..., None]
+
+    def map_pair(image, mask, epoch, position):
+        out_image, out_mask = tf.numpy_function(augment_pair, [image, mask, epoch, position], [tf.uint8, tf.uint8])
+        out_image.set_shape(image.shape)
+        out_mask.set_shape(mask.shape)
+        return out_image, out_mask
+
+    return map_pair
 
 
 def batch_as_float(dataset, batch_size: int, *, target_scale: float = 1.0, drop_remainder: bool = False):
     """Batched float32 (input, target * target_scale) pairs, prefetched, with tf.data's autotuner off."""
+    return as_float_batches(dataset.batch(batch_size, drop_remainder=drop_remainder), target_scale=target_scale)
+
+
+def as_float_batches(batches, *, target_scale: float = 1.0):
+    """(input, target * target_scale) batches cast to float32 and prefetched, with tf.data's autotuner off."""
     import tensorflow as tf
 
     # One cheap cast per batch and a fixed 2-batch prefetch: tf.data's autotuner sizes its own thread
     # pools to the core count, and on a 2-core machine those threads took time from the training step.
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
 
     def _cast(x, y):
         y = tf.cast(y, tf.float32)
         return tf.cast(x, tf.float32), y if target_scale == 1.0 else y * target_scale
 
-    dataset = dataset.map(_cast, num_parallel_calls=1, deterministic=True)
+    batches = batches.map(_cast, num_parallel_calls=1, deterministic=True)
     options = tf.data.Options()
     options.autotune.enabled = False
-    return dataset.prefetch(2).with_options(options)
+    return batches.prefetch(2).with_options(options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,7 +151,7 @@ def configure_runtime(*, seed: int, threads: int, deterministic: bool) -> None:
     import keras
     import tensorflow as tf
 
-    from tumorseg.data.prepare import default_workers
+    from tumorseg.processes import default_workers
 
     cores = threads or default_workers()
     try:
@@ -255,11 +286,52 @@ def write_history_csv(path: Path, rows: dict[int, dict[str, float]]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _epoch_commit_callback(state: ResumeState, *, phase: str, model_path: Path, history_path: Path, on_epoch, ema: bool = False):
+# What Keras' own callbacks remember between epochs. ``on_train_begin`` resets it, so a resumed
+# ``fit`` would forget an early stop that was waiting or a plateau about to lower the learning rate;
+# the commit stores it and puts it back (the learning rate itself is an optimizer variable, saved
+# with the checkpoint).
+RESUMABLE_CALLBACK_FIELDS = {
+    "EarlyStopping": ("wait", "best", "best_epoch", "stopped_epoch"),
+    "ReduceLROnPlateau": ("wait", "best", "cooldown_counter"),
+}
+
+
+def callback_states(callbacks) -> dict[str, dict[str, Any]]:
+    states = {}
+    for callback in callbacks:
+        fields = RESUMABLE_CALLBACK_FIELDS.get(type(callback).__name__, ())
+        if fields:
+            states[type(callback).__name__] = {field: _plain_number(getattr(callback, field, None)) for field in fields}
+    return states
+
+
+def _plain_number(value: Any) -> Any:
+    return value if value is None or isinstance(value, (int, float)) else float(value)
+
+
+def seed_generator_variables(model) -> list:
+    """The state variables of the model's random streams (dropout). ``model.save`` leaves them out, so
+    without them a resumed run would draw the dropout masks of its first epochs again."""
+    return [variable for variable in model.variables if variable.path.endswith("seed_generator_state")]
+
+
+def _epoch_commit_callback(state: ResumeState, *, phase: str, phase_stop: int, model_path: Path, history_path: Path, on_epoch, ema: bool = False, resumable=()):
+    """The callback that ends every epoch; it must come LAST in ``fit``'s list, after every callback
+    whose state it records (``resumable``) has seen the epoch."""
     import keras
 
     class EpochCommit(keras.callbacks.Callback):
         """Checkpoint, commit, publish: see the comment above :class:`ResumeState`."""
+
+        def on_train_begin(self, logs=None):
+            # runs after the other callbacks' on_train_begin (which reset them): put back their state
+            if state.epochs_done and state.data.get("checkpoint_phase") == phase:
+                saved = state.data.get("callbacks", {})
+                for callback in resumable:
+                    for field, value in saved.get(type(callback).__name__, {}).items():
+                        setattr(callback, field, value)
+                for variable, value in zip(seed_generator_variables(self.model), state.data.get("seed_generators", [])):
+                    variable.assign(np.asarray(value, dtype=variable.dtype))
 
         def on_epoch_begin(self, epoch, logs=None):
             self._started = time.perf_counter()
@@ -271,8 +343,11 @@ def _epoch_commit_callback(state: ResumeState, *, phase: str, model_path: Path, 
         def on_epoch_end(self, epoch, logs=None):
             seconds = time.perf_counter() - self._started
             number = epoch + 1
-            row = {k: float(v) for k, v in (logs or {}).items()}
-            row["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            logs = dict(logs or {})
+            # ReduceLROnPlateau notes the rate this epoch ran with before it lowers it
+            lr = logs.pop("learning_rate", None)
+            row = {k: float(v) for k, v in logs.items()}
+            row["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)) if lr is None else float(lr)
             row["epoch_seconds"] = seconds
             row["ms_per_step"] = 1000.0 * seconds / max(1, self._steps)
 
@@ -287,9 +362,17 @@ def _epoch_commit_callback(state: ResumeState, *, phase: str, model_path: Path, 
             previous = {state.data.get("checkpoint"), state.data.get("best_checkpoint")}
             history = state.data.setdefault("history", {})
             history[str(number)] = row
-            state.data.update(epochs_done=number, checkpoint=checkpoint.name, checkpoint_phase=phase)
+            state.data.update(
+                epochs_done=number,
+                checkpoint=checkpoint.name,
+                checkpoint_phase=phase,
+                callbacks=callback_states(resumable),
+                seed_generators=[keras.ops.convert_to_numpy(v).tolist() for v in seed_generator_variables(self.model)],
+            )
             if improved:
                 state.data.update(best_score=score, best_epoch=number, best_checkpoint=checkpoint.name)
+            if self.model.stop_training:  # early stopping ended this phase: a resume must not reopen it
+                state.data[f"{phase}_done_until"] = phase_stop
             state.commit()  # 2. the commit point
             for name in previous - {state.data["checkpoint"], state.data.get("best_checkpoint"), None}:
                 _remove_quietly(state.dir / name)
@@ -454,7 +537,6 @@ def train_model(
     # With several replicas the ragged last batch is dropped (at most global_batch - 1 pairs).
     split_evenly = replicas > 1
     val_batch = global_batch if len(val_x) >= global_batch else replicas
-    train_ds = make_dataset(train_x, train_y, batch_size=global_batch, shuffle=True, seed=seed, augment=online, drop_remainder=split_evenly)
     val_ds = make_dataset(val_x, val_y, batch_size=val_batch, shuffle=False, seed=seed, drop_remainder=split_evenly)
 
     if train_params["lr_schedule"] == "cosine" and train_params["early_stopping_patience"]:
@@ -474,10 +556,10 @@ def train_model(
         freeze_epochs = int(model_params.get("freeze_epochs", 0) or 0) if name == "umobilenetv2" else 0
         transfer = freeze_epochs > 0 and str(model_params.get("encoder_weights", "none")) != "none"
 
-        steps_per_epoch = len(train_x) // global_batch if split_evenly else -(-len(train_x) // global_batch)
+        steps = batches_per_epoch(len(train_x), global_batch, drop_remainder=split_evenly)
 
         def compile_model(learning_rate: float, start: int, stop: int) -> None:
-            compile_for_training(model, train_params=train_params, loss_params=loss_params, learning_rate=learning_rate, steps_per_epoch=steps_per_epoch, start_epoch=start, stop_epoch=stop)
+            compile_for_training(model, train_params=train_params, loss_params=loss_params, learning_rate=learning_rate, steps_per_epoch=steps, start_epoch=start, stop_epoch=stop)
 
     stats = model_summary_stats(shipped)
     phases = [("fine_tune" if transfer else "train", 0, epochs, scaled_lr)]
@@ -499,15 +581,18 @@ def train_model(
                     _swap_ema_weights(model)  # the checkpoint holds the averages in the model
         restored = True  # later phases continue from the weights in memory
         initial_epoch = max(start, state.epochs_done)
-        callbacks = [_epoch_commit_callback(state, phase=phase, model_path=model_path, history_path=history_path, on_epoch=on_epoch, ema=ema)]
+        resumable = []
+        if train_params["reduce_lr_patience"] and train_params["lr_schedule"] == "plateau":
+            resumable.append(keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=train_params["reduce_lr_factor"], patience=train_params["reduce_lr_patience"], min_lr=train_params["min_lr"], verbose=1))
+        if train_params["early_stopping_patience"]:
+            resumable.append(keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=train_params["early_stopping_patience"], verbose=1))
+        commit = _epoch_commit_callback(state, phase=phase, phase_stop=stop, model_path=model_path, history_path=history_path, on_epoch=on_epoch, ema=ema, resumable=resumable)
+        callbacks = [*resumable, commit]  # the commit last: it records what the others decided
         if ema:  # validate the averaged weights (Keras swaps them in around each validation)
             callbacks.insert(0, keras.callbacks.SwapEMAWeights())
-        if train_params["reduce_lr_patience"] and train_params["lr_schedule"] == "plateau":
-            callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor=MONITOR, mode="max", factor=train_params["reduce_lr_factor"], patience=train_params["reduce_lr_patience"], min_lr=train_params["min_lr"], verbose=1))
-        if train_params["early_stopping_patience"]:
-            callbacks.append(keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=train_params["early_stopping_patience"], verbose=1))
+        train_ds = make_dataset(train_x, train_y, batch_size=global_batch, shuffle=True, seed=seed, augment=online, drop_remainder=split_evenly, epochs=(initial_epoch, stop))
         log.info("%s: %s phase, epochs %d-%d, lr %.2g, %d training / %d validation pairs, batch %d", name, phase, initial_epoch + 1, stop, phase_lr, len(train_x), len(val_x), global_batch)
-        model.fit(train_ds, validation_data=val_ds, initial_epoch=initial_epoch, epochs=stop, callbacks=callbacks, shuffle=False, verbose=1 if progress else 2)
+        model.fit(train_ds, validation_data=val_ds, initial_epoch=initial_epoch, epochs=stop, steps_per_epoch=steps, callbacks=callbacks, shuffle=False, verbose=1 if progress else 2)
         state.data[f"{phase}_done_until"] = stop  # also when early stopping ended it sooner
         state.commit()
 
