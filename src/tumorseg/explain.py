@@ -28,7 +28,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tumorseg.inference import resize_to_input, to_gray_uint8
+from tumorseg import images
+from tumorseg.inference import resize_to_input
 
 # Default layer: the last top-level feature map at the first of these strides that the model has.
 DEFAULT_STRIDES = (2, 4, 8, 16, 32, 1)
@@ -199,7 +200,7 @@ def _as_gray(image: np.ndarray) -> np.ndarray:
     if image.ndim == 2 and image.dtype == np.uint8:
         return image
     if image.ndim in (2, 3) and image.size:
-        return to_gray_uint8(image)
+        return images.to_gray_uint8(image)
     raise ValueError(f"expected a (H, W) grayscale image, got shape {image.shape}")
 
 
@@ -262,20 +263,21 @@ def explain_files(
     from tqdm import tqdm
 
     from tumorseg import inference
-    from tumorseg.io import atomic_write_png
+    from tumorseg.io import atomic_write_png, check_separate
 
+    check_separate(out_dir, inputs, what="the output folder")  # panels written among the inputs could overwrite them
     explainer = GradCam(predictor.model, layer, threshold=predictor.threshold)
     out_dir = Path(out_dir)
     listing = inference.list_inputs(inputs)
     report = ExplainReport(skipped=list(listing.problems), ignored=listing.ignored)
     reader = inference._Reader()  # same reading rules (size limits, zip members) as predict
-    limit = max_pixels or inference.DEFAULT_MAX_PIXELS
+    limit = max_pixels or images.DEFAULT_MAX_PIXELS
     try:
         pairs = zip(listing.sources, inference.unique_stems(listing.sources))
         for source, stem in tqdm(pairs, total=len(listing.sources), desc="explain", unit="image", disable=not progress):
             try:
-                image = inference.decode_image(reader.read(source), source.display, max_pixels=limit)
-            except inference.InputImageError as exc:
+                image = images.decode_image(reader.read(source), source.display, max_pixels=limit)  # the one decode gate
+            except images.InputImageError as exc:
                 report.skipped.append((source.display, str(exc)))
                 continue
             prediction = predictor.predict([image])[0]

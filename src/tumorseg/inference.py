@@ -8,9 +8,10 @@ is resized back (linear) before thresholding, so masks line up with the original
 can be a Keras model, a ``.keras`` file, an MLflow model URI (``runs:/...``, ``models:/...``), or an
 exported ``.tflite`` / ``.onnx`` file (:mod:`tumorseg.export`); all run behind the same interface.
 
-``decode_image`` is the one gate for untrusted bytes (uploads, files, zip members): it identifies
-the format and reads the dimensions from the header *before* decoding, so a decompression bomb
-or a non-image is refused with a reason instead of exhausting memory.
+Every file and zip member is read through :mod:`tumorseg.images` (``decode_image``, re-exported
+here), the one gate for untrusted bytes: the header's dimensions, channels and bit depth are
+checked *before* decoding, so a decompression bomb or a non-image is refused with a reason instead
+of exhausting memory.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import io
 import logging
 import re
-import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,100 +28,28 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+# Reading untrusted images lives in tumorseg.images (one gate for every command); re-exported here.
+from tumorseg.images import (  # noqa: F401
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    MAX_DECODE_BYTES,
+    MAX_FILE_BYTES,
+    SUPPORTED_FORMATS,
+    TOO_LARGE,
+    InputImageError,
+    decode_image,
+    read_file_bytes,
+    read_image,
+    to_gray_uint8,
+)
+
 log = logging.getLogger(__name__)
 
-SUPPORTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "BMP": "BMP", "DIB": "BMP", "TIFF": "TIFF"}
-DEFAULT_MAX_PIXELS = 40_000_000
 RUNTIME_SUFFIXES = (".tflite", ".onnx")
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".dib", ".tif", ".tiff"})  # picked up from folders and zips
-MAX_FILE_BYTES = 512 * 2**20  # larger files are refused before reading
-
-
-class InputImageError(ValueError):
-    """An input is not a usable image; the message names the input and the reason."""
 
 
 class ModelLoadError(ValueError):
     """A model file or URI cannot be loaded; the message names it and the reason."""
-
-
-# --------------------------------------------------------------------------------------------
-# Reading untrusted images
-# --------------------------------------------------------------------------------------------
-
-
-def _identify(data: bytes, name: str, max_pixels: int) -> tuple[str, int, int]:
-    """Format and (width, height) from the header only (Pillow opens lazily: no pixel decoding)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as handle:
-                fmt, (width, height) = handle.format or "unknown", handle.size
-    except Image.DecompressionBombError as exc:  # beyond Pillow's own hard limit (~179 megapixels)
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-        raise InputImageError(f"{name}: image dimensions are too large ({size}; the limit is {max_pixels:,})") from None
-    except UnidentifiedImageError:
-        raise InputImageError(f"{name}: not an image (unrecognised file format; use PNG, JPEG, BMP or TIFF)") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # Pillow reports bad headers with these
-        raise InputImageError(f"{name}: corrupt image header ({exc})") from None
-    if fmt not in SUPPORTED_FORMATS:
-        raise InputImageError(f"{name}: unsupported image format {fmt} (use PNG, JPEG, BMP or TIFF)")
-    if width <= 0 or height <= 0:
-        raise InputImageError(f"{name}: image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise InputImageError(f"{name}: image dimensions are too large ({width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,})")
-    return SUPPORTED_FORMATS[fmt], width, height
-
-
-def to_gray_uint8(image: np.ndarray) -> np.ndarray:
-    """Any decoded image (gray/BGR/BGRA, 8/16-bit/float) -> 8-bit single channel.
-
-    16-bit and float images are stretched min..max to 0..255 (MRI intensities have no fixed
-    scale; the models were trained on 8-bit slices that use the full range).
-    """
-    from tumorseg.data.prepare import to_gray_uint8 as convert  # one conversion for training data and user images
-
-    return convert(image)
-
-
-def decode_image(data: bytes, name: str = "upload", *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode untrusted bytes to a uint8 ``(H, W)`` grayscale image.
-
-    Accepts PNG, JPEG, BMP and TIFF, 8 or 16 bit, gray, RGB or RGBA (JPEG EXIF orientation is
-    applied). Raises :class:`InputImageError` naming ``name`` and the reason: empty, not an image,
-    unsupported format, too large (checked from the header before decoding), corrupt or truncated.
-    """
-    if not data:
-        raise InputImageError(f"{name}: empty file (0 bytes)")
-    fmt, width, height = _identify(data, name, max_pixels)
-    buffer = np.frombuffer(data, dtype=np.uint8)
-    try:
-        # ANYDEPTH keeps 16-bit; ANYCOLOR keeps gray as gray; unlike IMREAD_UNCHANGED it applies EXIF orientation.
-        image = cv2.imdecode(buffer, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
-    except cv2.error as exc:
-        raise InputImageError(f"{name}: corrupt {fmt} image ({str(exc).strip().splitlines()[-1][:200]})") from None
-    if image is None or image.size == 0:
-        raise InputImageError(f"{name}: corrupt or truncated {fmt} image (the header says {width}x{height} but the pixels cannot be decoded)")
-    if image.shape[0] * image.shape[1] > max_pixels:  # header and data disagree: trust the data
-        raise InputImageError(f"{name}: image dimensions are too large ({image.shape[1]}x{image.shape[0]}; the limit is {max_pixels:,} pixels)")
-    return to_gray_uint8(image)
-
-
-def read_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """:func:`decode_image` on a file's bytes; a missing or unreadable file is an InputImageError too."""
-    path = Path(path)
-    try:
-        if path.is_file() and path.stat().st_size > MAX_FILE_BYTES:
-            raise InputImageError(f"{path}: file is too large ({path.stat().st_size / 2**20:.0f} MiB; the limit is {MAX_FILE_BYTES // 2**20} MiB)")
-        data = path.read_bytes()
-    except IsADirectoryError:
-        raise InputImageError(f"{path}: is a folder, not an image file") from None
-    except OSError as exc:
-        raise InputImageError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
-    return decode_image(data, str(path), max_pixels=max_pixels)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,22 +184,69 @@ class EnsembleBackend:
 
 def load_keras_model(source: str | Path):
     """A Keras model from a ``.keras``/``.h5`` file or an MLflow URI (``runs:/``, ``models:/``)."""
-    import keras
-
-    import tumorseg.models  # noqa: F401 - registers the custom layers, losses and metrics
-
     text = str(source)
     if "://" in text or text.startswith(("runs:/", "models:/")):
         from tumorseg import tracking
 
         return tracking.load_keras_model(text)
     path = Path(text)
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a folder, not a model file (give a .keras file, runs:/<run id>/model or models:/<name>/<version>)")
     if not path.is_file():
         raise FileNotFoundError(f"model {path} does not exist (give a .keras file, runs:/<run id>/model or models:/<name>/<version>)")
+    problem = model_file_problem(path)
+    if problem:
+        raise ModelLoadError(f"{path}: {problem}")
+
+    import keras
+
+    import tumorseg.models  # noqa: F401 - registers the custom layers, losses and metrics
+
     try:
         return keras.models.load_model(path, compile=False)
     except Exception as exc:  # Keras raises ValueError/OSError/zipfile errors for a bad file
-        raise ModelLoadError(f"{path} is not a loadable Keras model ({type(exc).__name__}: {str(exc)[:200]})") from None
+        detail = " ".join(str(exc).split())[:200]
+        raise ModelLoadError(f"{path}: not a loadable Keras model ({type(exc).__name__}: {detail})") from None
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def model_file_problem(path: Path) -> str | None:
+    """What is wrong with a model file, found before Keras reads it: Keras reports any .keras file
+    that is not a zip archive as "File not found", although the file is there."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        return f"cannot read it ({exc.strerror or exc})"
+    if not head:
+        return "empty file (0 bytes)"
+    suffix = path.suffix.lower()
+    if suffix in (".h5", ".hdf5"):
+        return None if head == HDF5_SIGNATURE else "not an HDF5 file (a .h5 model starts with the HDF5 signature)"
+    if suffix != ".keras":
+        return None  # Keras names the formats it supports
+    if head == HDF5_SIGNATURE:
+        return "an HDF5 (.h5) file, not a Keras model archive: rename it to .h5"
+    if head == PNG_SIGNATURE:
+        return "a PNG image, not a Keras model archive"
+    if not zipfile.is_zipfile(path):
+        return "truncated or corrupt zip archive (its directory at the end is missing)" if head.startswith(b"PK") else "not a Keras model archive (not a zip file)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:  # a damaged member header or length
+        return f"corrupt zip archive ({exc})"
+    if "config.json" not in names:
+        return "not a Keras model archive (no config.json inside)"
+    if not any(name.startswith("model.weights.") for name in names):
+        return "a Keras model archive without its weights (no model.weights.h5 inside)"
+    if damaged:
+        return f"corrupt zip archive ({damaged} fails its checksum)"
+    return None
 
 
 def load_backend(source: str | Path | Sequence[str | Path], *, num_threads: int | None = None) -> Backend:
@@ -518,19 +493,12 @@ class _Reader:
 
     def read(self, source: InputSource) -> bytes:
         if source.member is None:
-            path = source.path
-            try:
-                size = path.stat().st_size
-                if size > MAX_FILE_BYTES:
-                    raise InputImageError(f"{path}: file is too large ({size / 2**20:.0f} MiB; the limit is {MAX_FILE_BYTES // 2**20} MiB)")
-                return path.read_bytes()
-            except OSError as exc:
-                raise InputImageError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+            return read_file_bytes(source.path)
         try:
             archive = self._archives.get(source.path) or self._archives.setdefault(source.path, zipfile.ZipFile(source.path))
             info = archive.getinfo(source.member)
             if info.file_size > MAX_FILE_BYTES:
-                raise InputImageError(f"{source.display}: member is too large ({info.file_size / 2**20:.0f} MiB uncompressed; the limit is {MAX_FILE_BYTES // 2**20} MiB)")
+                raise InputImageError(f"{source.display}: member is too large ({info.file_size / 2**20:.0f} MiB uncompressed; the limit is {MAX_FILE_BYTES // 2**20} MiB)", TOO_LARGE)
             return archive.read(info)
         except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError) as exc:
             # RuntimeError: encrypted member; NotImplementedError: unsupported compression
@@ -589,9 +557,12 @@ def predict_files(
     from tqdm import tqdm
 
     from tumorseg.data.augment import overlay_outline
-    from tumorseg.io import atomic_write_png, atomic_write_text
+    from tumorseg.io import atomic_write_png, atomic_write_text, check_separate
 
     out_dir = Path(out_dir)
+    if not isinstance(inputs, InputListing):
+        inputs = list(inputs)
+        check_separate(out_dir, inputs, what="the output folder")  # masks written among the inputs could overwrite them
     listing = inputs if isinstance(inputs, InputListing) else list_inputs(inputs)
     rows: list[dict[str, Any]] = [_row(name, "failed", reason) for name, reason in listing.problems]
     pending: list[tuple[InputSource, str, np.ndarray]] = []

@@ -7,21 +7,25 @@ Endpoints::
 
     GET  /              the page: upload a slice, see outline, Grad-CAM, area, confidence, mask download
     POST /predict       multipart form field ``file`` (PNG/JPEG/BMP/TIFF) -> JSON, see PredictResponse
-    GET  /health        model name, back-end, input size, threshold, tumorseg version
-    GET  /openapi.json  the OpenAPI schema (interactive docs at /docs)
+    GET  /health        model name, back-end, input size, threshold, tumorseg version (HEAD too)
+    GET  /openapi.json  the OpenAPI schema; /docs is off (Swagger UI loads from a CDN: blank offline)
 
 Every error is JSON ``{"detail": "<one readable sentence>"}``: 413 upload too large, 415 not a
 multipart upload or not an image content type, 422 missing ``file`` field or undecodable image,
-500 (generic message; the traceback goes to the server log only). The images in the answer are
-base64-encoded PNGs, so the server keeps no state between requests.
+503 busy (with ``Retry-After``), 500 (generic message; the traceback goes to the server log only).
+The images in the answer are base64-encoded PNGs, so the server keeps no state between requests.
 
-Inference runs in Starlette's thread pool (the event loop keeps serving) and is serialised by a
-lock: a Keras model (and its Grad-CAM function) is not guaranteed to be thread-safe, and on a CPU
-one request at a time already uses every core.
+Decoding and inference run in a bounded pool (:class:`AnalysisPool`: ``workers`` threads, at most
+``queue_limit`` uploads waiting) off the event loop, so memory is bounded by the pool, not by the
+number of clients: each upload passes the decode gate (:mod:`tumorseg.images`) inside a worker,
+and a full queue is answered 503 at once. Prediction is also serialised by a lock: a Keras model
+(and its Grad-CAM function) is not guaranteed to be thread-safe, and on a CPU one request at a time
+already uses every core.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -29,7 +33,8 @@ import socket
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
@@ -37,17 +42,17 @@ import cv2
 import numpy as np
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tumorseg import __version__
 from tumorseg.data.augment import overlay_outline
-from tumorseg.inference import DEFAULT_MAX_PIXELS, InputImageError, Predictor, decode_image
+from tumorseg.images import DEFAULT_MAX_PIXELS, MAX_DECODE_BYTES, InputImageError, decode_image
+from tumorseg.inference import Predictor
 from tumorseg.io import encode_png
 
 log = logging.getLogger(__name__)
@@ -57,6 +62,13 @@ DEFAULT_MAX_UPLOAD_MB = 20.0
 # (e.g. some .tif); the bytes are checked by decode_image either way.
 ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream")
 OUTLINE_BGR = (0, 255, 0)  # predicted outline: green
+DEFAULT_WORKERS = 1  # one analysis at a time already uses every CPU core (see the module doc)
+DEFAULT_QUEUE_LIMIT = 8  # uploads waiting for a worker; each holds its bytes (<= max_upload_mb)
+DEFAULT_RETRY_AFTER_S = 5
+DOCS_OFF = (
+    "interactive API docs (/docs) are off: Swagger UI would load from a CDN and show a blank page offline; "
+    "the OpenAPI schema is at /openapi.json"
+)
 
 
 class PredictResponse(BaseModel):
@@ -146,12 +158,57 @@ def _too_large(max_mb: float) -> str:
     return f"upload too large: the limit is {max_mb:g} MB (tumorseg serve --max-upload-mb)"
 
 
+class ServerBusy(HTTPException):
+    """503 with ``Retry-After``: every worker is busy and the queue is full."""
+
+    def __init__(self, capacity: int, retry_after_s: int) -> None:
+        detail = f"server busy: {capacity} uploads are being analysed or waiting; retry in {retry_after_s} s"
+        super().__init__(503, detail, headers={"Retry-After": str(retry_after_s)})
+
+
+class AnalysisPool:
+    """``workers`` threads for decoding and prediction, at most ``queue_limit`` jobs waiting.
+
+    Without a bound every concurrent upload is decoded at once and memory grows with the number
+    of clients; here it grows with ``workers`` (each decode is itself bounded by the gate).
+    """
+
+    def __init__(self, workers: int, queue_limit: int, retry_after_s: int) -> None:
+        if workers < 1 or queue_limit < 0 or retry_after_s < 1:
+            raise ValueError(f"workers must be at least 1, queue_limit at least 0, retry_after_s at least 1; got {workers}, {queue_limit}, {retry_after_s}")
+        self.capacity = workers + queue_limit
+        self.retry_after_s = retry_after_s
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tumorseg-analyse")
+        self._lock = threading.Lock()  # slots are given back from worker threads
+        self.admitted = 0  # jobs running + waiting
+
+    def admit(self) -> None:
+        """Take a slot for a job, or raise :class:`ServerBusy` (never waits)."""
+        with self._lock:
+            if self.admitted >= self.capacity:
+                raise ServerBusy(self.capacity, self.retry_after_s)
+            self.admitted += 1
+
+    def release(self) -> None:
+        """Give back an admitted job's slot (done by :meth:`run` when the job ends)."""
+        with self._lock:
+            self.admitted -= 1
+
+    async def run(self, job: Callable[..., Any], *args: Any) -> Any:
+        """Run an admitted job in a worker. Its slot is freed when the job ends, not when the caller
+        stops waiting: a client that hangs up cannot free a slot while its image is still in memory."""
+        future = self._executor.submit(job, *args)
+        future.add_done_callback(lambda _: self.release())
+        return await asyncio.wrap_future(future)
+
+
 class Analyser:
     """Segmentation + Grad-CAM + images for the answer, one request at a time (see module doc)."""
 
-    def __init__(self, predictor: Predictor, gradcam_layer: str | None, max_pixels: int) -> None:
+    def __init__(self, predictor: Predictor, gradcam_layer: str | None, max_pixels: int, max_decode_bytes: int = MAX_DECODE_BYTES) -> None:
         self.predictor = predictor
         self.max_pixels = max_pixels
+        self.max_decode_bytes = max_decode_bytes
         self._lock = threading.Lock()
         self.gradcam = None
         if predictor.model is not None:
@@ -167,7 +224,7 @@ class Analyser:
             self.gradcam(blank)
 
     def __call__(self, data: bytes, filename: str, with_gradcam: bool) -> dict[str, Any]:
-        image = decode_image(data, filename, max_pixels=self.max_pixels)  # InputImageError -> 422
+        image = decode_image(data, filename, max_pixels=self.max_pixels, max_decode_bytes=self.max_decode_bytes)  # InputImageError -> 422
         started = time.perf_counter()
         with self._lock:
             prediction = self.predictor.predict([image])[0]
@@ -200,23 +257,34 @@ def create_app(
     gradcam_layer: str | None = None,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = MAX_DECODE_BYTES,
+    workers: int = DEFAULT_WORKERS,
+    queue_limit: int = DEFAULT_QUEUE_LIMIT,
+    retry_after_s: int = DEFAULT_RETRY_AFTER_S,
 ) -> FastAPI:
     """The web app around an already loaded ``predictor`` (loaded once, shared by all requests).
 
     ``max_upload_mb``: larger request bodies get 413 (see :class:`BodyLimit`).
+    ``max_pixels``, ``max_decode_bytes``: the decode gate's budgets (:mod:`tumorseg.images`).
+    ``workers``, ``queue_limit``: uploads analysed at once and waiting; beyond that 503 with
+    ``Retry-After: retry_after_s`` (see :class:`AnalysisPool`).
     ``gradcam_layer``: see :mod:`tumorseg.explain` (default: the stride-2 decoder stage).
     """
     if max_upload_mb <= 0:
         raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
-    analyse = Analyser(predictor, gradcam_layer, max_pixels)
+    pool = AnalysisPool(workers, queue_limit, retry_after_s)
+    analyse = Analyser(predictor, gradcam_layer, max_pixels, max_decode_bytes)
     name = model_name or (predictor.model.name if predictor.model is not None else predictor.backend.name)
     app = FastAPI(
         title="tumorseg",
         version=__version__,
-        description="Brain-tumour segmentation of MRI slices, with Seg-Grad-CAM explanations. Research use only - not a medical device.",
+        description=f"Brain-tumour segmentation of MRI slices, with Seg-Grad-CAM explanations. Research use only - not a medical device. Note: {DOCS_OFF}.",
+        docs_url=None,
+        redoc_url=None,
     )
     app.add_middleware(BodyLimit, max_mb=max_upload_mb)
     app.state.analyser = analyse
+    app.state.pool = pool
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -242,6 +310,16 @@ def create_app(
     async def index() -> HTMLResponse:
         return HTMLResponse(_web_file("index.html"))
 
+    @app.get("/docs", include_in_schema=False)
+    @app.get("/redoc", include_in_schema=False)
+    async def docs_off() -> JSONResponse:
+        return JSONResponse({"detail": DOCS_OFF}, status_code=404)
+
+    @app.head("/health", include_in_schema=False)
+    async def health_head() -> Response:
+        """Load balancers and uptime checks ask with HEAD: same status, no body."""
+        return Response(status_code=200, media_type="application/json")
+
     @app.get("/health", response_model=HealthResponse)
     async def health() -> dict[str, Any]:
         return {
@@ -264,6 +342,7 @@ def create_app(
             413: {"description": "upload larger than --max-upload-mb"},
             415: {"description": "not a multipart upload, or the file is not an image content type"},
             422: {"description": "missing field 'file', or the file is not a decodable image"},
+            503: {"description": "busy: every worker is analysing and the queue is full; retry after the Retry-After header's seconds"},
         },
     )
     async def predict(
@@ -274,9 +353,14 @@ def create_app(
         filename = file.filename or "upload"
         if content_type and not content_type.startswith(ACCEPTED_CONTENT_TYPES):
             raise HTTPException(415, f"{filename}: content type {content_type!r} is not an image; upload a PNG, JPEG, BMP or TIFF file")
-        data = await file.read()
+        pool.admit()  # 503 before the upload's bytes are loaded (Starlette has spooled bodies over 1 MB to disk)
         try:
-            return await run_in_threadpool(analyse, data, filename, gradcam)
+            data = await file.read()
+        except BaseException:
+            pool.release()
+            raise
+        try:
+            return await pool.run(analyse, data, filename, gradcam)
         except InputImageError as exc:
             raise HTTPException(422, str(exc)) from None
         except Exception:

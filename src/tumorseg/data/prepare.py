@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
 import os
 import re
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,8 +22,11 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from tumorseg import images as image_gate  # `images` names image lists here
 from tumorseg.data.sources import IMAGE_EXTENSIONS
+from tumorseg.images import InputImageError, to_gray_uint8  # noqa: F401 - to_gray_uint8: prepare's public helper
 from tumorseg.io import atomic_directory, atomic_write_json, atomic_write_text, encode_png, write_staged_bytes
+from tumorseg.processes import default_workers, worker_pool
 
 # pandas and scikit-learn are imported where the split needs them, not at module level: every
 # worker process imports this module, and those two imports cost more CPU than preparing a few
@@ -34,7 +35,8 @@ from tumorseg.io import atomic_directory, atomic_write_json, atomic_write_text, 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-MAX_PIXELS = 64_000_000  # larger "images" are almost surely not MRI slices; refuse before decoding
+MIN_SPLIT_GROUPS = 5  # fewer groups (patients) in a split and its Dice is mostly luck
+MAX_PIXELS = 64_000_000  # larger "images" are almost surely not MRI slices; refused from the header
 
 # Skip reasons (stable strings: they are keys in report.json).
 ORPHAN_IMAGE = "orphan_image"
@@ -46,6 +48,7 @@ TOO_LARGE = "too_large"
 SIZE_MISMATCH = "size_mismatch"
 EMPTY_MASK = "empty_mask"
 DUPLICATE_IMAGE = "duplicate_image"
+_REASON_BY_KIND = {image_gate.EMPTY: EMPTY_FILE, image_gate.UNREADABLE: UNREADABLE, image_gate.TOO_LARGE: TOO_LARGE}  # the decode gate's refusals
 
 
 class PrepareError(RuntimeError):
@@ -84,6 +87,11 @@ class PrepareReport:
     group_by: str
     image_size: int
     seconds: float = field(default=0.0, compare=False)
+    warnings: list[str] = field(init=False)  # e.g. a split too small to trust; derived from groups
+
+    def __post_init__(self) -> None:
+        warning = small_split_warning(self.groups)
+        self.warnings = [warning] if warning else []
 
     def to_json(self) -> dict:
         payload = asdict(self)
@@ -139,39 +147,6 @@ def pair_files(images_dir: Path, masks_dir: Path, mask_suffix: str = "") -> tupl
 # --------------------------------------------------------------------------------------------
 
 
-def _decode(data: bytes) -> np.ndarray | None:
-    array = np.frombuffer(data, dtype=np.uint8)
-    try:
-        return cv2.imdecode(array, cv2.IMREAD_UNCHANGED)
-    except cv2.error:
-        return None
-
-
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    """Width/height from a PNG header without decoding, to refuse decompression bombs cheaply."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return None
-
-
-def to_gray_uint8(image: np.ndarray) -> np.ndarray:
-    """Any decoded image (gray/BGR/BGRA, 8/16-bit/float) -> 8-bit single channel."""
-    if image.ndim == 3:
-        if image.shape[2] == 4:
-            image = image[:, :, :3]
-        if image.shape[2] == 3:
-            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-        else:
-            image = image[:, :, 0]
-    if image.dtype == np.uint8:
-        return image
-    image = image.astype(np.float64)
-    low, high = float(image.min()), float(image.max())
-    if high <= low:
-        return np.zeros(image.shape, np.uint8)
-    return np.round((image - low) * (255.0 / (high - low))).astype(np.uint8)
-
-
 def binarise_mask(mask: np.ndarray, threshold: int) -> tuple[np.ndarray, bool]:
     """Return a {0,255} mask and whether the input held other values (0/1 masks are scaled)."""
     if mask.ndim == 3:
@@ -188,21 +163,13 @@ def binarise_mask(mask: np.ndarray, threshold: int) -> tuple[np.ndarray, bool]:
 
 
 def _read(path: Path) -> tuple[bytes | None, np.ndarray | None, str | None, str]:
+    """The file's bytes and decoded pixels through the decode gate, or the skip reason and detail."""
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return None, None, UNREADABLE, f"cannot read {path.name}: {exc.strerror or exc}"
-    if not data:
-        return data, None, EMPTY_FILE, f"{path.name} is 0 bytes"
-    header = _header_size(data)
-    if header and header[0] * header[1] > MAX_PIXELS:
-        return data, None, TOO_LARGE, f"{path.name} is {header[0]}x{header[1]} (> {MAX_PIXELS:,} pixels)"
-    image = _decode(data)
-    if image is None or image.size == 0:
-        return data, None, UNREADABLE, f"{path.name} is not a decodable image (corrupt or unsupported format)"
-    if image.shape[0] * image.shape[1] > MAX_PIXELS:
-        return data, None, TOO_LARGE, f"{path.name} is {image.shape[1]}x{image.shape[0]} (> {MAX_PIXELS:,} pixels)"
-    return data, image, None, ""
+        data = image_gate.read_file_bytes(path, path.name)
+        # Stored orientation (no EXIF turn): image and mask must stay pixel-aligned, as before the gate.
+        return data, image_gate.decode_array(data, path.name, max_pixels=MAX_PIXELS, apply_orientation=False), None, ""
+    except InputImageError as exc:
+        return None, None, _REASON_BY_KIND[exc.kind], str(exc)
 
 
 def check_pair(name: str, image_path: Path, mask_path: Path, size: int, threshold: int, empty_masks: str, staging: Path) -> PairOutcome:
@@ -218,6 +185,7 @@ def check_pair(name: str, image_path: Path, mask_path: Path, size: int, threshol
             image = to_gray_uint8(decoded)
         else:
             mask, outcome.mask_binarised = binarise_mask(decoded, threshold)
+        del data, decoded  # only one decoded file at a time: the gate's memory bound holds per file
     if image.shape != mask.shape:
         outcome.reason = SIZE_MISMATCH
         outcome.detail = f"image is {image.shape[1]}x{image.shape[0]} but mask is {mask.shape[1]}x{mask.shape[0]}"
@@ -245,13 +213,6 @@ def _worker_init() -> None:
 
 def _check_star(args: tuple) -> PairOutcome:
     return check_pair(*args)
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,6 +261,18 @@ def _split_off(groups: np.ndarray, strata: np.ndarray, fraction: float, seed: in
     return np.sort(keep), np.sort(out)
 
 
+def small_split_warning(groups_per_split: dict[str, int]) -> str | None:
+    """Say so when a split holds too few groups for its numbers to mean much (13 pairs split 11/1/1)."""
+    small = [split for split in SPLITS if groups_per_split.get(split, 0) < MIN_SPLIT_GROUPS]
+    if not small:
+        return None
+    counts = ", ".join(f"{split} {groups_per_split.get(split, 0)}" for split in SPLITS)
+    return (
+        f"small split: {counts} groups (fewer than {MIN_SPLIT_GROUPS} in {', '.join(small)}); metrics on so few "
+        "patients are mostly chance: add data, or check prepare.group_by and the split fractions"
+    )
+
+
 def assign_splits(names: list[str], area_fractions: list[float], *, group_by: str, n_strata: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Split pairs into train/val/test by group, stratified by the group's median tumour size.
 
@@ -318,6 +291,9 @@ def assign_splits(names: list[str], area_fractions: list[float], *, group_by: st
     remaining = 1.0 - test_fraction
     train, val = _split_off(rest, rest_strata, val_fraction / remaining if remaining > 0 else 0.0, seed + 1)
     lookup = {g: "train" for g in train} | {g: "val" for g in val} | {g: "test" for g in test}
+    warning = small_split_warning({"train": len(train), "val": len(val), "test": len(test)})
+    if warning:
+        log.warning("prepare: %s", warning)
     return [lookup[g] for g in groups], groups
 
 
@@ -361,7 +337,7 @@ def prepare_dataset(
         raise PrepareError(f"{first.image_path or first.mask_path}: {first.reason}: {first.detail}")
 
     workers = workers or default_workers()
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out_dir, inputs=(images_dir, masks_dir)) as staging:
         jobs = [(name, img, msk, size, mask_threshold, empty_masks, staging) for name, img, msk in pairs]
         outcomes = _run_checks(jobs, workers, on_error, progress)
         kept, skipped = _deduplicate(outcomes, problems)
@@ -432,11 +408,7 @@ def _run_checks(jobs: list[tuple], workers: int, on_error: str, progress: bool) 
             for job in jobs:
                 collect(check_pair(*job))
         else:
-            # Never fork: a parent that already ran OpenCV (or TensorFlow) holds thread-pool locks
-            # that a forked child inherits locked, and hangs. forkserver starts from a clean process.
-            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-            context = multiprocessing.get_context(method)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_worker_init) as pool:
+            with worker_pool(workers, _worker_init) as pool:
                 try:
                     for outcome in pool.map(_check_star, jobs, chunksize=max(1, min(32, len(jobs) // (workers * 8)))):
                         collect(outcome)
