@@ -8,15 +8,20 @@ file is absent.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
 from tumorseg import __version__
-from tumorseg.config import DEFAULT_PARAMS, Config, load_config
-from tumorseg.console import friendly_errors, setup_logging, show_progress
+from tumorseg.config import DEFAULT_PARAMS, Config, check_image_size, load_config
+from tumorseg.console import UsageError, friendly_errors, setup_logging, show_progress
+
+log = logging.getLogger(__name__)
 
 
 def _config(args: argparse.Namespace) -> Config:
+    """The settings, loaded by :func:`main` into ``args.config`` before the command runs."""
     path = Path(args.params)
     if not path.exists() and args.params == str(DEFAULT_PARAMS):
         return Config()  # outside a project: the documented defaults (identical to params.yaml's)
@@ -34,22 +39,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_download(args: argparse.Namespace) -> int:
     from tumorseg.pipeline import download_step
 
-    download_step(_config(args), Path(args.out), progress=show_progress())
+    download_step(args.config, Path(args.out), progress=show_progress())
     return 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from tumorseg.pipeline import prepare_step
 
+    images, masks = Path(args.images), Path(args.masks)
     report = prepare_step(
-        _config(args),
-        Path(args.images),
-        Path(args.masks),
+        args.config,
+        images,
+        masks,
         Path(args.out),
         progress=show_progress(),
         size=args.size,
         on_error=args.on_error,
         mask_suffix=args.mask_suffix,
+        report_extra=_data_record(images, masks),
     )
     print(f"{report.valid_pairs} valid pairs, {len(report.skipped)} skipped -> {args.out}")
     for item in report.skipped[:20]:
@@ -59,17 +66,43 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_record(images: Path, masks: Path) -> dict[str, str]:
+    """report.json's data fields (kind, origin, content hash) for folders given by hand, so that
+    every later metric still says what it was measured on: the SOURCE.json that download or synth
+    wrote beside both folders when it still describes them, else kind "unknown", the images
+    folder as origin and the folders' content hash."""
+    from tumorseg.data.sources import SOURCE_FILE, read_source_info
+    from tumorseg.io import hash_tree
+
+    if not images.is_dir() or not masks.is_dir():
+        return {}  # prepare says what is wrong with them
+    folders = {images.resolve(), masks.resolve()}
+    files = sorted(p for folder in folders for p in folder.iterdir() if p.is_file())
+    try:
+        content_hash = hash_tree(Path(os.path.commonpath(folders)), files)
+    except OSError as exc:  # an unreadable file: prepare skips it and says why; the hash cannot be had
+        log.warning("cannot hash the input data (%s): its origin is recorded without a content hash", exc)
+        content_hash = "unknown"
+    record_file = images.parent / SOURCE_FILE
+    if images.parent.resolve() == masks.parent.resolve() and record_file.is_file():
+        info = read_source_info(images.parent)
+        if info.data_hash == content_hash:
+            return {"data_source": info.kind, "data_origin": info.origin, "data_hash": info.data_hash}
+        log.warning("%s describes other content than %s and %s now (hash differs): recording the data as unknown", record_file, images, masks)
+    return {"data_source": "unknown", "data_origin": str(images.resolve()), "data_hash": content_hash}
+
+
 def cmd_augment(args: argparse.Namespace) -> int:
     from tumorseg.pipeline import augment_step
 
-    augment_step(_config(args), Path(args.prepared), Path(args.out), Path(args.preview), progress=show_progress())
+    augment_step(args.config, Path(args.prepared), Path(args.out), Path(args.preview), progress=show_progress())
     return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from tumorseg.pipeline import pretrain_step
 
-    cfg = _config(args)
+    cfg = args.config
     out = Path(args.out or f"pretrained/{args.model}.keras")
     summary = pretrain_step(cfg, args.model, prepared_dir=Path(args.prepared), out_path=out, params_path=Path(args.params), progress=show_progress())
     print(
@@ -83,7 +116,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_check_metrics(args: argparse.Namespace) -> int:
     from tumorseg.gates import check_metrics, format_checks
 
-    cfg = _config(args)
+    cfg = args.config
     baseline = args.baseline or cfg.ci.baseline_dir
     checks = check_metrics(
         Path(args.metrics_dir),
@@ -115,10 +148,12 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from tumorseg.inference import Predictor, list_inputs, predict_files
+    from tumorseg.io import check_separate
 
     if not 0.0 <= args.threshold < 1.0 or args.batch_size < 1 or args.max_pixels < 1 or args.min_component_px < 0:
         print("error: --threshold must be in [0, 1), --batch-size and --max-pixels at least 1, --min-component-px at least 0", file=sys.stderr)
         return 2
+    check_separate(args.out, args.inputs, what="--out")  # masks written among the inputs could overwrite them
     listing = list_inputs(args.inputs)
     if not listing.sources and not listing.problems:
         print(f"error: no images (PNG, JPEG, BMP, TIFF) found in {' '.join(args.inputs)}", file=sys.stderr)
@@ -179,10 +214,12 @@ def cmd_register(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from tumorseg.explain import LayerNotFoundError, explain_files
     from tumorseg.inference import Predictor
+    from tumorseg.io import check_separate
 
     if not 0.0 <= args.threshold < 1.0:
         print("error: --threshold must be in [0, 1)", file=sys.stderr)
         return 2
+    check_separate(args.out, args.inputs, what="--out")
     predictor = Predictor.load(args.model, threshold=args.threshold, tta=args.tta)
     if predictor.model is None:
         print(f"error: {args.model}: Grad-CAM needs the Keras model (.keras or an MLflow URI), not an exported file", file=sys.stderr)
@@ -209,12 +246,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tumorseg.inference import Predictor
     from tumorseg.serve import create_app, run_server
 
-    if not 0.0 <= args.threshold < 1.0 or args.max_upload_mb <= 0 or not 0 < args.port < 65536:
-        print("error: --threshold must be in [0, 1), --max-upload-mb positive, --port in 1..65535", file=sys.stderr)
-        return 2
+    if not 0.0 <= args.threshold < 1.0 or args.max_upload_mb <= 0 or not 0 < args.port < 65536 or min(args.workers, args.retry_after, args.max_pixels) < 1 or args.queue_limit < 0:
+        raise UsageError("--threshold must be in [0, 1), --max-upload-mb positive, --port in 1..65535, --workers, --retry-after and --max-pixels at least 1, --queue-limit at least 0")
     predictor = Predictor.load(args.model, threshold=args.threshold, tta=args.tta)  # once, shared by all requests
     try:
-        app = create_app(predictor, model_name=Path(args.model).name, gradcam_layer=args.layer, max_upload_mb=args.max_upload_mb)
+        app = create_app(
+            predictor, model_name=Path(args.model).name, gradcam_layer=args.layer, max_upload_mb=args.max_upload_mb,
+            max_pixels=args.max_pixels, workers=args.workers, queue_limit=args.queue_limit, retry_after_s=args.retry_after,
+        )
     except (LayerNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -224,7 +263,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = args.config
     for key, value in cfg.flat().items():
         print(f"{key} = {value}")
     return 0
@@ -256,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--masks", required=True, help="folder of masks (same file names)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--size", type=int, default=None, help="output side in pixels (default: image_size from params)")
+    p.add_argument("--size", type=int, default=None, help="output side in pixels, a multiple of 32 up to 2048 (default: image_size from params)")
     p.add_argument("--on-error", choices=("skip", "fail"), default=None, help="skip bad pairs (default) or stop at the first")
     p.add_argument("--mask-suffix", default=None, help="mask name = image stem + suffix (default: data.mask_suffix)")
 
@@ -323,20 +362,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="Grad-CAM layer (default: the stride-2 decoder stage, see tumorseg.explain)")
     p.add_argument("--threshold", type=float, default=0.5, help="tumour where probability > threshold (default: %(default)s)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--workers", type=int, default=1, help="uploads analysed at once (default: %(default)s)")
+    p.add_argument("--queue-limit", type=int, default=8, help="uploads waiting beyond those; more get HTTP 503 with Retry-After (default: %(default)s)")
+    p.add_argument("--retry-after", type=int, default=5, help="seconds a 503 asks the client to wait (default: %(default)s)")
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images (default: %(default)s)")
 
     add("config", cmd_config, "validate params.yaml and print the resolved settings (profile applied)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Bad option values, found before any work starts (and before 100000² images fill memory)."""
     if args.command == "synth":
         for name, value, low, high in (("--count", args.count, 1, 1_000_000), ("--size", args.size, 16, 8192)):
             if not low <= value <= high:
-                print(f"error: {name} must be between {low} and {high}, got {value}", file=sys.stderr)
-                return 2
-    return friendly_errors(args.func)(args)
+                raise UsageError(f"{name} must be between {low} and {high}, got {value}")
+    if args.command == "prepare" and args.size is not None:
+        try:
+            check_image_size(args.size)
+        except ValueError as exc:
+            raise UsageError(f"--size {exc}") from None
+
+
+def _run(args: argparse.Namespace) -> int:
+    _check_arguments(args)
+    if hasattr(args, "params"):
+        args.config = _config(args)  # a bad params file is refused before the command starts
+    return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return friendly_errors(_run)(args)
+    except BrokenPipeError:  # `tumorseg config | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,23 +12,81 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_PARAMS = Path("params.yaml")
 log = logging.getLogger(__name__)
 
+MAX_ERROR_CHARS = 300  # an error is one line: a terminal row, a log line, a CI annotation
+ERROR_PREFIX = "error: "  # how the CLI and the stages print it; the whole line stays within the limit
+MAX_PARAMS_BYTES = 1 << 20  # params.yaml is ~10 kB; anything near 1 MB is not a params file
+MAX_YAML_VALUES = 100_000  # values after alias expansion (params.yaml has ~300): stops alias bombs
+MAX_IMAGE_SIZE = 2048
+
 
 class ConfigError(ValueError):
-    """A bad ``params.yaml``: the message names the key and what is wrong with it."""
+    """A bad params file or setting: one line naming the file and the key, and what is wrong."""
+
+    def __init__(self, *problems: str, source: str = "params") -> None:
+        self.problems, self.source = problems, source
+        super().__init__(one_line(source, problems))
+
+    def located(self, source: str | Path) -> "ConfigError":
+        """The same problems, reported against the file they came from."""
+        return ConfigError(*self.problems, source=str(source))
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` on one line, at most ``limit`` characters (an ellipsis marks the cut)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"
+
+
+def one_line(source: str, problems: Sequence[str], limit: int = MAX_ERROR_CHARS - len(ERROR_PREFIX)) -> str:
+    """``source: problem; problem (+N more)`` in at most ``limit`` characters."""
+    source = " ".join(str(source).split())
+    keep = limit // 3  # a long path keeps its end: the file name says the most
+    head = (source if len(source) <= keep else "…" + source[1 - keep :]) + ": "
+    problems = [clip(problem, limit) for problem in problems] or ["invalid"]
+    shown: list[str] = []
+    for problem in problems:
+        more = len(problems) - len(shown) - 1
+        if len(head + "; ".join([*shown, problem]) + (f" (+{more} more)" if more else "")) > limit:
+            break
+        shown.append(problem)
+    more = len(problems) - max(len(shown), 1)
+    tail = f" (+{more} more)" if more else ""
+    if not shown:  # the first problem always shows, cut to fit
+        return head + clip(problems[0], limit - len(head) - len(tail)) + tail
+    return head + "; ".join(shown) + tail
+
+
+def check_image_size(value: int) -> int:
+    """The models downsample 5 times (stride 32), and one 2048² image already costs gigabytes of
+    activations: every input side (``image_size``, ``prepare --size``) passes this one check."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 32 <= value <= MAX_IMAGE_SIZE or value % 32:
+        raise ValueError(f"must be a multiple of 32 from 32 to {MAX_IMAGE_SIZE} (the models downsample 5 times), got {value!r}")
+    return value
+
+
+def _list_as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+# YAML has lists, not tuples: accept a list here, then validate its items strictly.
+IntTuple = Annotated[tuple[int, ...], BeforeValidator(_list_as_tuple)]
 
 
 class _Strict(BaseModel):
     # forbid: an unknown (e.g. misspelled) key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    # strict: `epochs: true`, `epochs: "5"` or `use_hac: "yes"` are errors, not 1, 5 and True
+    # (an integer where a number is expected stays fine: `lr: 1` is 1.0).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 Probability = Field(ge=0.0, le=1.0)
@@ -159,7 +217,7 @@ class UNetConfig(_Strict):
     depth: int = Field(4, ge=2, le=5)
     use_hac: bool = True
     use_caspp: bool = True
-    caspp_rates: tuple[int, ...] = (1, 2, 4, 6)
+    caspp_rates: IntTuple = (1, 2, 4, 6)
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     bn_momentum: float = Field(0.9, gt=0.0, lt=1.0)
     attention_gates: bool = False  # additive attention gates on the skip connections
@@ -177,7 +235,7 @@ class UMobileNetV2Config(_Strict):
 
     alpha: float = Field(1.0, gt=0.0, le=1.4)
     encoder_weights: str = "imagenet"  # imagenet | none | path to a .h5/.keras weights file
-    decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
+    decoder_filters: IntTuple = (256, 128, 64, 32, 16)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # keras.applications builds BatchNorm with momentum 0.999; from scratch its moving statistics
     # lag so far behind that inference-mode predictions are empty. 0.9 tracks them.
@@ -298,7 +356,7 @@ class Config(_Strict):
     lr: float = Field(1e-4, gt=0.0, le=1.0)
     epochs: int = Field(30, ge=1, le=10_000)
     batch_size: int = Field(8, ge=1, le=4096)
-    image_size: int = Field(256, ge=32, le=2048)
+    image_size: int = 256
     seed: int = Field(42, ge=0, le=2**31 - 1)
     data: DataConfig = DataConfig()
     prepare: PrepareConfig = PrepareConfig()
@@ -312,10 +370,8 @@ class Config(_Strict):
 
     @field_validator("image_size")
     @classmethod
-    def _divisible_by_32(cls, value: int) -> int:
-        if value % 32:
-            raise ValueError(f"must be divisible by 32 (the models downsample 5 times), got {value}")
-        return value
+    def _model_input_side(cls, value: int) -> int:
+        return check_image_size(value)
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view (``data.source``), e.g. for logging as MLflow params."""
@@ -340,7 +396,7 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any], path: str = "") 
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _deep_merge(merged[key], value, dotted + ".")
         elif isinstance(value, dict) and key in merged:
-            raise ConfigError(f"params: profiles override `{dotted}` with a section, but it is a value")
+            raise ConfigError(f"`{dotted}`: a profile or override sets it to a section, but it is a value")
         else:
             merged[key] = copy.deepcopy(value)
     return merged
@@ -351,18 +407,20 @@ def resolve_profile(raw: dict[str, Any]) -> dict[str, Any]:
     raw = dict(raw)
     profiles = raw.pop("profiles", None) or {}
     if not isinstance(profiles, dict):
-        raise ConfigError("params: `profiles` must be a mapping of profile name -> overrides")
+        raise ConfigError("`profiles`: must be a mapping of profile name -> overrides")
     name = raw.get("profile", "full")
+    if not isinstance(name, str):
+        raise ConfigError(f"`profile`: must be a profile name such as full or quick, got {clip(repr(name), 60)}")
     if name == "full":
         return raw
     if name not in profiles:
         known = ", ".join(["full", *profiles]) or "full"
-        raise ConfigError(f"params: `profile` is {name!r}, which is not defined; use one of: {known}")
+        raise ConfigError(f"`profile`: {clip(repr(name), 60)} is not defined; use one of: {clip(known, 100)}")
     override = profiles[name] or {}
     if not isinstance(override, dict):
-        raise ConfigError(f"params: `profiles.{name}` must be a mapping of overrides")
+        raise ConfigError(f"`profiles.{name}`: must be a mapping of overrides")
     if "profile" in override or "profiles" in override:
-        raise ConfigError(f"params: `profiles.{name}` may not set `profile` or `profiles`")
+        raise ConfigError(f"`profiles.{name}`: may not set `profile` or `profiles`")
     _warn_about_shadowed_settings(raw, override, name)
     return _deep_merge(raw, override)
 
@@ -380,44 +438,202 @@ def _warn_about_shadowed_settings(raw: dict[str, Any], override: dict[str, Any],
             )
 
 
-def _format_validation_error(error: ValidationError) -> str:
-    lines = []
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "tuple_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a section (a mapping of keys to values)",
+}
+
+
+def _describe(value: Any) -> str:
+    """A value as the user wrote it in YAML, with its type when the type is the problem."""
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, str):
+        return f"{clip(repr(value), 60)} (a string: no quotes around numbers)" if _looks_numeric(value) else f"{clip(repr(value), 60)} (a string)"
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, (list, dict)):
+        return f"a {'list' if isinstance(value, list) else 'mapping'} {clip(repr(value), 40)}"
+    return clip(repr(value), 60)
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _problems(error: ValidationError) -> list[str]:
+    problems = []
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
+        kind, given = item["type"], item.get("input")
+        if kind == "extra_forbidden":
             message = "unknown key (misspelled, or not a setting of this version)"
-        elif item["type"] != "value_error" and not isinstance(item.get("input"), dict):
-            message += f" (got {item.get('input')!r})"
-        lines.append(f"  `{key}`: {message}")
-    return "invalid params:\n" + "\n".join(lines)
+        elif kind in _EXPECTED:
+            message = f"must be {_EXPECTED[kind]}, got {_describe(given)}"
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            if kind != "value_error" and not isinstance(given, dict):
+                message += f" (got {_describe(given)})"
+        problems.append(f"`{key}`: {message}")
+    return problems
+
+
+def _missing_sections(raw: dict[str, Any], model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Sections (at any depth) that are absent or empty: their defaults would be used silently,
+    so a file that lost its `train:` section would still "work". Only ``profile`` may be left out
+    (it means `full`, the file as written)."""
+    missing = []
+    for name, field in model.model_fields.items():
+        is_section = isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        if name not in raw and (is_section or model is Config) and name != "profile":
+            missing.append(prefix + name)
+        elif is_section and raw[name] is None:
+            missing.append(prefix + name)
+        elif is_section and isinstance(raw[name], dict):
+            missing += _missing_sections(raw[name], field.annotation, f"{prefix}{name}.")
+    return missing
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Validate an already-parsed params mapping (profile applied here)."""
+    """Validate a parsed params file (profile applied here). It must be complete: every key and
+    section of the project's params.yaml at the top level, every section below them."""
     if not isinstance(raw, dict):
-        raise ConfigError("params: the file must hold a mapping of keys to values")
+        raise ConfigError(f"must hold a mapping of keys to values (like the project's params.yaml), got {_describe(raw)}")
+    missing = _missing_sections(raw, Config)
+    if missing:
+        raise ConfigError(f"missing or empty: {', '.join(f'`{key}`' for key in missing)} (every setting of the project's params.yaml is required; copy the missing ones from it)")
     try:
         return Config.model_validate(resolve_profile(raw))
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error)) from None
+        raise ConfigError(*_problems(error)) from None
 
 
 def load_config(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Config:
     """Read and validate ``params.yaml``; ``overrides`` are dotted keys applied before the profile."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: not found (run from the project root or pass --params)") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if overrides:
-        raw = _deep_merge(raw, _unflatten(overrides))
-    try:
+        raw = parse_params(read_params_text(path))
+        if overrides and isinstance(raw, dict):
+            raw = _deep_merge(raw, _unflatten(overrides))
         return config_from_dict(raw)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise exc.located(path) from None
+
+
+def read_params_text(path: Path) -> str:
+    """The file's text, or one line saying why it is not a params file (a folder, an image...)."""
+    if path.is_dir():
+        raise ConfigError("is a folder, not a params file (give the YAML file, e.g. --params params.yaml)", source=str(path))
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_PARAMS_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError("not found (run from the project root or pass --params)", source=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read it: {exc.strerror or exc}", source=str(path)) from None
+    if len(data) > MAX_PARAMS_BYTES:
+        raise ConfigError(f"larger than {MAX_PARAMS_BYTES >> 20} MB, so not a params file (params.yaml is ~10 kB)", source=str(path))
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not a text file (byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8): give the YAML params file", source=str(path)) from None
+    if "\0" in text:
+        raise ConfigError("a binary file (it holds NUL bytes), not a YAML params file", source=str(path))
+    return text
+
+
+def parse_params(text: str) -> Any:
+    """YAML text -> Python values, refusing what PyYAML would accept silently or slowly."""
+    loader = _ParamsLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _count_values(node, {}, set())
+        data = None if node is None else loader.construct_document(node)
+        if data is None:
+            raise ConfigError("empty (no settings at all): copy the project's params.yaml and edit it")
+        return data
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"not valid YAML{where}: {clip(exc.problem or exc.context or '', 120)}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {clip(str(exc), 150)}") from None
+    except RecursionError:
+        raise ConfigError("nested too deeply to be a params file") from None
+    finally:
+        loader.dispose()
+
+
+# YAML 1.2 floats: PyYAML follows YAML 1.1, where `1e-4` (no dot) is a string; DVC (`dvc exp run
+# -S lr=1e-4`) and every YAML 1.2 tool read a number. (.inf/.nan and 1:30.5 as in YAML 1.1.)
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 floats that refuses duplicate keys (PyYAML keeps the last one)."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != _FLOAT_TAG]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:  # `<<: *defaults` may be overridden by the keys beside it
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in first_line:
+                    raise ConfigError(f"`{clip(str(key), 60)}`: duplicate key at line {line} (first at line {first_line[key]}); YAML would silently keep only the last")
+            except TypeError:  # an unhashable key: the base class says so
+                break
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_ParamsLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+
+
+def _count_values(node: yaml.Node, counted: dict[int, int], open_nodes: set[int]) -> int:
+    """Values in ``node`` once aliases are expanded; refuse an alias bomb (a few lines of
+    anchors that expand to billions of values) before anything expands it."""
+    if id(node) in counted:
+        return counted[id(node)]
+    if id(node) in open_nodes:
+        raise ConfigError("an anchor contains an alias to itself (a recursive structure), which no setting can hold")
+    open_nodes.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        total = 1 + sum(_count_values(child, counted, open_nodes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        total = 1 + sum(_count_values(k, counted, open_nodes) + _count_values(v, counted, open_nodes) for k, v in node.value)
+    else:
+        total = 1
+    open_nodes.discard(id(node))
+    if total > MAX_YAML_VALUES:
+        raise ConfigError(f"YAML anchors and aliases expand to more than {MAX_YAML_VALUES:,} values (an alias bomb?); a params file needs a few hundred")
+    counted[id(node)] = total
+    return total
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:

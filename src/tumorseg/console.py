@@ -14,19 +14,28 @@ import sys
 from collections.abc import Callable
 from typing import TypeVar
 
-from tumorseg.config import ConfigError
+from tumorseg.config import ERROR_PREFIX, MAX_ERROR_CHARS, ConfigError, clip
 from tumorseg.data.prepare import NoValidPairs, PrepareError
 from tumorseg.data.sources import SourceError
-from tumorseg.io import OutputError, describe_os_error
+from tumorseg.io import OutputError, UnsafeOutputError, describe_os_error
 from tumorseg.export import ExportError
 from tumorseg.inference import InputImageError, ModelLoadError
 from tumorseg.tracking import TrackingError
 
 F = TypeVar("F", bound=Callable[..., int | None])
 
-# Exit codes: 1 = a user-fixable error (message says what), 2 = nothing valid to work on.
+
+
+class UsageError(ValueError):
+    """A bad option value on the command line, found before any work starts."""
+
+
+# Exit codes: 1 = a user-fixable error met while working (the message says what); 2 = refused
+# before any work started (bad params or option, an output that would hit the inputs) or nothing
+# valid to work on. Either way nothing of the user's was changed.
+REFUSALS: tuple[type[BaseException], ...] = (UsageError, ConfigError, UnsafeOutputError, NoValidPairs)
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, SourceError, PrepareError, OutputError, FileNotFoundError, InputImageError, ModelLoadError, ExportError, TrackingError
+    SourceError, PrepareError, OutputError, FileNotFoundError, InputImageError, ModelLoadError, ExportError, TrackingError
 )
 # Raw OSErrors that mean "the disk or folder refuses the write", wherever they come from (a
 # library writing its own file): one line naming the path and the cause, like OutputError.
@@ -56,7 +65,7 @@ def friendly_errors(func: F) -> F:
     def wrapper(*args, **kwargs) -> int:
         try:
             return func(*args, **kwargs) or 0
-        except NoValidPairs as exc:
+        except REFUSALS as exc:
             _report(exc)
             return 2
         except USER_ERRORS as exc:
@@ -75,8 +84,9 @@ def friendly_errors(func: F) -> F:
 
 
 def _report(exc: BaseException, message: str | None = None) -> None:
+    """One line of at most MAX_ERROR_CHARS characters, whatever the message (a path, a YAML dump...)."""
     if os.environ.get("TUMORSEG_DEBUG"):
         import traceback
 
         traceback.print_exception(exc)
-    print(f"error: {message or exc}", file=sys.stderr)
+    print(ERROR_PREFIX + clip(message or str(exc), MAX_ERROR_CHARS - len(ERROR_PREFIX)), file=sys.stderr)

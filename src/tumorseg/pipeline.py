@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from tumorseg import tracking
-from tumorseg.config import Config
+from tumorseg.config import Config, check_image_size
 from tumorseg.data.prepare import PrepareReport, prepare_dataset
 from tumorseg.data.sources import SourceInfo, data_label, download, read_source_info
 from tumorseg.io import atomic_write_json, atomic_write_text, read_json, sha256_file
@@ -66,7 +66,7 @@ def prepare_step(
         images_dir,
         masks_dir,
         out_dir,
-        size=size or cfg.image_size,
+        size=cfg.image_size if size is None else check_image_size(size),  # 0 is an error, not the default
         on_error=on_error or p.on_error,
         mask_threshold=p.mask_threshold,
         empty_masks=p.empty_masks,
