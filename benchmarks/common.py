@@ -28,10 +28,9 @@ QUIET_FOREIGN_FRACTION = 0.10
 
 
 def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    from tumorseg.processes import default_workers  # one definition of "the CPUs we may use"
+
+    return default_workers()
 
 
 def load_average() -> list[float]:

@@ -189,15 +189,20 @@ class _ZeroModel:
         return np.zeros(batch.shape, np.float32)
 
 
-def test_predict_refuses_the_bombs_before_decoding_and_keeps_going(tmp_path: Path, imdecode_spy):
-    from tumorseg.inference import Predictor, predict_files
-
-    inputs = tmp_path / "in"
+def _bombs_beside_a_good_slice(inputs: Path, size: int, imdecode_spy) -> Path:
+    """A folder with both bombs and one good ``size``² slice; the spy fails the test if a bomb is decoded."""
     inputs.mkdir()
     (inputs / "bomb.bmp").write_bytes(BOMB_BMP)
     (inputs / "rgba16.png").write_bytes(RGBA16_OVER_BUDGET)
-    cv2.imwrite(str(inputs / "good.png"), blob_pair(40, 1)[0])
+    cv2.imwrite(str(inputs / "good.png"), blob_pair(size, 1)[0])
     imdecode_spy.refuse |= {len(BOMB_BMP), len(RGBA16_OVER_BUDGET)}
+    return inputs
+
+
+def test_predict_refuses_the_bombs_before_decoding_and_keeps_going(tmp_path: Path, imdecode_spy):
+    from tumorseg.inference import Predictor, predict_files
+
+    inputs = _bombs_beside_a_good_slice(tmp_path / "in", 40, imdecode_spy)
 
     report = predict_files(Predictor(_ZeroModel()), [inputs], tmp_path / "out", progress=False)
     rows = {Path(row["file"]).name: row for row in report.rows}
@@ -210,12 +215,7 @@ def test_explain_reads_through_the_same_gate(tmp_path: Path, blob_model, imdecod
     from tumorseg.explain import explain_files
     from tumorseg.inference import Predictor
 
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    (inputs / "bomb.bmp").write_bytes(BOMB_BMP)
-    (inputs / "rgba16.png").write_bytes(RGBA16_OVER_BUDGET)
-    cv2.imwrite(str(inputs / "good.png"), blob_pair(32, 1)[0])
-    imdecode_spy.refuse |= {len(BOMB_BMP), len(RGBA16_OVER_BUDGET)}
+    inputs = _bombs_beside_a_good_slice(tmp_path / "in", 32, imdecode_spy)
 
     report = explain_files([inputs], Predictor(blob_model[0]), tmp_path / "out")
     assert [path.name for path in report.written] == ["good_gradcam.png"]
