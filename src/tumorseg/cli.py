@@ -8,7 +8,6 @@ file is absent.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -16,8 +15,6 @@ from pathlib import Path
 from tumorseg import __version__
 from tumorseg.config import DEFAULT_PARAMS, Config, check_image_size, load_config
 from tumorseg.console import UsageError, friendly_errors, setup_logging, show_progress
-
-log = logging.getLogger(__name__)
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -44,6 +41,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from tumorseg.data.sources import folder_record
     from tumorseg.pipeline import prepare_step
 
     images, masks = Path(args.images), Path(args.masks)
@@ -56,7 +54,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         size=args.size,
         on_error=args.on_error,
         mask_suffix=args.mask_suffix,
-        report_extra=_data_record(images, masks),
+        report_extra=folder_record(images, masks),
     )
     print(f"{report.valid_pairs} valid pairs, {len(report.skipped)} skipped -> {args.out}")
     for item in report.skipped[:20]:
@@ -64,32 +62,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if len(report.skipped) > 20:
         print(f"  ... {len(report.skipped) - 20} more in {Path(args.out) / 'report.json'}")
     return 0
-
-
-def _data_record(images: Path, masks: Path) -> dict[str, str]:
-    """report.json's data fields (kind, origin, content hash) for folders given by hand, so that
-    every later metric still says what it was measured on: the SOURCE.json that download or synth
-    wrote beside both folders when it still describes them, else kind "unknown", the images
-    folder as origin and the folders' content hash."""
-    from tumorseg.data.sources import SOURCE_FILE, read_source_info
-    from tumorseg.io import hash_tree
-
-    if not images.is_dir() or not masks.is_dir():
-        return {}  # prepare says what is wrong with them
-    folders = {images.resolve(), masks.resolve()}
-    files = sorted(p for folder in folders for p in folder.iterdir() if p.is_file())
-    try:
-        content_hash = hash_tree(Path(os.path.commonpath(folders)), files)
-    except OSError as exc:  # an unreadable file: prepare skips it and says why; the hash cannot be had
-        log.warning("cannot hash the input data (%s): its origin is recorded without a content hash", exc)
-        content_hash = "unknown"
-    record_file = images.parent / SOURCE_FILE
-    if images.parent.resolve() == masks.parent.resolve() and record_file.is_file():
-        info = read_source_info(images.parent)
-        if info.data_hash == content_hash:
-            return {"data_source": info.kind, "data_origin": info.origin, "data_hash": info.data_hash}
-        log.warning("%s describes other content than %s and %s now (hash differs): recording the data as unknown", record_file, images, masks)
-    return {"data_source": "unknown", "data_origin": str(images.resolve()), "data_hash": content_hash}
 
 
 def cmd_augment(args: argparse.Namespace) -> int:

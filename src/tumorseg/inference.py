@@ -560,10 +560,12 @@ def predict_files(
     from tumorseg.io import atomic_write_png, atomic_write_text, check_separate
 
     out_dir = Path(out_dir)
-    if not isinstance(inputs, InputListing):
+    if isinstance(inputs, InputListing):
+        listing = inputs
+    else:
         inputs = list(inputs)
         check_separate(out_dir, inputs, what="the output folder")  # masks written among the inputs could overwrite them
-    listing = inputs if isinstance(inputs, InputListing) else list_inputs(inputs)
+        listing = list_inputs(inputs)
     rows: list[dict[str, Any]] = [_row(name, "failed", reason) for name, reason in listing.problems]
     pending: list[tuple[InputSource, str, np.ndarray]] = []
 

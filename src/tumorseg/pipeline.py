@@ -19,7 +19,7 @@ import pandas as pd
 from tumorseg import tracking
 from tumorseg.config import Config, check_image_size
 from tumorseg.data.prepare import PrepareReport, prepare_dataset
-from tumorseg.data.sources import SourceInfo, data_label, download, read_source_info
+from tumorseg.data.sources import SourceInfo, data_label, download, read_source_info, report_fields
 from tumorseg.io import atomic_write_json, atomic_write_text, read_json, sha256_file
 from tumorseg.training import ResumeState, clear_state, initial_weights_file, read_state, remember_run_id, sweep_temporaries, train_model, update_state
 
@@ -97,8 +97,7 @@ def prepare_step(
 
 def prepare_from_raw(cfg: Config, raw_dir: Path, out_dir: Path, progress: bool = True) -> PrepareReport:
     """The DVC stage: raw folder from the download stage -> prepared splits (+ data source record)."""
-    info = read_source_info(raw_dir)
-    extra = {"data_source": info.kind, "data_origin": info.origin, "data_hash": info.data_hash}
+    extra = report_fields(read_source_info(raw_dir))
     return prepare_step(cfg, raw_dir / "images", raw_dir / "masks", out_dir, progress, report_extra=extra)
 
 

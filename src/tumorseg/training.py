@@ -83,11 +83,11 @@ def make_dataset(images: np.ndarray, masks: np.ndarray, *, batch_size: int, shuf
         order = tf.range(count, dtype=tf.int64)
         if shuffle:
             order = tf.random.experimental.stateless_shuffle(order, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
-        pairs = tf.data.Dataset.from_tensor_slices(order).enumerate()
-        pairs = pairs.map(lambda position, index: (tf.gather(all_images, index), tf.gather(all_masks, index), epoch, position), num_parallel_calls=1, deterministic=True)
+        indices = tf.data.Dataset.from_tensor_slices(order)
         if augment is None:
-            pairs = pairs.map(lambda image, mask, epoch, position: (image, mask), num_parallel_calls=1, deterministic=True)
-        else:
+            pairs = indices.map(lambda index: (tf.gather(all_images, index), tf.gather(all_masks, index)), num_parallel_calls=1, deterministic=True)
+        else:  # the augmentation's seed needs the pair's position in the epoch
+            pairs = indices.enumerate().map(lambda position, index: (tf.gather(all_images, index), tf.gather(all_masks, index), epoch, position), num_parallel_calls=1, deterministic=True)
             pairs = pairs.map(_online_augmentation(augment, seed), num_parallel_calls=1, deterministic=True)
         # Several replicas need equal shares of every batch: drop the ragged last batch.
         return pairs.batch(batch_size, drop_remainder=drop_remainder)

@@ -65,6 +65,34 @@ def read_source_info(raw_dir: str | Path) -> SourceInfo:
         raise SourceError(f"{path} is not a valid source record ({exc}); re-run `dvc repro -f download`") from None
 
 
+def report_fields(info: SourceInfo) -> dict[str, str]:
+    """The data fields prepare copies into report.json, so every later metric says what it was measured on."""
+    return {"data_source": info.kind, "data_origin": info.origin, "data_hash": info.data_hash}
+
+
+def folder_record(images: Path, masks: Path) -> dict[str, str]:
+    """report.json's data fields for folders given by hand (``tumorseg prepare --images --masks``):
+    the SOURCE.json that download or synth wrote beside both folders when it still describes them,
+    else kind "unknown", the images folder as origin and the folders' content hash (computed as
+    the download stage computes it, so the same files give the same hash)."""
+    if not images.is_dir() or not masks.is_dir():
+        return {}  # prepare says what is wrong with them
+    folders = {images.resolve(), masks.resolve()}
+    files = sorted(p for folder in folders for p in folder.iterdir() if p.is_file())
+    try:
+        content_hash = hash_tree(Path(os.path.commonpath(folders)), files)
+    except OSError as exc:  # an unreadable file: prepare skips it and says why; the hash cannot be had
+        log.warning("cannot hash the input data (%s): its origin is recorded without a content hash", exc)
+        content_hash = "unknown"
+    record_file = images.parent / SOURCE_FILE
+    if images.parent.resolve() == masks.parent.resolve() and record_file.is_file():
+        info = read_source_info(images.parent)
+        if info.data_hash == content_hash:
+            return report_fields(info)
+        log.warning("%s describes other content than %s and %s now (hash differs): recording the data as unknown", record_file, images, masks)
+    return {"data_source": "unknown", "data_origin": str(images.resolve()), "data_hash": content_hash}
+
+
 def data_label(info: SourceInfo) -> str:
     """One line that says what data a number was measured on (used in every report)."""
     return f"{info.kind} data ({info.source}: {info.origin}; hash {info.data_hash[:12]})"
