@@ -21,11 +21,13 @@ export GIT_COMMITTER_EMAIL ?= $(GIT_AUTHOR_EMAIL)
 
 PROFILE ?= quick
 
-.PHONY: install run repro test test-fast dag clean help
+.PHONY: install run repro test test-fast lint dag clean help
 
 help:
 	@echo "make run    - set up and run the whole pipeline on the '$(PROFILE)' profile (PROFILE=full for the reference settings)"
 	@echo "make test   - set up and run the tests"
+	@echo "make test-fast - the edit-test loop: the tests not marked slow (no training, no TFLite/ONNX conversion, no pipeline runs)"
+	@echo "make lint   - ruff (pyflakes, pycodestyle with 160-column lines, isort, bugbear, pyupgrade) and the import-linter layer contracts"
 	@echo "make dag    - show the DVC pipeline graph"
 
 $(STAMP): pyproject.toml
@@ -57,8 +59,18 @@ test: $(STAMP)
 	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# The edit-test loop: every test not marked `slow` (no model training, no TFLite/ONNX conversion, no
+# pipeline runs or heavy subprocesses). `make test` is the whole suite, as CI runs it.
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow"
+	@echo "make test-fast: pytest -m 'not slow' (no training, no conversion); 'make test' runs everything, as CI does"
+	@$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The linters CI runs before the tests: ruff (rules and line length in pyproject.toml's [tool.ruff])
+# over every Python folder, then import-linter's layer contracts ([tool.importlinter]).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src stages scripts benchmarks tests
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf data/raw data/prepared data/augmented reports .pytest_cache

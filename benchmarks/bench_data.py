@@ -45,7 +45,7 @@ def naive_prepare(images: Path, masks: Path, out: Path, size: int) -> int:
     return count
 
 
-def naive_augment(train_dir: Path, out: Path, settings: dict, copies: int, seed: int) -> int:
+def naive_augment(train_dir: Path, out: Path, settings, copies: int, seed: int) -> int:
     """The same albumentations Compose, applied in a plain loop and written with cv2.imwrite."""
     from tumorseg.data.augment import build_augmentation
 
@@ -78,6 +78,21 @@ def _rate(fn, count_fn=None) -> tuple[float, Any]:
     return count / seconds, value
 
 
+def synthetic_pairs(root: Path, count: int, size: int, *, progress: bool = False) -> tuple[Path, Path]:
+    """``count`` synthetic phantom pairs at ``size``² under ``root`` (seed 0): the images and masks folders."""
+    from tumorseg.data.synthetic import write_synthetic_dataset
+
+    write_synthetic_dataset(root, count=count, size=size, seed=0, progress=progress)
+    return root / "images", root / "masks"
+
+
+def prepare_rate(images: Path, masks: Path, out: Path, size: int, workers: int) -> float:
+    """Pairs/s of our prepare stage with ``workers`` processes, writing ``out``."""
+    from tumorseg.data.prepare import prepare_dataset
+
+    return _rate(lambda: prepare_dataset(images, masks, out, size=size, workers=workers, progress=False), lambda report: report.valid_pairs)[0]
+
+
 def _profile_top(fn, limit: int = 10) -> list[dict[str, Any]]:
     """cProfile's top functions by own time: where a pair's time goes."""
     profiler = cProfile.Profile()
@@ -104,15 +119,16 @@ def _same_pixels(a: Path, b: Path) -> float:
     return equal / max(1, len(names))
 
 
-def _median(values: list[float]) -> float:
-    return float(np.median(values))
+def _summarise_rates(rates: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Per side: the median rate, and every repeat's (both rounded to 0.1)."""
+    return {k: round(float(np.median(v)), 1) for k, v in rates.items()}, {k: [round(x, 1) for x in v] for k, v in rates.items()}
 
 
 def codec_options(images: Path, out_size: int, limit: int = 50) -> dict[str, Any]:
     """Two shortcuts checked on the benchmark's own inputs, numbers beside the verdict.
 
     * ``cv2.IMREAD_REDUCED_GRAYSCALE_2`` for an exact 2x downscale: equal to INTER_AREA pixel for
-      pixel? and is it faster? (For PNG OpenCV decodes at full size and then shrinks, so no.)
+      pixel? and is it faster? (verdict: benchmarks/results/README.md, "prepare")
     * PNG compression level: OpenCV's default (no flag) vs explicit levels 0, 1, 3.
     """
     paths = sorted(images.iterdir())[:limit]
@@ -135,7 +151,12 @@ def codec_options(images: Path, out_size: int, limit: int = 50) -> dict[str, Any
         result["reduced_2_equals_area"] = sum(np.array_equal(a, r) for a, r in zip(area, reduced)) / len(area)
         result["reduced_2_max_abs_difference"] = int(max(np.abs(a.astype(int) - r).max() for a, r in zip(area, reduced)))
     encode = {}
-    for label, flags in (("default", []), ("level 0", [cv2.IMWRITE_PNG_COMPRESSION, 0]), ("level 1", [cv2.IMWRITE_PNG_COMPRESSION, 1]), ("level 3", [cv2.IMWRITE_PNG_COMPRESSION, 3])):
+    for label, flags in (
+        ("default", []),
+        ("level 0", [cv2.IMWRITE_PNG_COMPRESSION, 0]),
+        ("level 1", [cv2.IMWRITE_PNG_COMPRESSION, 1]),
+        ("level 3", [cv2.IMWRITE_PNG_COMPRESSION, 3]),
+    ):
         t, encoded = ms(lambda a, flags=flags: cv2.imencode(".png", a, flags)[1], area)
         encode[label] = {"ms": round(t, 3), "kib": round(float(np.mean([len(e) for e in encoded])) / 1024, 1)}
     result["png_encode"] = encode
@@ -150,26 +171,21 @@ def codec_options(images: Path, out_size: int, limit: int = 50) -> dict[str, Any
 def prepare_benchmark(*, quick: bool, count: int | None = None, in_size: int = 512, out_size: int = 256, repeats: int | None = None) -> dict[str, Any]:
     """Our prepare stage (all cores, and one process) vs the naive loop on synthetic 512² pairs."""
     from tumorseg.data.prepare import prepare_dataset
-    from tumorseg.data.synthetic import write_synthetic_dataset
 
     count = count or (120 if quick else 1000)
     repeats = repeats or (1 if quick else 3)
     workers = cores()
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as scratch:
-        root = Path(scratch) / "input"
         started = time.perf_counter()
-        write_synthetic_dataset(root, count=count, size=in_size, seed=0, progress=False)
+        images, masks = synthetic_pairs(Path(scratch) / "input", count, in_size)
         setup_s = time.perf_counter() - started
         log(f"prepare: {count} synthetic {in_size}² pairs written in {setup_s:.1f} s")
-        images, masks = root / "images", root / "masks"
         rates: dict[str, list[float]] = {"naive": [], "ours_all_cores": [], "ours_one_process": []}
         for rep in range(repeats):  # interleaved, so a drift in machine speed hits every side alike
             naive_out = Path(scratch) / f"naive{rep}"
-            rates["naive"].append(_rate(lambda: naive_prepare(images, masks, naive_out, out_size))[0])
+            rates["naive"].append(_rate(lambda naive_out=naive_out: naive_prepare(images, masks, naive_out, out_size))[0])
             for label, n in (("ours_all_cores", workers), ("ours_one_process", 1)):
-                out = Path(scratch) / f"{label}{rep}"
-                rate, _ = _rate(lambda: prepare_dataset(images, masks, out, size=out_size, workers=n, progress=False), lambda r: r.valid_pairs)
-                rates[label].append(rate)
+                rates[label].append(prepare_rate(images, masks, Path(scratch) / f"{label}{rep}", out_size, n))
             log(f"prepare rep {rep + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.0f} pairs/s" for k, v in rates.items()))
         # Correctness beside speed: our resized pixels must equal the naive loop's.
         ours_all = Path(scratch) / "ours_all_cores0"
@@ -183,7 +199,7 @@ def prepare_benchmark(*, quick: bool, count: int | None = None, in_size: int = 5
         profile = _profile_top(lambda: prepare_dataset(images, masks, Path(scratch) / "profiled", size=out_size, workers=1, progress=False))
         codecs = codec_options(images, out_size)
 
-    med = {k: round(_median(v), 1) for k, v in rates.items()}
+    med, every = _summarise_rates(rates)
     return {
         "data": f"{count} synthetic phantom pairs (tumorseg.data.synthetic), {in_size}x{in_size} -> {out_size}x{out_size}",
         "reference": "naive loop: cv2.imread -> cv2.resize (area / nearest) -> cv2.imwrite, one pair at a time, one process",
@@ -191,20 +207,26 @@ def prepare_benchmark(*, quick: bool, count: int | None = None, in_size: int = 5
         "repeats": repeats,
         "setup_seconds": round(setup_s, 1),
         "pairs_per_s": med,
-        "pairs_per_s_all_repeats": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        "pairs_per_s_all_repeats": every,
         "outputs_identical_to_naive": identical,
         "profile_one_process_top": profile,
         "codec_options": codecs,
         "table": {
             "columns": ["", "pairs/s (median)"],
-            "rows": [["naive loop (1 process)", med["naive"]], [f"ours, {workers} processes", med["ours_all_cores"]], ["ours, 1 process", med["ours_one_process"]]],
+            "rows": [
+                ["naive loop (1 process)", med["naive"]],
+                [f"ours, {workers} processes", med["ours_all_cores"]],
+                ["ours, 1 process", med["ours_one_process"]],
+            ],
         },
         "notes": [
             f"our outputs have the same pixels as the naive loop's: images {identical['images']:.0%}, masks {identical['masks']:.0%}",
-            f"per image: PNG decode {codecs['decode_full_ms']} ms at {in_size}², area resize {codecs['resize_area_ms']} ms, PNG encode {codecs['png_encode']['default']['ms']} ms at {out_size}² "
+            f"per image: PNG decode {codecs['decode_full_ms']} ms at {in_size}², area resize {codecs['resize_area_ms']} ms, "
+            f"PNG encode {codecs['png_encode']['default']['ms']} ms at {out_size}² "
             "(both sides pay the decode and encode; ours adds validation, hashing and the split)",
             *(
-                [f"IMREAD_REDUCED_GRAYSCALE_2 equals INTER_AREA on {codecs['reduced_2_equals_area']:.0%} of images (max difference {codecs['reduced_2_max_abs_difference']}) "
+                [f"IMREAD_REDUCED_GRAYSCALE_2 equals INTER_AREA on {codecs['reduced_2_equals_area']:.0%} of images "
+                 f"(max difference {codecs['reduced_2_max_abs_difference']}) "
                  f"but decodes in {codecs['reduced_2_decode_ms']} ms vs {codecs['decode_full_ms']} ms (PNG has no reduced decode): not used"]
                 if "reduced_2_decode_ms" in codecs else []
             ),
@@ -221,29 +243,31 @@ def augment_benchmark(*, quick: bool, count: int | None = None, size: int = 256,
     """Our augment stage vs the same albumentations Compose in a plain loop (params.yaml settings)."""
     from tumorseg.config import Config
     from tumorseg.data.augment import augment_dataset
-    from tumorseg.data.synthetic import write_synthetic_dataset
 
     count = count or (60 if quick else 300)
     repeats = repeats or (1 if quick else 3)
-    settings = Config().augment.model_dump()
+    settings = Config().augment
     with tempfile.TemporaryDirectory(prefix="bench-augment-") as scratch:
         train = Path(scratch) / "train"
-        write_synthetic_dataset(train, count=count, size=size, seed=0, progress=False)
+        synthetic_pairs(train, count, size)
         rates: dict[str, list[float]] = {"naive": [], "ours": []}
         for rep in range(repeats):
-            rates["naive"].append(_rate(lambda: naive_augment(train, Path(scratch) / f"naive{rep}", settings, copies, 42))[0])
+            rates["naive"].append(_rate(lambda rep=rep: naive_augment(train, Path(scratch) / f"naive{rep}", settings, copies, 42))[0])
             rates["ours"].append(
-                _rate(lambda: augment_dataset(train, Path(scratch) / f"ours{rep}", settings=settings, copies_per_image=copies, seed=42, progress=False), lambda r: r.augmented_pairs)[0]
+                _rate(
+                    lambda rep=rep: augment_dataset(train, Path(scratch) / f"ours{rep}", settings=settings, copies_per_image=copies, seed=42, progress=False),
+                    lambda r: r.augmented_pairs,
+                )[0]
             )
             log(f"augment rep {rep + 1}/{repeats}: " + ", ".join(f"{k} {v[-1]:.0f} pairs/s" for k, v in rates.items()))
         profile = _profile_top(lambda: augment_dataset(train, Path(scratch) / "profiled", settings=settings, copies_per_image=copies, seed=42, progress=False))
-    med = {k: round(_median(v), 1) for k, v in rates.items()}
+    med, every = _summarise_rates(rates)
     return {
         "data": f"{count} synthetic phantom pairs at {size}x{size}, {copies} augmented copies each (params.yaml augment settings)",
         "reference": "naive loop: cv2.imread -> the same albumentations Compose -> cv2.imwrite, one pair at a time, one process",
         "repeats": repeats,
         "augmented_pairs_per_s": med,
-        "augmented_pairs_per_s_all_repeats": {k: [round(x, 1) for x in v] for k, v in rates.items()},
+        "augmented_pairs_per_s_all_repeats": every,
         "profile_top": profile,
         "table": {"columns": ["", "augmented pairs/s (median)"], "rows": [["naive loop (1 process)", med["naive"]], ["ours", med["ours"]]]},
         "ratios": [ratio("augment, ours / naive loop", med["ours"] / med["naive"], target=AUGMENT_TARGET)],

@@ -12,33 +12,23 @@ the practical peak for convolutions lowered to matrix products.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from common import PROJECT_ROOT, cores, env_for_subprocess, log, ratio
+from common import RESULTS_DIR, cores, log, ratio, timings_ms, untrained_params
 
 NAIVE_TARGET = 2.0
-LATENCY_SCRIPT = PROJECT_ROOT / "benchmarks" / "inference_latency.py"
 
 
 def matmul_gflops(n: int, repeats: int = 5) -> dict[str, Any]:
     """float32 ``n x n`` matmul GFLOP/s (median of ``repeats`` after one warm-up)."""
-    import numpy as np
     import tensorflow as tf
 
     a = tf.random.normal((n, n), dtype=tf.float32, seed=1)
     b = tf.random.normal((n, n), dtype=tf.float32, seed=2)
     step = tf.function(lambda: tf.linalg.matmul(a, b)[0, 0])  # a scalar back: no 16 MB copy timed
-    step().numpy()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step().numpy()
-        samples.append(time.perf_counter() - started)
-    seconds = float(np.median(samples))
+    seconds = timings_ms(lambda: step().numpy(), warmup=1, repeats=repeats)["median_ms"] / 1000.0
     return {"n": n, "seconds": round(seconds, 4), "gflops": round(2 * n**3 / seconds / 1e9, 1)}
 
 
@@ -83,19 +73,18 @@ def measure_model(model, *, n_images: int, repeats: int) -> dict[str, float]:
     return {label: round(_images_per_s(fn, n_images, repeats), 2) for label, fn in paths.items()}
 
 
-def _latency_script(quick: bool, out: Path) -> dict[str, Any]:
-    """Run benchmarks/inference_latency.py (Keras vs TFLite vs ONNX Runtime) and merge its result.
+def _latency_results(path: Path) -> dict[str, Any]:
+    """Merge the result of the ``inference_latency`` benchmark (Keras vs TFLite vs ONNX Runtime),
+    which ``benchmarks/run.py`` runs as its own benchmark: measuring it here again would only
+    duplicate it (and the old subprocess call passed an option the script does not have).
 
     It measures runtimes this module does not (exported TFLite/ONNX files); this module adds the
     compiled-function and Predictor paths and the share of the machine's matmul peak.
     """
-    command = [sys.executable, str(LATENCY_SCRIPT), "--out", str(out)] + (["--quick"] if quick else ["--repeats", "6", "--warmup", "2"])
-    log(f"inference: running {' '.join(command[1:])}")
-    result = subprocess.run(command, capture_output=True, text=True, env=env_for_subprocess(), cwd=PROJECT_ROOT, timeout=1800)
-    if result.returncode != 0 or not out.exists():
-        return {"command": " ".join(command[1:]), "exit_code": result.returncode, "stderr_tail": result.stderr[-2000:]}
-    latency = json.loads(out.read_text())
-    return {"command": " ".join(command[1:]), "exit_code": 0, "file": out.name, "size": latency.get("size"), "repeats": latency.get("repeats"), "rows": latency["rows"]}
+    if not path.is_file():
+        return {"file": path.name, "missing": True, "how": "python benchmarks/run.py inference_latency"}
+    latency = json.loads(path.read_text())
+    return {"file": path.name, "size": latency.get("size"), "repeats": latency.get("repeats"), "rows": latency["rows"]}
 
 
 def _latency_ratios(merged: dict[str, Any]) -> list[dict[str, Any]]:
@@ -108,17 +97,32 @@ def _latency_ratios(merged: dict[str, Any]) -> list[dict[str, Any]]:
         exported = {k: v for k, v in mine.items() if k.startswith(("TFLite", "ONNX"))}
         if keras_ms and exported:
             best = min(exported, key=exported.get)
-            out.append(ratio(f"latency {merged.get('size')}², {model}: Keras predict_on_batch ms / {best} ms, batch 1 (>1 = exported faster)", keras_ms / exported[best]))
+            out.append(
+                ratio(
+                    f"latency {merged.get('size')}², {model}: Keras predict_on_batch ms / {best} ms, batch 1 (>1 = exported faster)",
+                    keras_ms / exported[best],
+                )
+            )
     return out
 
 
-def inference_benchmark(*, quick: bool, size: int | None = None, n_images: int | None = None, repeats: int | None = None, models: dict[str, dict] | None = None, matmul_n: int | None = None, latency_script: bool = True, results: Path | None = None) -> dict[str, Any]:
+def inference_benchmark(
+    *,
+    quick: bool,
+    size: int | None = None,
+    n_images: int | None = None,
+    repeats: int | None = None,
+    models: dict[str, dict] | None = None,
+    matmul_n: int | None = None,
+    latency_script: bool = True,
+    results: Path | None = None,
+) -> dict[str, Any]:
     """``results``: where inference_latency.py writes its own JSON (default benchmarks/results)."""
     import keras
 
     from tumorseg.config import Config
     from tumorseg.models import build_model, count_flops
-    from tumorseg.training import configure_runtime
+    from tumorseg.runtime import configure_runtime
 
     cfg = Config()
     size = size or (128 if quick else 256)
@@ -132,16 +136,24 @@ def inference_benchmark(*, quick: bool, size: int | None = None, n_images: int |
 
     rows, ratios = [], []
     for name, overrides in models.items():
-        params = getattr(cfg.models, name).model_dump() | ({"encoder_weights": "none"} if name == "umobilenetv2" else {}) | overrides
         keras.backend.clear_session()
-        model = build_model(name, (size, size, 1), **params)
+        model = build_model(name, (size, size, 1), **untrained_params(name, overrides, cfg=cfg))
         flops = count_flops(model)
         log(f"inference: {name} at {size}², {n_images} images x {repeats} repeats per path")
         rates = measure_model(model, n_images=n_images, repeats=repeats)
         naive = rates["naive model.predict per image"]
         for label, rate in rates.items():
             gflops = flops * rate / 1e9
-            rows.append({"model": name, "path": label, "images_per_s": rate, "speedup_vs_naive": round(rate / naive, 2), "achieved_gflops": float(f"{gflops:.4g}"), "percent_of_matmul_peak": float(f"{100 * gflops / peak['gflops']:.3g}")})
+            rows.append(
+                {
+                    "model": name,
+                    "path": label,
+                    "images_per_s": rate,
+                    "speedup_vs_naive": round(rate / naive, 2),
+                    "achieved_gflops": float(f"{gflops:.4g}"),
+                    "percent_of_matmul_peak": float(f"{100 * gflops / peak['gflops']:.3g}"),
+                }
+            )
         best_b1 = max(rates["tf.function forward, batch 1"], rates["predict_on_batch, batch 1"])
         best_b8 = max(rates["tf.function forward, batch 8"], rates["predict_on_batch, batch 8"])
         ratios.append(ratio(f"inference {size}², {name}: best batch-1 path / naive predict loop", best_b1 / naive, target=NAIVE_TARGET))
@@ -165,8 +177,8 @@ def inference_benchmark(*, quick: bool, size: int | None = None, n_images: int |
         "ratios": ratios,
         "notes": [f"hardware peak = float32 {peak['n']}x{peak['n']} tf.linalg.matmul: {peak['gflops']} GFLOP/s on {cores()} cores"],
     }
-    if latency_script and LATENCY_SCRIPT.exists():
-        merged = _latency_script(quick, (results or PROJECT_ROOT / "benchmarks" / "results") / "inference_latency.json")
+    if latency_script:
+        merged = _latency_results((results or RESULTS_DIR) / "inference_latency.json")
         body["latency_script"] = merged
         body["ratios"] += _latency_ratios(merged)
         if merged.get("rows"):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import cores, env_for_subprocess, log, ratio
+from common import cores, env_for_subprocess, log, ratio, untrained_params
 
 
 def _phantoms(count: int, size: int, seed: int):
@@ -50,14 +50,25 @@ def _epoch_seconds(model, dataset, epochs: int) -> list[float]:
     return times[1:]  # the first epoch traces the graph: warm-up
 
 
-def input_pipeline_benchmark(*, quick: bool, size: int | None = None, count: int | None = None, epochs: int | None = None, model: str = "umobilenetv2", overrides: dict | None = None, thread_sweep: bool = True) -> dict[str, Any]:
+def input_pipeline_benchmark(
+    *,
+    quick: bool,
+    size: int | None = None,
+    count: int | None = None,
+    epochs: int | None = None,
+    model: str = "umobilenetv2",
+    overrides: dict | None = None,
+    thread_sweep: bool = True,
+) -> dict[str, Any]:
     import keras
     import numpy as np
 
     from tumorseg.config import Config
     from tumorseg.data.augment import build_augmentation
+    from tumorseg.data.pairs import make_dataset
     from tumorseg.models import build_model
-    from tumorseg.training import compile_for_training, configure_runtime, make_dataset
+    from tumorseg.runtime import configure_runtime
+    from tumorseg.training import compile_for_training
 
     cfg = Config()
     size = size or (64 if quick else 128)
@@ -66,17 +77,16 @@ def input_pipeline_benchmark(*, quick: bool, size: int | None = None, count: int
     batch = cfg.batch_size
     configure_runtime(seed=cfg.seed, threads=cfg.train.threads, deterministic=cfg.train.deterministic)
     images, masks = _phantoms(count, size, cfg.seed)
-    params = getattr(cfg.models, model).model_dump() | ({"encoder_weights": "none"} if model == "umobilenetv2" else {}) | (overrides or {})
-    net = build_model(model, (size, size, 1), **params)
+    net = build_model(model, (size, size, 1), **untrained_params(model, overrides, cfg=cfg))
     steps = -(-count // batch)
-    compile_for_training(net, train_params=cfg.train.model_dump(), loss_params=cfg.loss.model_dump(), learning_rate=cfg.lr, steps_per_epoch=steps, stop_epoch=epochs)
+    compile_for_training(net, train=cfg.train, loss=cfg.loss, learning_rate=cfg.lr, steps_per_epoch=steps, stop_epoch=epochs)
 
     # Warm up first: the model's first epochs ever (graph tracing, oneDNN kernel selection, memory
     # pools) are slow whatever feeds them, and would be charged to whichever input is timed first.
     net.fit(make_dataset(images, masks, batch_size=batch, shuffle=False, seed=cfg.seed).cache(), epochs=2, verbose=0)
     results: dict[str, list[float]] = {}
     for online in (False, True):
-        augment = build_augmentation(cfg.augment.model_dump(), cfg.seed) if online else None
+        augment = build_augmentation(cfg.augment, cfg.seed) if online else None
         real = make_dataset(images, masks, batch_size=batch, shuffle=True, seed=cfg.seed, augment=augment)
         cached = make_dataset(images, masks, batch_size=batch, shuffle=True, seed=cfg.seed, augment=augment).cache()
         for _ in cached:  # fill the cache (untimed)
@@ -98,7 +108,9 @@ def input_pipeline_benchmark(*, quick: bool, size: int | None = None, count: int
     sweep = thread_sweep_ms(size, quick) if thread_sweep and cores() > 1 else None
     notes = []
     if sweep:
-        ratios.append(ratio(f"train step {size}², {model}: ms/step with 1 intra-op thread / with {cores()}", sweep["1"]["median_ms"] / sweep[str(cores())]["median_ms"]))
+        ratios.append(
+            ratio(f"train step {size}², {model}: ms/step with 1 intra-op thread / with {cores()}", sweep["1"]["median_ms"] / sweep[str(cores())]["median_ms"])
+        )
     else:
         notes.append("thread sweep skipped (one core, or thread_sweep=False)")
     return {
@@ -133,9 +145,8 @@ def thread_sweep_ms(size: int, quick: bool) -> dict[str, Any]:
 
 def _threads_child(threads: int, size: int, steps: int) -> dict[str, Any]:
     from bench_train_step import ours
-
     from tumorseg.config import Config
-    from tumorseg.training import configure_runtime
+    from tumorseg.runtime import configure_runtime
 
     cfg = Config()
     configure_runtime(seed=cfg.seed, threads=threads, deterministic=cfg.train.deterministic)

@@ -49,7 +49,8 @@ child = subprocess.Popen(command)
 _, status, usage = os.wait4(child.pid, 0)
 child.returncode = os.waitstatus_to_exitcode(status)
 with open("rss.jsonl", "a") as handle:
-    handle.write(json.dumps({"stage": name, "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "seconds": round(time.perf_counter() - started, 2), "exit_code": child.returncode}) + "\\n")
+    seconds = round(time.perf_counter() - started, 2)
+    handle.write(json.dumps({"stage": name, "peak_rss_mib": round(usage.ru_maxrss / 1024, 1), "seconds": seconds, "exit_code": child.returncode}) + "\\n")
 sys.exit(child.returncode)
 '''
 
@@ -143,7 +144,11 @@ def pipeline_benchmark(*, quick: bool, noop_repeats: int | None = None, profile:
         "table": {"columns": ["stage", "peak RSS (MiB)", "seconds"], "rows": [[s["stage"], s["peak_rss_mib"], s["seconds"]] for s in stages]},
         "ratios": [
             ratio("dvc repro no-op / first repro (tiny project), time", noop_s / first_s, higher_is_better=False),
-            ratio(f"largest stage peak RSS ({peak['stage']}) / TensorFlow import floor", peak["peak_rss_mib"] / floors["python + tensorflow + keras"], higher_is_better=False),
+            ratio(
+                f"largest stage peak RSS ({peak['stage']}) / TensorFlow import floor",
+                peak["peak_rss_mib"] / floors["python + tensorflow + keras"],
+                higher_is_better=False,
+            ),
         ],
         "notes": [
             f"no-op `dvc repro`: {noop_s:.1f} s median of {noop_repeats} ({files} workspace files); first repro {first_s:.0f} s",

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from common import PROJECT_ROOT, cores, env_for_subprocess, log, ratio, timings_ms
+from common import PROJECT_ROOT, cores, env_for_subprocess, log, ratio, timings_ms, untrained_params
 
 PEER_VENV = PROJECT_ROOT / "benchmarks" / ".venv-peer"
 PEER_SCRIPT = Path(__file__).resolve().parent / "peer_train_step.py"
@@ -62,7 +62,18 @@ def ensure_peer_venv(venv: Path = PEER_VENV) -> Path:
     return python
 
 
-def run_peer(sizes: list[int], warmups: list[int], steps: list[int], *, batch: int, threads: int, deterministic: bool, seed: int, lr: float, venv: Path = PEER_VENV) -> dict[str, Any]:
+def run_peer(
+    sizes: list[int],
+    warmups: list[int],
+    steps: list[int],
+    *,
+    batch: int,
+    threads: int,
+    deterministic: bool,
+    seed: int,
+    lr: float,
+    venv: Path = PEER_VENV,
+) -> dict[str, Any]:
     python = ensure_peer_venv(venv)
     command = [
         str(python), str(PEER_SCRIPT), "--sizes", *map(str, sizes), "--warmup", *map(str, warmups), "--steps", *map(str, steps),
@@ -84,10 +95,9 @@ def ours(name: str, size: int, *, batch: int, warmup: int, steps: int, overrides
     from tumorseg.training import compile_for_training
 
     cfg = Config()
-    params = getattr(cfg.models, name).model_dump() | ({"encoder_weights": "none"} if name == "umobilenetv2" else {}) | (overrides or {})
     keras.backend.clear_session()
-    model = build_model(name, (size, size, 1), **params)
-    compile_for_training(model, train_params=cfg.train.model_dump(), loss_params=cfg.loss.model_dump(), learning_rate=cfg.lr * cfg.train.lr_scale, steps_per_epoch=100, stop_epoch=cfg.epochs)
+    model = build_model(name, (size, size, 1), **untrained_params(name, overrides, cfg=cfg))
+    compile_for_training(model, train=cfg.train, loss=cfg.loss, learning_rate=cfg.lr * cfg.train.lr_scale, steps_per_epoch=100, stop_epoch=cfg.epochs)
     rng = np.random.default_rng(cfg.seed)
     x = rng.uniform(0, 255, (batch, size, size, 1)).astype("float32")
     y = (rng.random((batch, size, size, 1)) > 0.98).astype("float32")
@@ -108,7 +118,7 @@ def train_step_benchmark(
 ) -> dict[str, Any]:
     """``models`` maps our model names to parameter overrides (tests use tiny models)."""
     from tumorseg.config import Config
-    from tumorseg.training import configure_runtime
+    from tumorseg.runtime import configure_runtime
 
     cfg = Config()
     sizes = sizes or ([128] if quick else [128, 256])
@@ -127,7 +137,9 @@ def train_step_benchmark(
     notes = []
     if peer:
         log("train_step: the peer (segmentation-models Unet mobilenetv2) in its own venv")
-        peer_info = run_peer(sizes, warmup, steps, batch=batch, threads=threads, deterministic=cfg.train.deterministic, seed=cfg.seed, lr=cfg.lr, venv=peer_venv)
+        peer_info = run_peer(
+            sizes, warmup, steps, batch=batch, threads=threads, deterministic=cfg.train.deterministic, seed=cfg.seed, lr=cfg.lr, venv=peer_venv
+        )
         rows += [{"model": "sm.Unet(mobilenetv2)", "side": "peer", **row} for row in peer_info["rows"]]
     else:
         notes.append("peer not run (peer=False)")
@@ -141,11 +153,25 @@ def train_step_benchmark(
             continue
         for row in rows:
             if row["side"] == "ours" and row["size"] == size:
-                ratios.append(ratio(f"train step {size}², {row['model']} / sm.Unet(mobilenetv2), ms/step (<1 = ours faster)", row["median_ms"] / reference["median_ms"], higher_is_better=False))
-                ratios.append(ratio(f"train step {size}², {row['model']} / peer, ms/step per M params", row["ms_per_step_per_million_params"] / reference["ms_per_step_per_million_params"], higher_is_better=False))
+                ratios.append(
+                    ratio(
+                        f"train step {size}², {row['model']} / sm.Unet(mobilenetv2), ms/step (<1 = ours faster)",
+                        row["median_ms"] / reference["median_ms"],
+                        higher_is_better=False,
+                    )
+                )
+                ratios.append(
+                    ratio(
+                        f"train step {size}², {row['model']} / peer, ms/step per M params",
+                        row["ms_per_step_per_million_params"] / reference["ms_per_step_per_million_params"],
+                        higher_is_better=False,
+                    )
+                )
     return {
-        "reference": "segmentation-models Unet('mobilenetv2', encoder_weights=None), loss bce_dice_loss (BCE + Dice), metrics IoU/F1/precision/recall, Adam, tf-keras in benchmarks/.venv-peer",
-        "ours_compiled_as": "tumorseg.training.compile_for_training with Config() defaults: loss BCE + Dice + Tversky, metrics dice/iou/precision/recall/specificity/accuracy/tversky, Adam",
+        "reference": "segmentation-models Unet('mobilenetv2', encoder_weights=None), loss bce_dice_loss (BCE + Dice), "
+        "metrics IoU/F1/precision/recall, Adam, tf-keras in benchmarks/.venv-peer",
+        "ours_compiled_as": "tumorseg.training.compile_for_training with Config() defaults: loss BCE + Dice + Tversky, "
+        "metrics dice/iou/precision/recall/specificity/accuracy/tversky, Adam",
         "batch": batch,
         "threads": {"intra_op": threads, "inter_op": 2, "deterministic_ops": cfg.train.deterministic, "jit_compile": cfg.train.jit_compile},
         "input": "random float32 images in [0, 255] and random 0/1 masks (step time does not depend on content)",

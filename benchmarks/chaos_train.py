@@ -54,7 +54,9 @@ from pathlib import Path
 
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PROJECT_ROOT, RESULTS_DIR, env_for_subprocess  # noqa: E402
+
 MODEL = "unet"
 EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+)")
 PER_EPOCH_METRICS = ("loss", "dice", "val_loss", "val_dice", "lr", "epoch_seconds")
@@ -69,7 +71,7 @@ def make_project(root: Path, *, epochs: int, size: int, count: int) -> None:
     """Synthetic data, prepared splits and a params.yaml for a tiny, fast U-Net."""
     from tumorseg.config import load_config
     from tumorseg.data.synthetic import write_synthetic_dataset
-    from tumorseg.pipeline import prepare_step
+    from tumorseg.pipeline.prepare import prepare_step
 
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params.update(profile="full", epochs=epochs, image_size=size, batch_size=8, lr=1e-3)
@@ -82,15 +84,35 @@ def make_project(root: Path, *, epochs: int, size: int, count: int) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     write_synthetic_dataset(root / "raw", count=count, size=size, seed=0, progress=False)
     record = {"data_source": "synthetic", "data_origin": "chaos_train", "data_hash": "0" * 64}
-    prepare_step(load_config(root / "params.yaml"), root / "raw" / "images", root / "raw" / "masks", root / "data" / "prepared", progress=False, report_extra=record)
+    prepare_step(
+        load_config(root / "params.yaml"),
+        root / "raw" / "images",
+        root / "raw" / "masks",
+        root / "data" / "prepared",
+        progress=False,
+        report_extra=record,
+    )
 
 
 def train_command(root: Path) -> list[str]:
-    return [sys.executable, str(PROJECT_ROOT / "stages" / "train.py"), "--model", MODEL, "--params", str(root / "params.yaml"), "--prepared", str(root / "data" / "prepared"), "--augmented", str(root / "no-augmented")]
+    return [
+        sys.executable,
+        str(PROJECT_ROOT / "stages" / "train.py"),
+        "--model", MODEL,
+        "--params", str(root / "params.yaml"),
+        "--prepared", str(root / "data" / "prepared"),
+        "--augmented", str(root / "no-augmented"),
+    ]  # fmt: skip
 
 
 def train_env(root: Path) -> dict[str, str]:
-    return dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", CI="true", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", TUMORSEG_PROGRESS="0")
+    return env_for_subprocess(
+        MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}",
+        CI="true",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONUNBUFFERED="1",
+        TUMORSEG_PROGRESS="0",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,7 +127,9 @@ class Attempt:
         self.root, self.started = root, time.monotonic()
         self.epoch_started: dict[int, float] = {}
         self.log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in wait()
-        self.process = subprocess.Popen(train_command(root), cwd=root, env=train_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.process = subprocess.Popen(
+            train_command(root), cwd=root, env=train_env(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -347,14 +371,16 @@ def uninterrupted_reference(root: Path, *, timeout: float) -> Path:
 
 def history_values(root: Path) -> dict[int, dict[str, float]]:
     with open(root / "metrics" / f"history_{MODEL}.csv", newline="") as handle:
-        return {int(row["epoch"]): {k: float(v) for k, v in row.items() if k not in ("epoch", "epoch_seconds", "ms_per_step")} for row in csv.DictReader(handle)}
+        return {
+            int(row["epoch"]): {k: float(v) for k, v in row.items() if k not in ("epoch", "epoch_seconds", "ms_per_step")}
+            for row in csv.DictReader(handle)
+        }
 
 
 def compare_with_reference(root: Path, reference: Path) -> dict[str, object]:
     """How far the killed-and-resumed run is from the uninterrupted one (0.0 = identical)."""
-    import numpy as np
-
     import keras
+    import numpy as np
 
     import tumorseg.models  # noqa: F401 - registers the custom layers
 
@@ -443,7 +469,11 @@ def chaos(root: Path, *, kills: int, seed: int, epochs: int, attempt_timeout: fl
             record["checks"] = check
             kill_records.append(record)
             attempts.append(record)
-            print(f"kill {len(kill_records)}/{kills}: {record['phase']} at {wall:.1f} s; committed {done_before} -> {after}; checks {'passed' if check['passed'] else 'FAILED: ' + '; '.join(check['failures'])}", flush=True)
+            print(
+                f"kill {len(kill_records)}/{kills}: {record['phase']} at {wall:.1f} s; committed {done_before} -> {after}; "
+                f"checks {'passed' if check['passed'] else 'FAILED: ' + '; '.join(check['failures'])}",
+                flush=True,
+            )
             if not state_dir(root).exists() and (root / "metrics" / f"train_{MODEL}.json").exists():
                 record["phase"] = "after the stage finished its work (outputs complete)"
                 completed = True
@@ -506,7 +536,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=48, help="synthetic pairs")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--attempt-timeout", type=float, default=900.0)
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "benchmarks" / "results" / "chaos_train.json")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "chaos_train.json")
     args = parser.parse_args()
     if args.kills < 0 or args.epochs < 2 or args.size % 32:
         parser.error("--kills must be >= 0, --epochs >= 2, --size divisible by 32")
@@ -524,7 +554,8 @@ def main() -> int:
     failures = [f for r in summary["kills"] for f in r["checks"]["failures"]] + summary["final"]["failures"]
     print(json.dumps({k: summary[k] for k in ("kills_done", "attempts", "epochs_redone", "checks_passed", "wall_s")}))
     if failures or not summary["checks_passed"]:
-        print("FAILED:\n  " + "\n  ".join(failures or [f"kills done {summary['kills_done']} of {summary['kills_requested']}, epochs redone {summary['epochs_redone']}"]), file=sys.stderr)
+        failures = failures or [f"kills done {summary['kills_done']} of {summary['kills_requested']}, epochs redone {summary['epochs_redone']}"]
+        print("FAILED:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     print(f"passed: {summary['kills_done']} kills, {summary['attempts']} attempts, 0 epochs redone -> {args.out}")
     return 0

@@ -7,6 +7,7 @@ a number taken on a busy machine can never pass for a quiet-machine result.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import statistics
@@ -25,6 +26,11 @@ RESULTS_DIR = PROJECT_ROOT / "benchmarks" / "results"
 QUIET_LOAD_FRACTION = 0.5
 # Other processes using more than this fraction of all cores during a benchmark make it invalid.
 QUIET_FOREIGN_FRACTION = 0.10
+# Environment every benchmark process and child gets unless the caller set it: no TensorFlow info
+# logs, no albumentations update check, no DVC/MLflow telemetry.
+QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "NO_ALBUMENTATIONS_UPDATE": "1", "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+# ``python -c TUMORSEG_CLI ARGS...`` runs ``tumorseg ARGS...`` with this interpreter (no console script needed).
+TUMORSEG_CLI = "import sys; from tumorseg.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def cores() -> int:
@@ -52,7 +58,7 @@ class ForeignCpu:
     the benchmark itself (which keeps every core busy), so it tells a quiet run from a contended one.
     """
 
-    def __enter__(self) -> "ForeignCpu":
+    def __enter__(self) -> ForeignCpu:
         self.fraction: float | None = None
         self._start = self._sample()
         return self
@@ -156,7 +162,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": {name: v for name in packages if (v := _version(name))},
         "load_avg_start": load,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git": git_commit(),
     }
 
@@ -192,7 +198,15 @@ def ratio(what: str, value: float, *, target: float | None = None, higher_is_bet
     return row
 
 
-def result_payload(name: str, *, quick: bool, started: float, load_start: list[float], body: dict[str, Any], foreign: ForeignCpu | None = None) -> dict[str, Any]:
+def result_payload(
+    name: str,
+    *,
+    quick: bool,
+    started: float,
+    load_start: list[float],
+    body: dict[str, Any],
+    foreign: ForeignCpu | None = None,
+) -> dict[str, Any]:
     """The result file's content. Quiet = nothing else ran: by :class:`ForeignCpu` when given
     (precise), else by the load average at the start and end (lags, and counts the benchmark)."""
     load_end = load_average()
@@ -225,13 +239,46 @@ def not_quiet_note(load_start: float, load_end: float, foreign: ForeignCpu | Non
 
 def env_for_subprocess(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    env.setdefault("DVC_NO_ANALYTICS", "1")
-    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for key, value in QUIET_ENV.items():
+        env.setdefault(key, value)
     env.update(extra)
     return env
 
 
-def log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+def quiet_environment() -> None:
+    """:data:`QUIET_ENV` for this process (call before TensorFlow or albumentations is imported)."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def cli_command(*args: str) -> list[str]:
+    """``tumorseg ARGS...`` as a command line for this interpreter."""
+    return [sys.executable, "-c", TUMORSEG_CLI, *args]
+
+
+def untrained_params(name: str, overrides: dict[str, Any] | None = None, *, cfg: Any = None) -> dict[str, Any]:
+    """``name``'s model parameters from ``cfg`` (default: ``Config()``) for an untrained benchmark
+    model: UMobileNetV2 without its ImageNet encoder (nothing downloaded; speed does not depend on
+    the weights), then ``overrides`` (tests use tiny models)."""
+    if cfg is None:
+        from tumorseg.config import Config
+
+        cfg = Config()
+    untrained = {"encoder_weights": "none"} if name == "umobilenetv2" else {}
+    return getattr(cfg.models, name).model_dump() | untrained | (overrides or {})
+
+
+def save_model_in_subprocess(path: Path, name: str, size: int, params: dict[str, Any] | None = None, *, env: dict[str, str] | None = None) -> Path:
+    """Build ``name`` at ``size`` x ``size`` (untrained) and save it to ``path`` in a fresh process,
+    so that TensorFlow is never imported into the measuring one."""
+    script = (
+        "import json, sys; from tumorseg.models import build_model; "
+        "build_model(sys.argv[2], (int(sys.argv[3]), int(sys.argv[3]), 1), **json.loads(sys.argv[4])).save(sys.argv[1])"
+    )
+    command = [sys.executable, "-c", script, str(path), name, str(size), json.dumps(params or {})]
+    subprocess.run(command, env=env or env_for_subprocess(), check=True, capture_output=True, timeout=600)
+    return path
+
+
+def log(message: str, *, who: str = "bench") -> None:
+    print(f"[{who} {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -39,9 +39,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, ForeignCpu, env_for_subprocess, log, machine_info  # noqa: E402
+from common import RESULTS_DIR, ForeignCpu, cli_command, env_for_subprocess, log, machine_info, save_model_in_subprocess  # noqa: E402
 
-TIMEOUT_S = 300  # per command; the unprotected decode of the BMP bomb took 16 s
+TIMEOUT_S = 300  # per command (why this much: benchmarks/results/README.md, "decode_peak_rss")
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,14 +98,26 @@ def jpeg_declaring(width: int, height: int) -> bytes:
 CASES: dict[str, tuple[str, str, Any]] = {
     "rle_bmp": ("bomb.bmp", "RLE8 BMP declaring 20000x20000 (1 KB)", lambda: rle_bmp(20_000, 20_000)),
     "rgba16_png_62mp": ("rgba16.png", "16-bit RGBA PNG of zeros, 7900x7900 = 62 MP (under prepare's 64 MP)", lambda: png_of_zeros(7900, 7900)),
-    "rgba16_png_39mp": ("rgba16.png", "16-bit RGBA PNG of zeros, 6300x6300 = 39.7 MP (under predict's 40 MP, over the decode budget)", lambda: png_of_zeros(6300, 6300)),
+    "rgba16_png_39mp": (
+        "rgba16.png",
+        "16-bit RGBA PNG of zeros, 6300x6300 = 39.7 MP (under predict's 40 MP, over the decode budget)",
+        lambda: png_of_zeros(6300, 6300),
+    ),
     "rgba16_png_21mp": ("rgba16.png", "16-bit RGBA PNG of zeros, 4600x4600 = 21 MP (inside the decode budget)", lambda: png_of_zeros(4600, 4600)),
-    "png_header_3600mp": ("huge.png", "8-bit PNG header declaring 60000x60000, 10 rows of data", lambda: png_of_zeros(60_000, 60_000, bit_depth=8, colour_type=0, rows=10)),
+    "png_header_3600mp": (
+        "huge.png",
+        "8-bit PNG header declaring 60000x60000, 10 rows of data",
+        lambda: png_of_zeros(60_000, 60_000, bit_depth=8, colour_type=0, rows=10),
+    ),
     "tiff_header_81mp": ("big.tif", "8-bit TIFF header declaring 9000x9000, 16 bytes of data", lambda: tiff_header(9_000, 9_000)),
     "tiff_header_10gp": ("huge.tif", "8-bit TIFF header declaring 100000x100000", lambda: tiff_header(100_000, 100_000)),
     "jpeg_header_81mp": ("big.jpg", "16x16 JPEG with SOF0 patched to 9000x9000", lambda: jpeg_declaring(9_000, 9_000)),
     "jpeg_header_3600mp": ("huge.jpg", "16x16 JPEG with SOF0 patched to 60000x60000", lambda: jpeg_declaring(60_000, 60_000)),
-    "deflate_bomb_64mp": ("zeros.png", "8-bit gray PNG of zeros, 7999x7999 = 64 MP (deflate ~1000:1)", lambda: png_of_zeros(7999, 7999, bit_depth=8, colour_type=0)),
+    "deflate_bomb_64mp": (
+        "zeros.png",
+        "8-bit gray PNG of zeros, 7999x7999 = 64 MP (deflate ~1000:1)",
+        lambda: png_of_zeros(7999, 7999, bit_depth=8, colour_type=0),
+    ),
 }
 
 # --------------------------------------------------------------------------------------------
@@ -130,8 +142,6 @@ except InputImageError as exc:
 seconds = time.perf_counter() - started
 print(json.dumps({"outcome": outcome, "seconds": seconds, "baseline_kib": baseline}))
 """
-
-CLI = "import sys; from tumorseg.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def measure(command: list[str], cwd: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -225,12 +235,24 @@ def run_case(case: str, work: Path, env: dict[str, str], model: Path, baselines:
     (folder / "predict" / name).write_bytes(data)
     (folder / "predict" / "good.png").write_bytes((folder / "images" / "1.png").read_bytes())
     (folder / "masks" / f"{Path(name).stem}.png").write_bytes((folder / "masks" / "1.png").read_bytes())
-    cli = [sys.executable, "-c", CLI]
     rows = [run_gate(case, folder / "images" / name, env, work)]
-    prepare = measure(_with_timeout([*cli, "prepare", "--images", str(folder / "images"), "--masks", str(folder / "masks"), "--out", str(folder / "prepared"), "--size", "32", "--mask-suffix", ""]), work, env)
+    prepare = measure(
+        _with_timeout(
+            cli_command(
+                "prepare",
+                "--images", str(folder / "images"),
+                "--masks", str(folder / "masks"),
+                "--out", str(folder / "prepared"),
+                "--size", "32",
+                "--mask-suffix", "",
+            )  # fmt: skip
+        ),
+        work,
+        env,
+    )
     base = baselines["prepare"]
     rows.append(_row(case, "prepare", prepare, base["peak_rss_mib"], base["seconds"], _prepare_outcome(folder / "prepared", name, prepare)))
-    predict = measure(_with_timeout([*cli, "predict", str(folder / "predict"), "--model", str(model), "--out", str(folder / "predicted")]), work, env)
+    predict = measure(_with_timeout(cli_command("predict", str(folder / "predict"), "--model", str(model), "--out", str(folder / "predicted"))), work, env)
     base = baselines["predict"]
     rows.append(_row(case, "predict", predict, base["peak_rss_mib"], base["seconds"], _predict_outcome(folder / "predicted", name, predict)))
     shutil.rmtree(folder, ignore_errors=True)
@@ -258,9 +280,19 @@ def measure_baselines(work: Path, env: dict[str, str], model: Path) -> dict[str,
         (folder / kind).mkdir(parents=True, exist_ok=True)
     _valid_pairs(folder)
     (folder / "predict" / "good.png").write_bytes((folder / "images" / "1.png").read_bytes())
-    cli = [sys.executable, "-c", CLI]
-    prepare = measure([*cli, "prepare", "--images", str(folder / "images"), "--masks", str(folder / "masks"), "--out", str(folder / "prepared"), "--size", "32", "--mask-suffix", ""], work, env)
-    predict = measure([*cli, "predict", str(folder / "predict"), "--model", str(model), "--out", str(folder / "predicted")], work, env)
+    prepare = measure(
+        cli_command(
+            "prepare",
+            "--images", str(folder / "images"),
+            "--masks", str(folder / "masks"),
+            "--out", str(folder / "prepared"),
+            "--size", "32",
+            "--mask-suffix", "",
+        ),  # fmt: skip
+        work,
+        env,
+    )
+    predict = measure(cli_command("predict", str(folder / "predict"), "--model", str(model), "--out", str(folder / "predicted")), work, env)
     for what, result in (("prepare", prepare), ("predict", predict)):
         if result["exit_code"] != 0:
             raise RuntimeError(f"the baseline {what} failed:\n{result['output'][-3000:]}")
@@ -269,9 +301,7 @@ def measure_baselines(work: Path, env: dict[str, str], model: Path) -> dict[str,
 
 
 def tiny_model(path: Path, env: dict[str, str]) -> Path:
-    script = "import sys; from tumorseg.models import build_model; build_model('unet', (32, 32, 1), base_filters=4, depth=2, use_caspp=False).save(sys.argv[1])"
-    subprocess.run([sys.executable, "-c", script, str(path)], env=env, check=True, capture_output=True, timeout=600)
-    return path
+    return save_model_in_subprocess(path, "unet", 32, {"base_filters": 4, "depth": 2, "use_caspp": False}, env=env)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -305,7 +335,11 @@ def main(argv: list[str] | None = None) -> int:
             for case in args.only or list(CASES):
                 for row in run_case(case, work, env, model, baselines):
                     rows.append({"code": code, **row})
-                    log(f"{code} {case} {row['command']}: {row['outcome'][:90]} | {row['peak_rss_mib']:.0f} MiB (Δ {row['delta_rss_mib']:.0f}) {row['seconds']:.2f} s")
+                    log(
+                        f"{code} {case} {row['command']}: {row['outcome'][:90]} | "
+                        f"{row['peak_rss_mib']:.0f} MiB (Δ {row['delta_rss_mib']:.0f}) {row['seconds']:.2f} s"
+                    )
+    from tumorseg.data.prepare import MAX_PIXELS as PREPARE_MAX_PIXELS
     from tumorseg.images import DEFAULT_MAX_PIXELS, MAX_DECODE_BYTES
 
     result = {
@@ -313,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "foreign_cpu_fraction": foreign.fraction,
         "quiet_machine": foreign.quiet,
-        "limits": {"max_pixels_predict": DEFAULT_MAX_PIXELS, "max_pixels_prepare": 64_000_000, "max_decode_bytes": MAX_DECODE_BYTES},
+        "limits": {"max_pixels_predict": DEFAULT_MAX_PIXELS, "max_pixels_prepare": PREPARE_MAX_PIXELS, "max_decode_bytes": MAX_DECODE_BYTES},
         "cases": {case: {"file": CASES[case][0], "what": CASES[case][1]} for case in args.only or CASES},
         "rows": rows,
         "note": "peak RSS = ru_maxrss of the command's process tree; baseline = gate: the same process before the call; "

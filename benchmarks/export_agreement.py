@@ -14,19 +14,31 @@ Use a *trained* model: an untrained one has most pixels near the threshold and s
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, load_average, machine_info  # noqa: E402
+from common import RESULTS_DIR, load_average, machine_info, quiet_environment  # noqa: E402
+
+quiet_environment()
 
 VARIANTS = [("tflite", "none"), ("tflite", "float16"), ("tflite", "dynamic"), ("tflite", "int8"), ("onnx", "none"), ("onnx", "dynamic"), ("onnx", "int8")]
-KEEP = ("format", "quantize", "images", "dice_mean", "dice_min", "dice_pooled", "tumour_call_disagreements", "max_abs_probability_difference", "size_mb", "ms_per_image_export", "ms_per_image_keras", "sample_images")
+KEEP = (
+    "format",
+    "quantize",
+    "images",
+    "dice_mean",
+    "dice_min",
+    "dice_pooled",
+    "tumour_call_disagreements",
+    "max_abs_probability_difference",
+    "size_mb",
+    "ms_per_image_export",
+    "ms_per_image_keras",
+    "sample_images",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,13 +59,24 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.model:
             for fmt, quantize in variants:
                 started = time.perf_counter()
-                result = export_model(model, fmt, Path(scratch) / f"{Path(model).stem}-{quantize}.{fmt}", quantize=quantize, calibration_dir=args.calibration, sample_count=args.samples, min_dice=0.0)
+                result = export_model(
+                    model,
+                    fmt,
+                    Path(scratch) / f"{Path(model).stem}-{quantize}.{fmt}",
+                    quantize=quantize,
+                    calibration_dir=args.calibration,
+                    sample_count=args.samples,
+                    min_dice=0.0,
+                )
                 row = {"model": model, **{key: result.check[key] for key in KEEP}, "current_bound": DICE_BOUNDS[quantize]}
                 rows.append(row)
                 print(f"{Path(model).name} {fmt:6s} {quantize:8s} Dice mean {row['dice_mean']:.4f} min {row['dice_min']:.4f} "
                       f"pooled {row['dice_pooled']:.4f}  {row['size_mb']:.2f} MB  {row['ms_per_image_export']:.1f} ms/image "
                       f"({time.perf_counter() - started:.0f} s)", flush=True)
-    atomic_write_json(args.out, {"benchmark": "export_agreement", "load_avg_start": load_start, "load_avg_end": load_average(), "machine": machine_info(), "rows": rows})
+    atomic_write_json(
+        args.out,
+        {"benchmark": "export_agreement", "load_avg_start": load_start, "load_avg_end": load_average(), "machine": machine_info(), "rows": rows},
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -21,9 +21,7 @@ table ``benchmarks/results/inference_latency.md``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
+import functools
 import sys
 import tempfile
 import time
@@ -31,38 +29,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, ForeignCpu, cores, load_average, ratio, result_payload  # noqa: E402
+import common  # noqa: E402
+from common import RESULTS_DIR, ForeignCpu, cores, load_average, ratio, result_payload, timings_ms, untrained_params  # noqa: E402
+
+common.quiet_environment()
 
 MODELS = ("unet", "umobilenetv2")
 TFLITE_VARIANTS = ("none", "float16", "dynamic")
 
-
-def median_ms(fn: Callable[[], Any], *, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        samples.append(1000.0 * (time.perf_counter() - started))
-    return statistics.median(samples)
+log = functools.partial(common.log, who="latency")
 
 
 def build(name: str, size: int):
     import keras
 
-    from tumorseg.config import Config
     from tumorseg.models import build_model
 
-    params = getattr(Config().models, name).model_dump()
-    if name == "umobilenetv2":
-        params["encoder_weights"] = "none"
     keras.backend.clear_session()
-    return build_model(name, (size, size, 1), **params)
+    return build_model(name, (size, size, 1), **untrained_params(name))
 
 
 def measure(name: str, size: int, *, warmup: int, repeats: int, scratch: Path) -> list[dict[str, Any]]:
@@ -100,8 +85,12 @@ def measure(name: str, size: int, *, warmup: int, repeats: int, scratch: Path) -
     rows = []
     for label, (run, size_bytes) in runtimes.items():
         difference = float(np.abs(np.asarray(run(x1)) - reference).max())
-        ms_b1 = median_ms(lambda run=run: run(x1), warmup=warmup, repeats=repeats)
-        ms_b8 = median_ms(lambda run=run: run(x8), warmup=max(1, warmup // 2), repeats=max(1, repeats // 2)) if label != "naive model.predict per image" else None
+        ms_b1 = timings_ms(lambda run=run: run(x1), warmup=warmup, repeats=repeats)["median_ms"]
+        ms_b8 = (
+            timings_ms(lambda run=run: run(x8), warmup=max(1, warmup // 2), repeats=max(1, repeats // 2))["median_ms"]
+            if label != "naive model.predict per image"
+            else None
+        )
         row = {
             "model": name,
             "runtime": label,
@@ -123,7 +112,8 @@ def markdown(payload: dict[str, Any]) -> str:
     head = ["runtime"] + [f"{m} ms/image (b1)" for m in models] + [f"{m} images/s (b8)" for m in models] + [f"{m} file MB" for m in models]
     lines = [
         f"Inference latency at {payload['size']}x{payload['size']}, {payload['machine']['cores']} cores ({payload['machine']['cpu_model']}), "
-        f"median of {payload['repeats']} runs, {payload['machine']['date'][:10]}; other processes used {100 * (payload['foreign_cpu_fraction'] or 0):.0f}% of the CPU meanwhile"
+        f"median of {payload['repeats']} runs, {payload['machine']['date'][:10]}; "
+        f"other processes used {100 * (payload['foreign_cpu_fraction'] or 0):.0f}% of the CPU meanwhile"
         + ("" if payload["quiet_machine"] else " — **busy machine: not a valid timing, re-run on a quiet one**"),
         "",
         "| " + " | ".join(head) + " |",
@@ -137,17 +127,15 @@ def markdown(payload: dict[str, Any]) -> str:
                 values.append("–" if value is None else f"{value:g}")
         lines.append("| " + " | ".join(values) + " |")
     lines.append("")
-    lines.append(f"Produced by `python benchmarks/inference_latency.py{' --quick' if payload['quick'] else ''}`; untrained models (latency does not depend on weights).")
+    lines.append(
+        f"Produced by `python benchmarks/inference_latency.py{' --quick' if payload['quick'] else ''}`; untrained models (latency does not depend on weights)."
+    )
     return "\n".join(lines) + "\n"
-
-
-def log(message: str) -> None:
-    print(f"[latency {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def latency_benchmark(*, quick: bool, size: int = 256, models: tuple[str, ...] = MODELS, repeats: int | None = None, warmup: int = 3) -> dict[str, Any]:
     """The result body (rows, a table, ratios vs the naive loop); :func:`common.result_payload` adds the machine."""
-    from tumorseg.training import configure_runtime
+    from tumorseg.runtime import configure_runtime
 
     repeats = repeats or (3 if quick else 20)
     warmup = 1 if quick else warmup

@@ -8,12 +8,13 @@ Uses the model settings in params.yaml; writes benchmarks/results/model_stats.js
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, quiet_environment, untrained_params  # noqa: E402
+
+quiet_environment()
 
 from tumorseg.config import load_config  # noqa: E402
 from tumorseg.io import atomic_write_json  # noqa: E402
@@ -24,11 +25,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "model_stats.json")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "model_stats.json")
     args = parser.parse_args()
     cfg = load_config(args.params)
-    unet = cfg.models.unet.model_dump()
-    mobile = cfg.models.umobilenetv2.model_dump() | {"encoder_weights": "none"}
+    unet = untrained_params("unet", cfg=cfg)
+    mobile = untrained_params("umobilenetv2", cfg=cfg)
     variants = {
         "unet (HAC + CASPP)": ("unet", unet),
         "unet, HAC only": ("unet", unet | {"use_caspp": False}),

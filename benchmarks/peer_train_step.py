@@ -2,8 +2,8 @@
 
 Runs inside benchmarks/.venv-peer (segmentation-models needs tf-keras, i.e. Keras 2, which cannot
 share a venv with this project's Keras 3), started by bench_train_step.py with
-``SM_FRAMEWORK=tf.keras TF_USE_LEGACY_KERAS=1``. Imports nothing from tumorseg. Prints one JSON
-line on stdout.
+``SM_FRAMEWORK=tf.keras TF_USE_LEGACY_KERAS=1``. Imports nothing from tumorseg (only the
+standard-library timing of benchmarks/common.py). Prints one JSON line on stdout.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import timings_ms  # noqa: E402 - stdlib only: importable from the peer's venv
 
 os.environ.setdefault("SM_FRAMEWORK", "tf.keras")
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -55,24 +57,8 @@ def main() -> int:
         rng = np.random.default_rng(args.seed)
         x = rng.uniform(0, 255, (args.batch, size, size, 1)).astype("float32")
         y = (rng.random((args.batch, size, size, 1)) > 0.98).astype("float32")
-        for _ in range(warmup):
-            model.train_on_batch(x, y)
-        samples = []
-        for _ in range(steps):
-            started = time.perf_counter()
-            model.train_on_batch(x, y)
-            samples.append(1000.0 * (time.perf_counter() - started))
-        rows.append(
-            {
-                "size": size,
-                "median_ms": round(statistics.median(samples), 3),
-                "min_ms": round(min(samples), 3),
-                "max_ms": round(max(samples), 3),
-                "n": len(samples),
-                "warmup": warmup,
-                "params_total": int(model.count_params()),
-            }
-        )
+        timing = timings_ms(lambda model=model, x=x, y=y: model.train_on_batch(x, y), warmup=warmup, repeats=steps)
+        rows.append({"size": size, **timing, "params_total": int(model.count_params())})
         print(f"peer {size}: {rows[-1]['median_ms']:.0f} ms/step", file=sys.stderr, flush=True)
     from importlib.metadata import version
 

@@ -14,20 +14,12 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from tumorseg.data.prepare import prepare_dataset
-from tumorseg.processes import default_workers
-from tumorseg.data.synthetic import write_synthetic_dataset
-from tumorseg.io import atomic_write_json
-
-
-def time_prepare(root: Path, out: Path, size: int, workers: int) -> float:
-    started = time.perf_counter()
-    report = prepare_dataset(root / "images", root / "masks", out, size=size, workers=workers, progress=False)
-    elapsed = time.perf_counter() - started
-    return report.valid_pairs / elapsed
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_data import prepare_rate, synthetic_pairs  # noqa: E402 - the suite's prepare benchmark, timed the same way
+from common import RESULTS_DIR, cores  # noqa: E402
+from tumorseg.io import atomic_write_json  # noqa: E402
 
 
 def main() -> int:
@@ -35,19 +27,18 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--out-size", type=int, default=256)
-    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results" / "prepare_throughput.json")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "prepare_throughput.json")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
-        root = Path(scratch) / "synthetic"
-        write_synthetic_dataset(root, count=args.count, size=args.size, seed=0, progress=sys.stderr.isatty())
-        cores = default_workers()
-        parallel = time_prepare(root, Path(scratch) / "parallel", args.out_size, cores)
-        single = time_prepare(root, Path(scratch) / "single", args.out_size, 1)
+        images, masks = synthetic_pairs(Path(scratch) / "synthetic", args.count, args.size, progress=sys.stderr.isatty())
+        workers = cores()
+        parallel = prepare_rate(images, masks, Path(scratch) / "parallel", args.out_size, workers)
+        single = prepare_rate(images, masks, Path(scratch) / "single", args.out_size, 1)
     result = {
         "benchmark": "prepare_throughput",
         "data": f"synthetic phantoms, {args.count} pairs at {args.size}x{args.size} -> {args.out_size}",
-        "cores": cores,
+        "cores": workers,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "cpu_count": os.cpu_count(),
         "pairs_per_s_all_cores": round(parallel, 1),

@@ -31,7 +31,6 @@ import argparse
 import importlib
 import inspect
 import json
-import os
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, ForeignCpu, env_for_subprocess, is_quiet, load_average, log, machine_info, result_payload  # noqa: E402
+from common import RESULTS_DIR, ForeignCpu, env_for_subprocess, is_quiet, load_average, log, machine_info, quiet_environment, result_payload  # noqa: E402
 
 # name -> (module in benchmarks/, function(quick=...) -> result body)
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -138,7 +137,10 @@ def write_summary(results: Path, machine: dict[str, Any]) -> Path:
     ]
     noisy = [r["benchmark"] for r in found if not r.get("quiet_machine", False)]
     if noisy:
-        lines += [f"> **Not valid timings:** {', '.join(noisy)} ran while other processes used the CPU (see `foreign_cpu_fraction`); re-run on a quiet machine.", ""]
+        lines += [
+            f"> **Not valid timings:** {', '.join(noisy)} ran while other processes used the CPU (see `foreign_cpu_fraction`); re-run on a quiet machine.",
+            "",
+        ]
     quick = [r["benchmark"] for r in found if r.get("quick")]
     if quick:
         lines += [f"> {', '.join(quick)}: `--quick` run (smaller sizes, fewer repetitions).", ""]
@@ -204,5 +206,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_environment()
     sys.exit(main())

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import signal
 import socket
@@ -50,7 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import PROJECT_ROOT, RESULTS_DIR, ForeignCpu, env_for_subprocess, load_average, log, ratio, result_payload  # noqa: E402
+from common import PROJECT_ROOT, RESULTS_DIR, ForeignCpu, cli_command, env_for_subprocess, load_average, log, ratio, result_payload, save_model_in_subprocess  # noqa: E402
 from decode_peak_rss import png_of_zeros, rle_bmp  # noqa: E402
 
 DEFAULT_MODEL = PROJECT_ROOT / "weights" / "umobilenetv2-figshare.keras"
@@ -60,13 +59,22 @@ SAMPLE_EVERY_S = 0.05
 SETTLE_AFTER_S = 2.0
 STARTUP_TIMEOUT_S = 300.0
 REQUEST_TIMEOUT_S = 180.0
-CLI = "import sys; from tumorseg.cli import main; sys.exit(main(sys.argv[1:]))"
 
 # kind -> (file name, content type, what it is, how to make it)
 BAD_KINDS: dict[str, tuple[str, str, str, Any]] = {
     "rle_bmp_400mp": ("bomb.bmp", "image/bmp", "RLE8 BMP declaring 20000x20000 (1 KB)", lambda: rle_bmp(20_000, 20_000)),
-    "rgba16_png_39mp": ("rgba16.png", "image/png", "16-bit RGBA PNG of zeros, 6300x6300 = 39.7 MP (under the 40 MP limit, over the decode budget)", lambda: png_of_zeros(6300, 6300)),
-    "png_header_3600mp": ("huge.png", "image/png", "8-bit PNG header declaring 60000x60000, 10 rows of data", lambda: png_of_zeros(60_000, 60_000, bit_depth=8, colour_type=0, rows=10)),
+    "rgba16_png_39mp": (
+        "rgba16.png",
+        "image/png",
+        "16-bit RGBA PNG of zeros, 6300x6300 = 39.7 MP (under the 40 MP limit, over the decode budget)",
+        lambda: png_of_zeros(6300, 6300),
+    ),
+    "png_header_3600mp": (
+        "huge.png",
+        "image/png",
+        "8-bit PNG header declaring 60000x60000, 10 rows of data",
+        lambda: png_of_zeros(60_000, 60_000, bit_depth=8, colour_type=0, rows=10),
+    ),
 }
 
 
@@ -103,8 +111,7 @@ def ensure_model(model: Path, scratch: Path) -> tuple[Path, str]:
         return model, "file"
     fallback = scratch / "umobilenetv2-untrained-256.keras"
     log(f"{model} is missing: building an untrained UMobileNetV2 at 256x256 instead")
-    script = "import sys; from tumorseg.models import build_model; build_model('umobilenetv2', (256, 256, 1)).save(sys.argv[1])"
-    subprocess.run([sys.executable, "-c", script, str(fallback)], env=env_for_subprocess(), check=True, capture_output=True, timeout=600)
+    save_model_in_subprocess(fallback, "umobilenetv2", 256)
     return fallback, "untrained umobilenetv2 256x256 (shipped file missing)"
 
 
@@ -126,7 +133,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = tempfile.TemporaryFile()
-        command = [sys.executable, "-c", CLI, "serve", "--model", str(model), "--port", str(self.port), *extra]
+        command = cli_command("serve", "--model", str(model), "--port", str(self.port), *extra)
         self.started = time.perf_counter()
         self.process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env_for_subprocess(), stdout=self.log_file, stderr=subprocess.STDOUT)
 
@@ -213,7 +220,15 @@ class RssSampler(threading.Thread):
 # --------------------------------------------------------------------------------------------
 
 
-async def _send_all(url: str, plan: list[str], normals: list[tuple[str, bytes]], bad: dict[str, bytes], concurrency: int, max_attempts: int, gradcam: bool) -> list[dict[str, Any]]:
+async def _send_all(
+    url: str,
+    plan: list[str],
+    normals: list[tuple[str, bytes]],
+    bad: dict[str, bytes],
+    concurrency: int,
+    max_attempts: int,
+    gradcam: bool,
+) -> list[dict[str, Any]]:
     import httpx
 
     queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
@@ -355,7 +370,10 @@ def run_scenario(name: str, model: Path, plan: list[str], normals: list[tuple[st
         startup_s, health = server.wait_ready()
         time.sleep(1.0)  # let start-up allocations settle
         before = tree_rss(server.process.pid)
-        log(f"{name}: server up in {startup_s:.1f} s ({health['model']}, input {health['input_size']}), RSS {before * mib:.0f} MiB; {len(plan)} uploads, {args.concurrency} clients")
+        log(
+            f"{name}: server up in {startup_s:.1f} s ({health['model']}, input {health['input_size']}), RSS {before * mib:.0f} MiB; "
+            f"{len(plan)} uploads, {args.concurrency} clients"
+        )
         sampler = RssSampler(server.process.pid)
         sampler.start()
         started = time.perf_counter()
@@ -388,7 +406,8 @@ def run_scenario(name: str, model: Path, plan: list[str], normals: list[tuple[st
 
 def table(scenarios: dict[str, dict[str, Any]], concurrency: int) -> str:
     lines = [
-        "| scenario | uploads (attempts) | concurrency | final 200 / 4xx / 503 | 503 answers (with Retry-After) | normal 200 p50 / p95 / max ms | normal server ms p50 | 200s/s while busy | wall s | RSS MiB before / peak / after |",
+        "| scenario | uploads (attempts) | concurrency | final 200 / 4xx / 503 | 503 answers (with Retry-After) "
+        "| normal 200 p50 / p95 / max ms | normal server ms p50 | 200s/s while busy | wall s | RSS MiB before / peak / after |",
         "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | --- |",
     ]
     for name, s in scenarios.items():
@@ -398,7 +417,8 @@ def table(scenarios: dict[str, dict[str, Any]], concurrency: int) -> str:
         lines.append(
             f"| {name} | {s['uploads']} ({s['attempts']}) | {concurrency} | {s['final']['200']} / {s['final']['4xx']} / {s['final']['503']}"
             f"{' (+' + str(s['final']['other']) + ' other)' if s['final']['other'] else ''} | {s['answers_503']} ({s['answers_503_with_retry_after']}) "
-            f"| {lat.get('p50')} / {lat.get('p95')} / {lat.get('max')} | {server.get('p50')} | {s['ok_per_busy_s']} | {s['seconds']:.1f} | {m['before']:.0f} / {m['peak']:.0f} / {m['after']:.0f} |"
+            f"| {lat.get('p50')} / {lat.get('p95')} / {lat.get('max')} | {server.get('p50')} | {s['ok_per_busy_s']} | {s['seconds']:.1f} "
+            f"| {m['before']:.0f} / {m['peak']:.0f} / {m['after']:.0f} |"
         )
     bad_rows = [(name, kind, row) for name, s in scenarios.items() for kind, row in s["by_kind"].items() if kind != "normal"]
     if bad_rows:
@@ -414,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=100, help="uploads per scenario (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=16, help="clients sending at once (default: %(default)s)")
     parser.add_argument("--bad-fraction", type=float, default=0.1, help="share of worst-case uploads in the mixed scenario (default: %(default)s)")
-    parser.add_argument("--max-attempts", type=int, default=4, help="attempts per upload; a 503 is retried after its Retry-After (default: %(default)s; 1 = never retry)")
+    parser.add_argument(
+        "--max-attempts", type=int, default=4, help="attempts per upload; a 503 is retried after its Retry-After (default: %(default)s; 1 = never retry)"
+    )
     parser.add_argument("--scenarios", nargs="+", choices=("baseline", "mixed"), default=["baseline", "mixed"])
     parser.add_argument("--no-gradcam", action="store_true", help="ask for the mask only (the web page asks for Grad-CAM too)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="(default: %(default)s; an untrained UMobileNetV2 at 256x256 if missing)")
@@ -453,9 +475,15 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "model": str(model.relative_to(PROJECT_ROOT) if model.is_relative_to(PROJECT_ROOT) else model),
             "model_source": model_source,
-            "server": {"command": "tumorseg serve --model M --port P", "workers": DEFAULT_WORKERS, "queue_limit": DEFAULT_QUEUE_LIMIT, "retry_after_s": DEFAULT_RETRY_AFTER_S},
+            "server": {
+                "command": "tumorseg serve --model M --port P",
+                "workers": DEFAULT_WORKERS,
+                "queue_limit": DEFAULT_QUEUE_LIMIT,
+                "retry_after_s": DEFAULT_RETRY_AFTER_S,
+            },
             "client": "httpx.AsyncClient, one asyncio loop in the benchmark process (shares the CPU with the server)",
-            "rss": f"psutil RSS of the server process and its children; peak sampled every {SAMPLE_EVERY_S * 1000:.0f} ms during the load; after = {SETTLE_AFTER_S:g} s after the last answer",
+            "rss": f"psutil RSS of the server process and its children; peak sampled every {SAMPLE_EVERY_S * 1000:.0f} ms during the load; "
+            f"after = {SETTLE_AFTER_S:g} s after the last answer",
         },
         "data_source": source | {"distinct_normal_slices": len(normals)},
         "bad_kinds": {kind: {"file": f, "content_type": ct, "what": what, "bytes": len(bad[kind])} for kind, (f, ct, what, _) in BAD_KINDS.items()},

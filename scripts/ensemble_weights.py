@@ -1,10 +1,13 @@
-"""Score weighted ensembles of trained models from cached predictions: is equal weighting leaving
-Dice on the table? Each member predicts the validation and test splits once (flip TTA; cached as
-float16 in ``--cache``); every combination then picks its threshold / blob filter on validation
-and is scored on test like ``evaluate`` scores the ensemble (its equal-weight row reproduces
-``metrics/evaluate_ensemble.json``). Choose weights by the ``val`` column only.
+"""Score weighted ensembles of trained models: is equal weighting leaving Dice on the table?
 
-Run in a prepared workspace (``data/prepared``, ``data/raw/masks``, ``params.yaml``)::
+Each member predicts the validation and test splits once through the shipped prediction path
+(``tumorseg.inference.Predictor`` with flip TTA, batch size from ``params.yaml``), kept in
+``--cache`` by the same :class:`~tumorseg.inference.PredictionCache` the evaluate stage uses;
+every combination then picks its threshold / blob filter on validation and is scored on test by
+``tumorseg.evaluation.evaluate_split``, as ``evaluate`` scores the ensemble (its equal-weight row
+reproduces ``metrics/evaluate_ensemble.json``). Choose weights by the ``val`` column only.
+
+Run in a prepared workspace (``data/prepared``, ``data/raw``, ``params.yaml``)::
 
     python scripts/ensemble_weights.py --member unet=weights/unet-figshare.keras \\
         --member umnv2=weights/umobilenetv2-figshare.keras \\
@@ -19,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-
-import numpy as np
 
 
 def parse_combo(text: str) -> dict[str, float]:
@@ -62,21 +63,24 @@ def at_input_size(model, size: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--member", action="append", required=True, metavar="TAG=MODEL[@SIZE]", help="a model file and the tag combos name it by; @SIZE runs it at SIZE² inputs instead of its own")
+    parser.add_argument(
+        "--member",
+        action="append",
+        required=True,
+        metavar="TAG=MODEL[@SIZE]",
+        help="a model file and the tag combos name it by; @SIZE runs it at SIZE² inputs instead of its own",
+    )
     parser.add_argument("--combo", action="append", required=True, metavar="TAG:W+TAG:W", help="member weights (normalised to sum 1)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--cache", type=Path, default=Path("reports/ensemble_weights_cache"), help="folder for the members' predictions")
+    parser.add_argument("--cache", type=Path, default=Path("reports/ensemble_weights_cache"), help="folder for the members' probability maps")
     parser.add_argument("--out", type=Path, required=True, help="JSON lines, one per combo")
     args = parser.parse_args()
 
-    import keras
-
-    import tumorseg.models  # noqa: F401 - registers custom objects for loading
     from tumorseg.config import load_config
-    from tumorseg.evaluation import Predictions, evaluate_model, predict_split, read_labels
-    from tumorseg.io import atomic_write_text
+    from tumorseg.evaluation import evaluate_split, load_scoring_split, read_labels
+    from tumorseg.inference import KerasBackend, PostProcessing, PredictedSplit, PredictionCache, Predictor, average_maps, open_keras_model
+    from tumorseg.io import atomic_write_text, sha256_file
     from tumorseg.losses import combined_loss
-    from tumorseg.training import load_pairs
 
     members = {tag: (path, size) for tag, path, size in map(parse_member, args.member)}
     combos = [parse_combo(c) for c in args.combo]
@@ -85,53 +89,42 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--combo names {sorted(unknown)}, not among --member tags {sorted(members)}")
     cfg = load_config(args.params)
-    prepared = Path("data/prepared")
-    args.cache.mkdir(parents=True, exist_ok=True)
-    splits: dict[str, tuple] = {}
+    prepared, raw = Path("data/prepared"), Path("data/raw")
+    cache = PredictionCache(args.cache)
+    predictors: dict[str, Predictor] = {}
 
-    def member_probabilities(tag: str, split_dir: Path, names: list[str]) -> np.ndarray:
-        path = args.cache / f"{tag}_{split_dir.name}.npz"
-        if not path.exists():
-            source, size = members[tag]
-            model = keras.models.load_model(source)
-            if size is not None:
-                model = at_input_size(model, size)
-            predicted = predict_split(model, split_dir, cfg.image_size, cfg.batch_size, tta=True)
-            np.savez(path, names=np.array(predicted.names), probabilities=predicted.probabilities.astype("float16"))
-        cached = np.load(path)
-        if list(cached["names"]) != names:
-            raise SystemExit(f"{path} was predicted on other images; delete it and rerun")
-        return cached["probabilities"].astype("float32")
+    def member_maps(tag: str, split) -> PredictedSplit:
+        source, size = members[tag]
+        if tag not in predictors:
+            model = open_keras_model(source)
+            predictors[tag] = Predictor(KerasBackend(at_input_size(model, size) if size is not None else model), tta=True, batch_size=cfg.batch_size)
+        identity = f"{sha256_file(source)}@{size or 'own'}"
+        return cache.get(identity, predictors[tag], split.names, split.images, label=f"{tag}-{split.split}")
 
     def predictor(weights: dict[str, float]):
-        def predict(split_dir: Path) -> Predictions:
-            if split_dir not in splits:
-                splits[split_dir] = load_pairs(split_dir, cfg.image_size)
-            names, images, truths = splits[split_dir]
-            total = sum(weights.values())
-            probabilities = sum(member_probabilities(tag, split_dir, list(names)) * (w / total) for tag, w in weights.items() if w > 0)
-            return Predictions(list(names), images, truths, probabilities.astype("float32"), 0.0)
+        used = [tag for tag, w in weights.items() if w > 0]
+
+        def predict(split) -> PredictedSplit:
+            maps = [member_maps(tag, split) for tag in used]
+            return PredictedSplit(split.names, average_maps([m.probabilities for m in maps], [weights[t] for t in used]), sum(m.ms_per_image for m in maps))
 
         return predict
 
-    labels = read_labels(cfg.evaluate.labels, Path("data/raw"))
-    rows = []
-    for text, weights in zip(args.combo, combos):
-        metrics, _, _ = evaluate_model(
-            None,
-            combined_loss(**cfg.loss.model_dump()),
-            prepared / "test",
-            image_size=cfg.image_size,
-            batch_size=cfg.batch_size,
-            tta=True,
-            resolution=cfg.evaluate.resolution,
+    def load(split: str):
+        return load_scoring_split(
+            prepared / split,
+            cfg.evaluate.resolution,
             manifest_path=prepared / "manifest.csv",
             mask_threshold=cfg.prepare.mask_threshold,
-            raw_masks_dir=Path("data/raw/masks"),
-            labels=labels,
-            val_dir=prepared / "val",
-            predict=predictor(weights),
+            raw_dir=raw,
         )
+
+    test, val = load("test"), load("val")
+    labels = read_labels(cfg.evaluate.labels, raw)
+    loss_fn = combined_loss(cfg.loss)
+    rows = []
+    for text, weights in zip(args.combo, combos):
+        metrics = evaluate_split(predictor(weights), test, post=PostProcessing(), val=val, loss_fn=loss_fn, labels=labels, tta=True).metrics
         row = {
             "combo": text,
             "val_dice_tuned": metrics["val_dice_tuned"],

@@ -1,5 +1,6 @@
 """Copy a trained model into ``weights/`` for shipping: optimizer state stripped (a third of the
-size), loaded back and checked to predict identically, then ``weights/SHA256SUMS`` rewritten.
+size) as training publishes ``models/``, loaded back and checked to predict identically, then
+``weights/SHA256SUMS`` rewritten.
 
     python scripts/ship_weights.py models/umobilenetv2.keras weights/umobilenetv2-figshare.keras
 
@@ -29,16 +30,16 @@ def write_checksums(folder: Path) -> Path:
 
 
 def ship(source: Path, target: Path) -> None:
-    import keras
-
-    import tumorseg.models  # noqa: F401 - custom layers
+    from tumorseg.inference import open_keras_model
     from tumorseg.io import atomic_write_bytes
+    from tumorseg.models import inference_model
+    from tumorseg.resume import publish_without_optimizer
 
-    model = keras.models.load_model(source, compile=False)  # no optimizer state
+    model = inference_model(open_keras_model(source))  # what the shipped file must reproduce
     with tempfile.TemporaryDirectory() as scratch:
         stripped = Path(scratch) / target.name
-        model.save(stripped)
-        reloaded = keras.models.load_model(stripped, compile=False)
+        publish_without_optimizer(source, stripped)  # as training publishes models/: no optimizer state, no deep-supervision heads
+        reloaded = open_keras_model(stripped)
         size = model.input_shape[1]
         probe = np.random.default_rng(0).integers(0, 256, (2, size, size, 1)).astype("float32")
         difference = float(np.abs(model.predict(probe, verbose=0) - reloaded.predict(probe, verbose=0)).max())
@@ -55,8 +56,7 @@ def main() -> int:
     parser.add_argument("source", type=Path, help="trained .keras file (e.g. models/umobilenetv2.keras)")
     parser.add_argument("target", type=Path, help="weights/<name>.keras")
     args = parser.parse_args()
-    args.target.parent.mkdir(parents=True, exist_ok=True)
-    ship(args.source, args.target)
+    ship(args.source, args.target)  # the atomic write makes the target's folder
     print(f"checksums -> {write_checksums(args.target.parent)}")
     return 0
 

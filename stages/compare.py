@@ -4,14 +4,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from tumorseg.config import MODEL_NAMES
 from tumorseg.console import friendly_errors, setup_logging
-from tumorseg.pipeline import compare_step
+from tumorseg.pipeline.compare import compare_step
 
 
 @friendly_errors
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--models", nargs="+", default=["unet", "umobilenetv2"])
+    parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES))
     parser.add_argument("--metrics-dir", type=Path, default=Path("metrics"))
     parser.add_argument("--reports-dir", type=Path, default=Path("reports"))
     args = parser.parse_args()

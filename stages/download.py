@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tumorseg.config import load_config
 from tumorseg.console import friendly_errors, setup_logging, show_progress
-from tumorseg.pipeline import download_step
+from tumorseg.pipeline.download import download_step
 
 
 @friendly_errors

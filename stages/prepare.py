@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tumorseg.config import load_config
 from tumorseg.console import friendly_errors, setup_logging, show_progress
-from tumorseg.pipeline import prepare_from_raw
+from tumorseg.pipeline.prepare import prepare_from_raw
 
 
 @friendly_errors

@@ -7,15 +7,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from tumorseg.config import load_config
+from tumorseg.config import MODEL_NAMES, load_config
 from tumorseg.console import friendly_errors, setup_logging, show_progress
-from tumorseg.pipeline import train_step
+from tumorseg.pipeline.train import train_step
 
 
 @friendly_errors
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True, choices=("unet", "umobilenetv2"))
+    parser.add_argument("--model", required=True, choices=MODEL_NAMES)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--prepared", type=Path, default=Path("data/prepared"))
     parser.add_argument("--augmented", type=Path, default=Path("data/augmented"))

@@ -1,11 +1,10 @@
-"""Shared fixtures: small generated datasets and the location of the optional real data."""
+"""Fixtures and hooks only; the plain helpers they use (data builders, paths) live in ``helpers.py``."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -22,35 +21,22 @@ settings.register_profile("ci", derandomize=True, print_blob=True, phases=[Phase
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+from helpers import blob_pair, write_pair  # noqa: E402
+
+# `make test-fast` (-m "not slow") trains no model, converts none and runs no pipeline stage but
+# one: the evaluate-equals-predict check (test_scored_path.py, ~10 s), the guarantee behind every
+# reported number. Most
+# slow tests carry `@pytest.mark.slow` in their own file; this rule marks the rest:
+#  - a test that needs a fixture which trains a model is slow wherever it is (``blob_model`` fits a
+#    small U-Net for ~50 steps), also through other fixtures (test_serve's ``app``);
+TRAINING_FIXTURES = frozenset({"blob_model"})
 
 
-def shared_dataset(name: str) -> Path:
-    """Path of a ../shared dataset, or skip the test saying why."""
-    path = SHARED_DATA / name
-    if not (path / "images").is_dir():
-        pytest.skip(f"real data not available: {path} is absent (see ../shared/README.md)")
-    return path
-
-
-def write_pair(root: Path, name: str, image: np.ndarray, mask: np.ndarray) -> None:
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "masks").mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(root / "images" / name), image)
-    assert cv2.imwrite(str(root / "masks" / name), mask)
-
-
-def blob_pair(size: int = 64, seed: int = 0, radius: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """A textured image with one bright disc and its mask (distinct per seed)."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(20, 90, (size, size), dtype=np.uint8)
-    mask = np.zeros((size, size), np.uint8)
-    r = radius or int(rng.integers(size // 16 + 1, size // 5))
-    centre = tuple(int(v) for v in rng.integers(r + 1, size - r - 1, 2))
-    cv2.circle(mask, centre, r, 255, -1)
-    image[mask > 0] = 200
-    return image, mask
+@pytest.hookimpl(tryfirst=True)  # before -m "not slow" deselects
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
@@ -60,16 +46,6 @@ def pair_folder(tmp_path: Path) -> Path:
     for index in range(1, 41):
         write_pair(root, f"{index}.png", *blob_pair(64, index))
     return root
-
-
-def blob_at(size: int, centre: tuple[int, int], radius: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Like :func:`blob_pair`, with the disc at a chosen ``centre`` (x, y)."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(20, 90, (size, size), dtype=np.uint8)
-    mask = np.zeros((size, size), np.uint8)
-    cv2.circle(mask, centre, radius, 255, -1)
-    image[mask > 0] = 200
-    return image, mask
 
 
 @pytest.fixture(scope="session")

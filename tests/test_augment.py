@@ -8,18 +8,18 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, blob_pair, write_pair
-from tumorseg.config import load_config
+from helpers import PROJECT_ROOT, blob_pair, write_pair
+from tumorseg.config import AugmentConfig, load_config
 from tumorseg.data.augment import apply, augment_dataset, build_augmentation, preview_grid
 
-SETTINGS = load_config(PROJECT_ROOT / "params.yaml").augment.model_dump()
+SETTINGS = load_config(PROJECT_ROOT / "params.yaml").augment
 
 
-def only(kind: str, **limits) -> dict:
+def only(kind: str, **limits) -> AugmentConfig:
     """Settings with every transform off except ``kind`` (always applied)."""
-    settings = {k: (dict(v, p=0.0) if isinstance(v, dict) else v) for k, v in SETTINGS.items()}
-    settings[kind] = dict(settings[kind], p=1.0, **limits)
-    return settings
+    values = {k: (dict(v, p=0.0) if isinstance(v, dict) else v) for k, v in SETTINGS.model_dump().items()}
+    values[kind] = dict(values[kind], p=1.0, **limits)
+    return AugmentConfig(**values)
 
 
 GEOMETRIC = {

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PROJECT_ROOT
+from helpers import PROJECT_ROOT
 from tumorseg.config import Config, ConfigError, config_from_dict, load_config
 
 PARAMS = PROJECT_ROOT / "params.yaml"
@@ -113,7 +113,7 @@ def test_training_seed_defaults_to_the_split_seed_and_can_be_set_apart():
 def test_training_stage_depends_on_every_setting_and_module_training_reads():
     """`dvc exp run -S augment.rotate.limit=30` must retrain: with on-the-fly augmentation the
     transforms act inside the train stage, and with no offline copies data/augmented stays empty,
-    so its hash cannot carry the change. Likewise for the augmentation and inference code."""
+    so its hash cannot carry the change. Likewise for the augmentation and inference code (all of it: tests/test_dvc_stages.py)."""
     from tumorseg.config import AugmentConfig
 
     stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
@@ -121,4 +121,4 @@ def test_training_stage_depends_on_every_setting_and_module_training_reads():
     transforms = set(AugmentConfig.model_fields) - {"copies_per_image", "preview_pairs"}  # not read by training
     assert {f"augment.{name}" for name in transforms} <= set(train["params"])
     assert {"src/tumorseg/training.py", "src/tumorseg/data/augment.py", "src/tumorseg/models"} <= set(train["deps"])
-    assert {"src/tumorseg/evaluation.py", "src/tumorseg/inference.py"} <= set(evaluate["deps"])
+    assert {"src/tumorseg/evaluation.py", "src/tumorseg/inference"} <= set(evaluate["deps"])

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PROJECT_ROOT
+from helpers import PROJECT_ROOT
 from tumorseg.cli import main as cli_main
 from tumorseg.io import OUTPUT_MARKER, atomic_write_bytes, hash_tree, sha256_file
 
@@ -132,7 +132,11 @@ def hidden_files(folder: Path) -> list[str]:
     """Hidden leftovers (temporary files, staging folders); the marker of a finished output folder is not one."""
     if not folder.exists():
         return []
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name.startswith(".") and not (p.name == OUTPUT_MARKER and not p.parent.name.startswith(".")))
+    return sorted(
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.name.startswith(".") and not (p.name == OUTPUT_MARKER and not p.parent.name.startswith("."))
+    )
 
 
 def one_error_line(err: str) -> str:
@@ -173,7 +177,9 @@ def test_atomic_write_leaves_no_temporary_and_keeps_the_old_file(monkeypatch, tm
 
 
 @pytest.mark.parametrize("code, cause", FAULTS)
-def test_prepare_into_a_faulty_folder_fails_cleanly_and_keeps_the_previous_output(pair_folder: Path, tmp_path: Path, monkeypatch, capsys, code: int, cause: str):
+def test_prepare_into_a_faulty_folder_fails_cleanly_and_keeps_the_previous_output(
+    pair_folder: Path, tmp_path: Path, monkeypatch, capsys, code: int, cause: str
+):
     monkeypatch.chdir(tmp_path)  # no params.yaml: the documented defaults
     out = tmp_path / "data" / "prepared"
     args = ["prepare", "--images", str(pair_folder / "images"), "--masks", str(pair_folder / "masks"), "--out", str(out), "--size", "32"]
@@ -204,7 +210,7 @@ def test_prepare_into_a_faulty_folder_fails_cleanly_and_keeps_the_previous_outpu
 def tiny_project(tmp_path_factory) -> Path:
     from tumorseg.config import load_config
     from tumorseg.data.synthetic import write_synthetic_dataset
-    from tumorseg.pipeline import prepare_step
+    from tumorseg.pipeline.prepare import prepare_step
 
     root = tmp_path_factory.mktemp("faulty-train")
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
@@ -215,7 +221,14 @@ def tiny_project(tmp_path_factory) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     write_synthetic_dataset(root / "raw", count=24, size=32, seed=0, progress=False)
     record = {"data_source": "synthetic", "data_origin": "test", "data_hash": "0" * 64}
-    prepare_step(load_config(root / "params.yaml"), root / "raw" / "images", root / "raw" / "masks", root / "data" / "prepared", progress=False, report_extra=record)
+    prepare_step(
+        load_config(root / "params.yaml"),
+        root / "raw" / "images",
+        root / "raw" / "masks",
+        root / "data" / "prepared",
+        progress=False,
+        report_extra=record,
+    )
     return root
 
 
@@ -228,7 +241,15 @@ def run_train_stage(root: Path, work: Path, monkeypatch) -> int:
     monkeypatch.chdir(work)  # MLflow's default artifact folder (./mlruns) lands in the work folder
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     monkeypatch.setenv("TUMORSEG_PROGRESS", "0")
-    argv = ["train.py", "--model", "unet", "--params", str(root / "params.yaml"), "--prepared", str(root / "data" / "prepared"), "--augmented", str(work / "none"), "--models-dir", str(work / "models"), "--metrics-dir", str(work / "metrics")]
+    argv = [
+        "train.py",
+        "--model", "unet",
+        "--params", str(root / "params.yaml"),
+        "--prepared", str(root / "data" / "prepared"),
+        "--augmented", str(work / "none"),
+        "--models-dir", str(work / "models"),
+        "--metrics-dir", str(work / "metrics"),
+    ]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     return stage.main()
 

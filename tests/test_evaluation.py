@@ -10,37 +10,39 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import PROJECT_ROOT, blob_pair, write_pair
+from helpers import PROJECT_ROOT, blob_pair, write_pair
 from tumorseg.config import load_config
-from tumorseg.evaluation import (
-    breakdowns,
-    compare_models,
-    evaluate_model,
-    predict_probabilities,
-    read_labels,
-    remove_small_components,
-    tune_postprocessing,
-)
+from tumorseg.evaluation import LabelledImages, breakdowns, evaluate_split, load_scoring_split, read_labels, tune_postprocessing
+from tumorseg.inference import PostProcessing, PredictedSplit, Predictor, remove_small_components
+from tumorseg.inference.cache import mean_of, predict_timed
 from tumorseg.losses import combined_loss
 from tumorseg.metrics import dice
-from tumorseg.pipeline import prepare_step
+from tumorseg.pipeline.prepare import prepare_step
+from tumorseg.reporting import compare_models
 
 CFG = load_config(PROJECT_ROOT / "params.yaml")
 
 
-class BrightPixels:
-    """A 'model' that calls every pixel brighter than 150 tumour: exact on blob_pair images."""
+class Rule:
+    """A stub back-end: ``rule(batch)`` at its own input size."""
 
-    def predict(self, x, batch_size=None, verbose=0):
-        return (np.asarray(x) > 150).astype("float32")
+    name = "stub"
+
+    def __init__(self, size: int, rule) -> None:
+        self.input_size, self.rule = size, rule
+
+    def __call__(self, batch):
+        return np.asarray(self.rule(np.asarray(batch)), np.float32)
 
 
-class ColumnRamp:
+def bright_pixels(size: int = 32) -> Rule:
+    """Calls every pixel brighter than 150 tumour: exact on blob_pair images."""
+    return Rule(size, lambda x: x > 150)
+
+
+def column_ramp(size: int) -> Rule:
     """Output = column index / width, whatever the input: tells a mirrored pass from a plain one."""
-
-    def predict(self, x, batch_size=None, verbose=0):
-        n, h, w, _ = np.asarray(x).shape
-        return np.broadcast_to((np.arange(w, dtype="float32") / w)[None, None, :, None], (n, h, w, 1)).copy()
+    return Rule(size, lambda x: np.broadcast_to((np.arange(x.shape[2], dtype="float32") / x.shape[2])[None, None, :, None], x.shape).copy())
 
 
 @pytest.fixture(scope="module")
@@ -55,37 +57,43 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
-def _evaluate(project: Path, model, **kwargs):
-    return evaluate_model(
-        model,
-        combined_loss(**CFG.loss.model_dump()),
-        project / "prepared" / "test",
-        image_size=32,
-        batch_size=8,
-        manifest_path=project / "prepared" / "manifest.csv",
-        raw_masks_dir=project / "raw" / "masks",
-        **kwargs,
+def _split(project: Path, split: str, resolution: str) -> LabelledImages:
+    return load_scoring_split(project / "prepared" / split, resolution, manifest_path=project / "prepared" / "manifest.csv", raw_dir=project / "raw")
+
+
+def _evaluate(project: Path, model, *, resolution: str, tta: bool = False, threshold: float = 0.5, min_component_px: int = 0, tune: bool = False, labels=None):
+    predictor = Predictor(model, tta=tta, batch_size=8)
+    evaluation = evaluate_split(
+        lambda split: predict_timed(predictor, split.names, split.images),
+        _split(project, "test", resolution),
+        post=PostProcessing(threshold, min_component_px),
+        val=_split(project, "val", resolution) if tune else None,
+        loss_fn=combined_loss(CFG.loss),
+        labels=labels,
+        tta=tta,
     )
+    return evaluation.metrics, evaluation.per_image, evaluation
 
 
 def test_original_resolution_scores_against_the_raw_masks(project: Path):
-    metrics, per_image, _ = _evaluate(project, BrightPixels(), resolution="original")
+    metrics, per_image, evaluation = _evaluate(project, bright_pixels(), resolution="original")
     raw_pixels = [int((cv2.imread(str(project / "raw" / "masks" / name), cv2.IMREAD_GRAYSCALE) > 127).sum()) for name in per_image["file"]]
     assert per_image["truth_pixels"].tolist() == raw_pixels  # 64² truths, not the 32² resized ones
-    assert metrics["resolution"] == "original"
-    assert 0.85 < metrics["dice"] < 1.0  # upsampled 32² prediction: close to, but not exactly, the truth
+    assert metrics["resolution"] == "original" and evaluation.scored.images[0].shape == (64, 64)  # the raw image, as a user gives it
+    assert 0.85 < metrics["dice"] < 1.0  # a 32² prediction at 64²: close to, but not exactly, the truth
+    assert np.isfinite(metrics["loss"]) and metrics["loss"] > 0
 
-    prepared, per_image_32, _ = _evaluate(project, BrightPixels(), resolution="prepared")
+    prepared, per_image_32, _ = _evaluate(project, bright_pixels(), resolution="prepared")
     assert prepared["resolution"] == "prepared" and prepared["dice"] > 0.85
     assert (per_image_32["truth_pixels"] < per_image["truth_pixels"]).all()
 
 
 def test_flip_tta_averages_the_mirrored_prediction():
-    images = np.zeros((2, 4, 8, 1), np.uint8)
-    plain = predict_probabilities(ColumnRamp(), images, 8)
-    tta = predict_probabilities(ColumnRamp(), images, 8, tta=True)
-    assert plain[0, 0, :, 0] == pytest.approx(np.arange(8) / 8)
-    assert tta == pytest.approx(np.full_like(tta, 7 / 16))  # (j + (7 - j)) / 2 / 8 everywhere
+    images = [np.zeros((8, 8), np.uint8)] * 2
+    plain = Predictor(column_ramp(8)).probability_maps(images)
+    tta = Predictor(column_ramp(8), tta=True).probability_maps(images)
+    assert plain[0][0] == pytest.approx(np.arange(8) / 8)
+    assert tta[0] == pytest.approx(np.full((8, 8), 7 / 16))  # (j + (7 - j)) / 2 / 8 everywhere
 
 
 def test_small_components_are_removed_and_large_ones_kept():
@@ -122,7 +130,7 @@ def test_breakdowns_by_class_and_size_have_known_values():
 
 def test_evaluation_with_labels_and_validation_tuning_reports_everything(project: Path):
     labels = read_labels("auto", project / "raw")
-    metrics, per_image, _ = _evaluate(project, BrightPixels(), resolution="original", labels=labels, val_dir=project / "prepared" / "val", tta=True)
+    metrics, per_image, _ = _evaluate(project, bright_pixels(), resolution="original", labels=labels, tune=True, tta=True)
     assert metrics["tuned_on"] == "val" and metrics["val_dice_tuned"] > 0.85
     assert set(metrics["dice_by_class"]) <= {"glioma", "meningioma"}
     for cls, value in metrics["dice_by_class"].items():
@@ -142,46 +150,28 @@ def test_labels_file_errors_name_the_problem(tmp_path: Path):
         read_labels(str(tmp_path / "bad.csv"), tmp_path)
 
 
-class Member:
-    """A back-end for an ensemble: ``rule(x)`` at its own input size."""
-
-    name = "stub"
-
-    def __init__(self, size: int, rule) -> None:
-        self.input_size, self.rule = size, rule
-
-    def __call__(self, batch):
-        return self.rule(batch).astype("float32")
-
-
 def test_an_ensemble_is_scored_as_the_mean_of_its_members(project: Path):
-    from tumorseg.inference import EnsembleBackend
-
-    bright = Member(32, lambda x: x > 150)
-    blind = Member(16, lambda x: np.zeros_like(x))  # another input size: resized in and out
-    ensemble = EnsembleBackend([bright, blind])  # mean = 0.5 where bright, 0 elsewhere
-    alone, _, _ = _evaluate(project, BrightPixels(), resolution="prepared", threshold=0.4)
-    mean_low, _, _ = _evaluate(project, ensemble, resolution="prepared", threshold=0.4)
-    mean_high, _, _ = _evaluate(project, ensemble, resolution="prepared", threshold=0.5)
+    bright = bright_pixels(32)
+    blind = Rule(16, np.zeros_like)  # another input size: resized in and out
+    alone, _, _ = _evaluate(project, bright, resolution="prepared", threshold=0.4)
+    mean_low, _, _ = _evaluate(project, [bright, blind], resolution="prepared", threshold=0.4)  # mean = 0.5 where bright
+    mean_high, _, _ = _evaluate(project, [bright, blind], resolution="prepared", threshold=0.5)
     assert alone["dice"] > 0.85 and mean_low["dice"] == pytest.approx(alone["dice"], abs=0.02)
     assert mean_high["dice"] == pytest.approx(0.0, abs=1e-6)  # 0.5 is not > 0.5: nothing found
 
 
-def test_ensemble_predictions_are_the_mean_of_the_members_on_the_same_images():
-    from tumorseg.evaluation import Predictions, mean_predictions
-
-    images, truths = np.zeros((2, 4, 4, 1), np.uint8), np.zeros((2, 4, 4, 1), np.uint8)
-    a = Predictions(["1.png", "2.png"], images, truths, np.full((2, 4, 4, 1), 0.2, np.float32), 3.0)
-    b = Predictions(["1.png", "2.png"], images, truths, np.full((2, 4, 4, 1), 0.6, np.float32), 5.0)
-    both = mean_predictions([a, b])
+def test_ensemble_maps_are_the_mean_of_the_members_on_the_same_images():
+    a = PredictedSplit(["1.png", "2.png"], [np.full((4, 4), 0.2, np.float32)] * 2, 3.0)
+    b = PredictedSplit(["1.png", "2.png"], [np.full((4, 4), 0.6, np.float32)] * 2, 5.0)
+    both = mean_of([a, b])
     assert np.allclose(both.probabilities, 0.4) and both.ms_per_image == 8.0 and both.names == a.names
     with pytest.raises(ValueError, match="different images"):
-        mean_predictions([a, Predictions(["2.png", "1.png"], images, truths, b.probabilities, 5.0)])
+        mean_of([a, PredictedSplit(["2.png", "1.png"], b.probabilities, 5.0)])
 
 
 def test_a_model_built_for_another_input_size_is_scored_through_resizing(project: Path):
-    metrics, _, predictions = _evaluate(project, _threshold_model(16), resolution="original")
-    assert predictions.probabilities.shape[1:] == (32, 32, 1)  # back at the prepared size
+    metrics, _, evaluation = _evaluate(project, _threshold_model(16), resolution="original")
+    assert evaluation.masks[0].shape == (64, 64)  # at the raw image's size
     assert metrics["dice"] > 0.7  # a 16² view of 64² truths: coarse, but it finds the blobs
 
 
@@ -196,11 +186,12 @@ def _threshold_model(size: int):
     return model
 
 
+@pytest.mark.slow  # the whole evaluate step, with MLflow
 def test_evaluate_step_scores_outside_models_and_their_ensemble_into_runs_of_their_own(project: Path, tmp_path: Path, monkeypatch):
     """Models not trained by this pipeline (no metrics/train_*.json, e.g. the shipped weights)."""
     import mlflow
 
-    from tumorseg.pipeline import evaluate_step
+    from tumorseg.pipeline.evaluate import evaluate_step
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     models = tmp_path / "models"
@@ -208,18 +199,20 @@ def test_evaluate_step_scores_outside_models_and_their_ensemble_into_runs_of_the
     _threshold_model(32).save(models / "unet.keras")
     _threshold_model(16).save(models / "umobilenetv2.keras")  # trained at another size: resized
     cfg = CFG.model_copy(update={"image_size": 32})
-    kwargs = dict(prepared_dir=project / "prepared", models_dir=models, metrics_dir=tmp_path / "metrics", reports_dir=tmp_path / "reports", raw_dir=project / "raw")
+    kwargs = dict(
+        prepared_dir=project / "prepared",
+        models_dir=models,
+        metrics_dir=tmp_path / "metrics",
+        reports_dir=tmp_path / "reports",
+        raw_dir=project / "raw",
+    )
     results = evaluate_step(cfg, ["unet", "umobilenetv2"], **kwargs)
     assert list(results) == ["unet", "umobilenetv2", "ensemble"]
     assert all(r["dice"] > 0.7 for r in results.values()) and results["ensemble"]["members"] == ["unet", "umobilenetv2"]
     assert (tmp_path / "metrics" / "evaluate_ensemble.json").is_file() and "dice_by_class" in results["ensemble"]
-    # scored from the members' own predictions, as if the ensemble had predicted again
-    import keras
-
-    from tumorseg.inference import EnsembleBackend, KerasBackend
-
-    backend = EnsembleBackend([KerasBackend(keras.models.load_model(models / f"{name}.keras")) for name in ("unet", "umobilenetv2")])
-    direct, _, _ = _evaluate(project, backend, resolution=cfg.evaluate.resolution, threshold=cfg.evaluate.threshold)
+    # scored from the members' own maps, exactly as the ensemble predictor would predict again
+    ensemble = Predictor.load([models / "unet.keras", models / "umobilenetv2.keras"], batch_size=cfg.batch_size)
+    direct, _, _ = _evaluate(project, ensemble.members, resolution=cfg.evaluate.resolution, threshold=cfg.evaluate.threshold)
     assert results["ensemble"]["dice"] == pytest.approx(direct["dice"], abs=1e-6) and results["ensemble"]["hd95"] == pytest.approx(direct["hd95"], abs=1e-6)
 
     client = mlflow.tracking.MlflowClient()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from conftest import blob_at, blob_pair
 
+from helpers import blob_at, blob_pair
 from tumorseg.explain import (
     GradCam,
     LayerNotFoundError,

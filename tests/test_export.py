@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import blob_pair, write_pair
-from test_predict import brightness_model
+from helpers import blob_pair, brightness_model, write_pair
 from tumorseg.cli import main
 from tumorseg.export import ExportError, export_model, sample_images
 from tumorseg.inference import Predictor
 from tumorseg.metrics import dice
 
+# Every test here converts a model (TFLite/ONNX) or logs one to the MLflow registry: `make test-fast` skips them.
+pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def unet_path(tmp_path_factory) -> Path:
@@ -85,7 +86,7 @@ def test_int8_export_calibrates_on_given_images(tmp_path: Path, bright_path: Pat
     assert result.passed and result.check["quantize"] == "int8" and result.check["images"] == 4
     assert result.check["calibration_images"] == 4 and not result.check["calibration_is_check_set"]  # calibrated on the other half
     assert result.check["sample_images"].endswith("images") and result.check["dice_mean"] >= 0.9
-    from tumorseg.export import tflite_interpreter
+    from tumorseg.inference import tflite_interpreter
 
     ops = {op["op_name"] for op in tflite_interpreter(out)._get_ops_details()}
     assert "QUANTIZE" in ops  # activations really are int8 inside (float in and out)

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PROJECT_ROOT
+from helpers import PROJECT_ROOT
 from tumorseg.config import load_config
 from tumorseg.data.synthetic import write_synthetic_dataset
-from tumorseg.pipeline import prepare_step
+from tumorseg.pipeline.prepare import prepare_step
 
 TINY_MODEL = {"base_filters": 4, "depth": 2, "use_caspp": False}
 
@@ -33,7 +33,14 @@ def project(tmp_path_factory) -> Path:
     params["prepare"].update(group_by="none", workers=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     write_synthetic_dataset(root / "raw", count=48, size=32, seed=0, progress=False)
-    prepare_step(load_config(root / "params.yaml"), root / "raw" / "images", root / "raw" / "masks", root / "data" / "prepared", progress=False, report_extra={"data_source": "synthetic", "data_origin": "test", "data_hash": "0" * 64})
+    prepare_step(
+        load_config(root / "params.yaml"),
+        root / "raw" / "images",
+        root / "raw" / "masks",
+        root / "data" / "prepared",
+        progress=False,
+        report_extra={"data_source": "synthetic", "data_origin": "test", "data_hash": "0" * 64},
+    )
     return root
 
 
@@ -43,7 +50,14 @@ def _env(root: Path) -> dict:
 
 
 def _train_command(root: Path) -> list[str]:
-    return [sys.executable, str(PROJECT_ROOT / "stages" / "train.py"), "--model", "unet", "--params", str(root / "params.yaml"), "--prepared", str(root / "data" / "prepared"), "--augmented", str(root / "none")]
+    return [
+        sys.executable,
+        str(PROJECT_ROOT / "stages" / "train.py"),
+        "--model", "unet",
+        "--params", str(root / "params.yaml"),
+        "--prepared", str(root / "data" / "prepared"),
+        "--augmented", str(root / "none"),
+    ]  # fmt: skip
 
 
 def _epochs_in_history(root: Path) -> list[int]:
@@ -93,12 +107,13 @@ def test_mirrored_strategy_on_two_logical_cpus(project: Path, tmp_path: Path):
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from pathlib import Path
         from tumorseg.config import load_config
-        from tumorseg.training import train_model, distribution_strategy
+        from tumorseg.runtime import distribution_strategy
+        from tumorseg.training import train_model
         cfg = load_config({str(project / 'params.yaml')!r})
         assert distribution_strategy("mirrored").num_replicas_in_sync == 2
         out = Path({str(tmp_path)!r})
-        result = train_model("unet", model_params=cfg.models.unet.model_dump(), loss_params=cfg.loss.model_dump(),
-            train_params=cfg.train.model_dump() | {{"distribute": "mirrored"}}, augment_params=cfg.augment.model_dump(),
+        result = train_model("unet", architecture=cfg.models.unet, loss=cfg.loss,
+            train=cfg.train.model_copy(update={{"distribute": "mirrored"}}), augment=cfg.augment,
             lr=1e-3, epochs=1, batch_size=4, image_size=32, seed=0, prepared_dir=Path({str(project / 'data' / 'prepared')!r}),
             augmented_dir=None, model_path=out / "m.keras", history_path=out / "h.csv", state_dir=out / "state", progress=False)
         print("REPLICAS_OK", result.epochs_run, (out / "m.keras").exists())
@@ -114,7 +129,16 @@ def test_chaos_script_survives_random_sigkills(tmp_path: Path):
     """benchmarks/chaos_train.py at small scale: 2 SIGKILLs at seeded random points, every check passes,
     and the resumed run equals an uninterrupted one."""
     out = tmp_path / "chaos.json"
-    command = [sys.executable, str(PROJECT_ROOT / "benchmarks" / "chaos_train.py"), "--kills", "2", "--seed", "3", "--epochs", "4", "--count", "32", "--workdir", str(tmp_path / "project"), "--out", str(out)]
+    command = [
+        sys.executable,
+        str(PROJECT_ROOT / "benchmarks" / "chaos_train.py"),
+        "--kills", "2",
+        "--seed", "3",
+        "--epochs", "4",
+        "--count", "32",
+        "--workdir", str(tmp_path / "project"),
+        "--out", str(out),
+    ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(out.read_text())

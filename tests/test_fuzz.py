@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import blob_pair
+from helpers import blob_pair
 from tumorseg.cli import main as cli_main
 from tumorseg.io import hash_tree
 
@@ -96,7 +96,10 @@ def captured() -> io.StringIO:
     data=st.data(),
 )
 def test_prepare_cli_reports_every_bad_pair_and_keeps_every_good_one(names: list[str], data: st.DataObject):
-    kinds = [data.draw(st.sampled_from(GOOD_KINDS if index == 0 else GOOD_KINDS + tuple(BAD_KINDS)), label=f"kind of {name!r}") for index, name in enumerate(names)]
+    kinds = [
+        data.draw(st.sampled_from(GOOD_KINDS if index == 0 else GOOD_KINDS + tuple(BAD_KINDS)), label=f"kind of {name!r}")
+        for index, name in enumerate(names)
+    ]
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         (root / "in" / "images").mkdir(parents=True)
@@ -106,7 +109,16 @@ def test_prepare_cli_reports_every_bad_pair_and_keeps_every_good_one(names: list
         before = hash_tree(root / "in")
 
         with captured() as err, contextlib.chdir(root):  # no params.yaml here: the documented defaults
-            code = cli_main(["prepare", "--images", str(root / "in" / "images"), "--masks", str(root / "in" / "masks"), "--out", str(root / "out"), "--size", "32", "--mask-suffix", ""])
+            code = cli_main(
+                [
+                    "prepare",
+                    "--images", str(root / "in" / "images"),
+                    "--masks", str(root / "in" / "masks"),
+                    "--out", str(root / "out"),
+                    "--size", "32",
+                    "--mask-suffix", "",
+                ]  # fmt: skip
+            )
         log = err.getvalue()
 
         assert "Traceback" not in log, log
@@ -139,7 +151,8 @@ def test_prepare_cli_with_nothing_valid_exits_2_with_one_line(blobs: list[bytes]
             code = cli_main(["prepare", "--images", str(root / "images"), "--masks", str(root / "masks"), "--out", str(root / "out"), "--size", "32"])
         log = err.getvalue()
         assert code == 2 and "Traceback" not in log
-        assert [line for line in log.splitlines() if line.startswith("error:")] == [next(line for line in log.splitlines() if "no valid image/mask pairs" in line)]
+        errors = [line for line in log.splitlines() if line.startswith("error:")]
+        assert errors == [next(line for line in log.splitlines() if "no valid image/mask pairs" in line)]
         assert not (root / "out").exists()
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from tumorseg import tracking
 from tumorseg.cli import main as cli_main
-from tumorseg.evaluation import compare_models
 from tumorseg.gates import check_metrics
+from tumorseg.reporting import compare_models
 
 
 def write_metrics(folder: Path, model: str, **values) -> None:
@@ -22,7 +22,14 @@ def write_metrics(folder: Path, model: str, **values) -> None:
 def test_gate_passes_and_fails_on_thresholds(tmp_path: Path):
     write_metrics(tmp_path, "unet", dice=0.71, iou=0.6)
     write_metrics(tmp_path, "umobilenetv2", dice=0.65, iou=0.5)
-    checks = check_metrics(tmp_path, models=["unet", "umobilenetv2"], profile="quick", min_dice={"quick": {"unet": 0.7, "umobilenetv2": 0.7}}, baseline_dir=None, max_regression=0.02)
+    checks = check_metrics(
+        tmp_path,
+        models=["unet", "umobilenetv2"],
+        profile="quick",
+        min_dice={"quick": {"unet": 0.7, "umobilenetv2": 0.7}},
+        baseline_dir=None,
+        max_regression=0.02,
+    )
     assert [(c.model, c.passed) for c in checks] == [("unet", True), ("umobilenetv2", False)]
 
 
@@ -51,7 +58,16 @@ def test_check_metrics_command_exits_non_zero_with_a_table(tmp_path: Path, capsy
 def test_comparison_names_the_winner_honestly():
     results = {
         "unet": {"dice": 0.81, "global_dice": 0.8, "iou": 0.7, "loss": 0.3, "hd95": 4.0, "params_total": 100, "ms_per_step": 10.0, "ms_per_image": 2.0},
-        "umobilenetv2": {"dice": 0.78, "global_dice": 0.82, "iou": 0.68, "loss": 0.2, "hd95": 5.0, "params_total": 200, "ms_per_step": 5.0, "ms_per_image": 1.0},
+        "umobilenetv2": {
+            "dice": 0.78,
+            "global_dice": 0.82,
+            "iou": 0.68,
+            "loss": 0.2,
+            "hd95": 5.0,
+            "params_total": 200,
+            "ms_per_step": 5.0,
+            "ms_per_image": 1.0,
+        },
     }
     markdown, summary = compare_models(results, "SYNTHETIC phantoms", "facts")
     assert summary["winners"]["dice"] == "unet"
@@ -80,12 +96,21 @@ def test_unreachable_tracking_server_fails_fast_before_training(monkeypatch):
 
 
 def test_comparison_adds_the_ensemble_of_exactly_these_models(tmp_path: Path):
-    from tumorseg.pipeline import compare_step
+    from tumorseg.pipeline.compare import compare_step
 
     metrics = tmp_path / "metrics"
     for model, dice, size, epochs in (("unet", 0.70, 256, 6), ("umobilenetv2", 0.72, 128, 64)):
         write_metrics(metrics, model, dice=dice, n_images=10)
-        facts = {"params_total": 100, "ms_per_step": 5.0, "best_val_dice": dice, "best_epoch": 3, "image_size": size, "epochs_run": epochs, "batch_size": 8, "effective_lr": 3e-4 if model == "unet" else 1e-3}
+        facts = {
+            "params_total": 100,
+            "ms_per_step": 5.0,
+            "best_val_dice": dice,
+            "best_epoch": 3,
+            "image_size": size,
+            "epochs_run": epochs,
+            "batch_size": 8,
+            "effective_lr": 3e-4 if model == "unet" else 1e-3,
+        }
         facts |= {"init_from": "unet-128.keras"} if model == "unet" else {"init_from": "none", "epochs_planned": 80}  # the U-Net's JSON predates epochs_planned
         (metrics / f"train_{model}.json").write_text(json.dumps(facts))
     write_metrics(metrics, "ensemble", dice=0.75, n_images=10, members=["unet", "umobilenetv2"])
@@ -103,7 +128,7 @@ def test_comparison_adds_the_ensemble_of_exactly_these_models(tmp_path: Path):
 
 
 def test_report_numbers_keep_the_digits_that_mean_something():
-    from tumorseg.evaluation import format_number
+    from tumorseg.reporting import format_number
 
     assert format_number(0.75241) == "0.7524"  # a score
     assert format_number(55.4905) == "55.5"  # ms per image

@@ -46,7 +46,7 @@ def test_losses_are_per_image_and_match_numpy():
     np.testing.assert_allclose(np.asarray(L.dice_loss(t, p, smooth=2.0)), dice, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(L.tversky_loss(t, p, alpha=0.2, beta=0.8, smooth=2.0)), tversky, rtol=1e-5)
     # the Keras loss object averages the per-image values over the batch
-    loss = L.combined_loss(1.0, 1.0, 1.0, 0.2, 0.8, 2.0)
+    loss = L.combined_loss(tversky_alpha=0.2, tversky_beta=0.8, smooth=2.0)
     assert float(loss(t, p)) == pytest.approx(float(np.mean(bce + dice + tversky)), rel=1e-5)
 
 
@@ -112,7 +112,7 @@ def test_gradient_pushes_towards_the_mask():
 
 def test_invalid_parameters_raise():
     with pytest.raises(ValueError, match="at least one"):
-        L.combined_loss(0.0, 0.0, 0.0)
+        L.combined_loss(bce_weight=0.0, dice_weight=0.0, tversky_weight=0.0)
     with pytest.raises(ValueError, match="tversky_alpha"):
         L.combined_loss(tversky_alpha=1.5)
     with pytest.raises(ValueError, match="smooth"):
@@ -125,7 +125,7 @@ def test_accepts_loss_config_fields_and_serializes():
     from tumorseg.config import LossConfig
 
     config = LossConfig(bce_weight=0.5, tversky_alpha=0.4, tversky_beta=0.6, smooth=2.0)
-    loss = L.combined_loss(**config.model_dump())
+    loss = L.combined_loss(config)
     clone = keras.losses.deserialize(keras.losses.serialize(loss))
     assert isinstance(clone, L.CombinedLoss)
     assert clone.get_config() == loss.get_config()

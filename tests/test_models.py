@@ -208,6 +208,7 @@ def _fixed_batch(size: int, n: int = 4):
         ("umobilenetv2", {**SMALL_MOBILE, "decoder_filters": (16, 8, 8, 8, 8)}),
     ],
 )
+@pytest.mark.slow  # trains (5 steps per model)
 def test_training_steps_lower_the_loss(name, params):
     keras.utils.set_random_seed(0)
     model = build_model(name, (32, 32, 1), **params)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import blob_pair, shared_dataset, write_pair
+from helpers import blob_pair, shared_dataset, write_pair
 from tumorseg.cli import main as cli_main
 from tumorseg.data.prepare import (
     NoValidPairs,
@@ -202,9 +202,10 @@ def test_split_has_no_group_or_duplicate_leakage_and_is_seeded(tmp_path: Path):
     assert set(manifest["split"]) == {"train", "val", "test"}
     assert report.groups == {"train": 7, "val": 1, "test": 2}  # 10 blocks: round(1.5), round(8 * 0.15 / 0.85)
     # same seed -> same split; another seed -> another split
-    again = assign_splits(manifest["id"].astype(str).tolist(), manifest["area_fraction"].tolist(), group_by="block:20", n_strata=3, val_fraction=0.15, test_fraction=0.15, seed=42)
+    ids, fractions = manifest["id"].astype(str).tolist(), manifest["area_fraction"].tolist()
+    again = assign_splits(ids, fractions, group_by="block:20", n_strata=3, val_fraction=0.15, test_fraction=0.15, seed=42)
     assert again[0] == manifest["split"].tolist()
-    other = assign_splits(manifest["id"].astype(str).tolist(), manifest["area_fraction"].tolist(), group_by="block:20", n_strata=3, val_fraction=0.15, test_fraction=0.15, seed=7)
+    other = assign_splits(ids, fractions, group_by="block:20", n_strata=3, val_fraction=0.15, test_fraction=0.15, seed=7)
     assert other[0] != again[0]
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import PROJECT_ROOT, blob_pair, write_pair
+from helpers import PROJECT_ROOT, blob_pair, write_pair
 from tumorseg.config import load_config
 from tumorseg.pretrain import corrupt_all, corruption
 

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import PROJECT_ROOT, blob_pair, write_pair
+from helpers import PROJECT_ROOT, blob_pair, write_pair
 from tumorseg.cli import main as cli_main
 from tumorseg.config import MAX_ERROR_CHARS, Config, ConfigError, check_image_size, config_from_dict, load_config, one_line
 from tumorseg.data.prepare import assign_splits
 from tumorseg.data.sources import SOURCE_FILE, write_synthetic_source
-from tumorseg.inference import ModelLoadError, load_keras_model
+from tumorseg.inference import ModelLoadError, open_keras_model
 
 PARAMS = PROJECT_ROOT / "params.yaml"
 
@@ -187,7 +187,9 @@ def test_config_on_something_that_is_not_a_params_file_says_so_in_one_line(tmp_p
 
 def test_config_into_a_closed_pipe_ends_without_a_traceback():
     """`tumorseg config | head -1`: the reader leaves before the settings are all printed."""
-    child = subprocess.Popen([sys.executable, "-m", "tumorseg.cli", "config", "--params", str(PARAMS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tumorseg.cli", "config", "--params", str(PARAMS)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     child.stdout.close()  # long before the child has imported enough to print
     stderr = child.stderr.read()
     child.wait(timeout=60)
@@ -246,7 +248,7 @@ def small_pair_folder(root: Path, count: int) -> Path:
 
 
 def test_prepare_step_takes_size_0_as_an_error_not_as_the_default(tmp_path: Path):
-    from tumorseg.pipeline import prepare_step
+    from tumorseg.pipeline.prepare import prepare_step
 
     pairs = small_pair_folder(tmp_path / "pairs", 3)
     with pytest.raises(ValueError, match="multiple of 32"):
@@ -360,7 +362,7 @@ def corrupt_model(tmp_path: Path, kind: str) -> Path:
 def test_a_corrupt_keras_file_says_what_is_wrong_with_it(tmp_path: Path, kind: str, said: str):
     path = corrupt_model(tmp_path, kind)
     with pytest.raises(ModelLoadError) as error:
-        load_keras_model(path)
+        open_keras_model(path)
     assert str(error.value).startswith(f"{path}: ") and said in str(error.value)
     assert "not found" not in str(error.value).lower()
 

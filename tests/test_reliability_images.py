@@ -20,8 +20,8 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
-from conftest import PROJECT_ROOT, blob_pair, write_pair
 
+from helpers import PROJECT_ROOT, blob_pair, write_pair
 from tumorseg import images
 
 # The hand-made worst inputs are the benchmark's (benchmarks/decode_peak_rss.py measures their cost).
@@ -61,11 +61,21 @@ def imdecode_spy(monkeypatch):
 # --------------------------------------------------------------------------------------------
 
 
-def test_one_definition_of_image_suffixes_and_gray_conversion():
-    from tumorseg import inference
-    from tumorseg.data import prepare, sources
+def test_one_definition_of_image_suffixes_listing_and_gray_conversion():
+    import re
 
-    assert sources.IMAGE_EXTENSIONS is images.IMAGE_SUFFIXES and inference.IMAGE_SUFFIXES is images.IMAGE_SUFFIXES
+    from tumorseg import inference
+    from tumorseg.data import prepare
+
+    assert inference.IMAGE_SUFFIXES is images.IMAGE_SUFFIXES
+    package = PROJECT_ROOT / "src" / "tumorseg"
+    for path in package.rglob("*.py"):
+        if path.name != "images.py":
+            text = path.read_text()
+            suffix_list = re.search(r'"\.(?:png|jpe?g|bmp|tiff?)"\s*,\s*"\.(?:png|jpe?g|bmp|tiff?)"', text)
+            assert not suffix_list, f"{path}: an image suffix list of its own (use tumorseg.images.IMAGE_SUFFIXES)"
+            assert "COLOR_BGR2GRAY" not in text and "COLOR_RGB2GRAY" not in text, f"{path}: a gray conversion of its own (use tumorseg.images.to_gray_uint8)"
+            assert "in IMAGE_SUFFIXES" not in text or path.name == "batch.py", f"{path}: an image listing of its own (use tumorseg.images.list_image_files)"
     assert prepare.to_gray_uint8 is images.to_gray_uint8 and inference.to_gray_uint8 is images.to_gray_uint8
     assert inference.InputImageError is images.InputImageError and inference.decode_image is images.decode_image
 
@@ -236,7 +246,7 @@ class BlockingPredictor:
     input_size = 32
     threshold = 0.5
     tta = False
-    backend = SimpleNamespace(name="blocking")
+    name = "blocking"
 
     def __init__(self) -> None:
         self.entered, self.release, self.warmed_up = threading.Event(), threading.Event(), False

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import blob_pair, write_pair
+from helpers import blob_pair, write_pair
 from tumorseg.cli import main as cli_main
 from tumorseg.io import OUTPUT_MARKER, atomic_directory, atomic_write_bytes, hash_tree, sweep_stale_staging
 
@@ -108,7 +108,18 @@ def test_download_and_synth_refuse_to_overlap_or_overwrite(tmp_path: Path, capsy
     for index in range(1, 4):
         write_pair(source, f"{index}.png", *blob_pair(32, index))
     before = _tree(source)
-    common = dict(source="local", kaggle_dataset="-", network_timeout_s=1, image_dir="images", mask_dir="masks", mask_suffix="", synthetic_count=1, synthetic_size=32, seed=0, progress=False)
+    common = dict(
+        source="local",
+        kaggle_dataset="-",
+        network_timeout_s=1,
+        image_dir="images",
+        mask_dir="masks",
+        mask_suffix="",
+        synthetic_count=1,
+        synthetic_size=32,
+        seed=0,
+        progress=False,
+    )
     for out in (source, source / "raw", source / "images"):
         with pytest.raises(UnsafeOutputError, match="input"):
             download(out, local_path=str(source), **common)
@@ -167,7 +178,14 @@ def test_a_killed_prepare_leaves_no_workers_and_its_debris_is_swept(tmp_path: Pa
 
     write_synthetic_dataset(tmp_path / "raw", count=600, size=256, seed=0, progress=False)
     out = tmp_path / "prepared"
-    command = [sys.executable, "-m", "tumorseg.cli", "prepare", "--images", "raw/images", "--masks", "raw/masks", "--out", "prepared", "--size", "64", "--params", "none.yaml"]
+    command = [
+        sys.executable, "-m", "tumorseg.cli", "prepare",
+        "--images", "raw/images",
+        "--masks", "raw/masks",
+        "--out", "prepared",
+        "--size", "64",
+        "--params", "none.yaml",
+    ]  # fmt: skip
     env = dict(os.environ, TUMORSEG_PROGRESS="0")
     (tmp_path / "none.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text().replace("workers: 0", "workers: 2"))
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

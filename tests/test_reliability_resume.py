@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import PROJECT_ROOT, blob_pair, write_pair
+from helpers import PROJECT_ROOT, blob_pair, write_pair
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ TIMINGS = ("epoch_seconds", "ms_per_step")  # the only history columns allowed t
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     from tumorseg.config import load_config
-    from tumorseg.pipeline import prepare_step
+    from tumorseg.pipeline.prepare import prepare_step
 
     root = tmp_path_factory.mktemp("resume")
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
@@ -50,12 +50,26 @@ def project(tmp_path_factory) -> Path:
     for index in range(1, 161):  # bright discs: a tiny U-Net learns them in a few epochs, then plateaus
         write_pair(root / "raw", f"{index}.png", *blob_pair(32, index))
     record = {"data_source": "synthetic", "data_origin": "test", "data_hash": "0" * 64}
-    prepare_step(load_config(root / "params.yaml"), root / "raw" / "images", root / "raw" / "masks", root / "data" / "prepared", progress=False, report_extra=record)
+    prepare_step(
+        load_config(root / "params.yaml"),
+        root / "raw" / "images",
+        root / "raw" / "masks",
+        root / "data" / "prepared",
+        progress=False,
+        report_extra=record,
+    )
     return root
 
 
 def _command(root: Path) -> list[str]:
-    return [sys.executable, str(PROJECT_ROOT / "stages" / "train.py"), "--model", "unet", "--params", str(root / "params.yaml"), "--prepared", str(root / "data" / "prepared"), "--augmented", str(root / "none")]
+    return [
+        sys.executable,
+        str(PROJECT_ROOT / "stages" / "train.py"),
+        "--model", "unet",
+        "--params", str(root / "params.yaml"),
+        "--prepared", str(root / "data" / "prepared"),
+        "--augmented", str(root / "none"),
+    ]  # fmt: skip
 
 
 def _env(root: Path) -> dict[str, str]:

@@ -7,7 +7,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT
+from helpers import PROJECT_ROOT
 
 
 def _script(name: str):

@@ -13,9 +13,9 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-from conftest import blob_pair
 from fastapi.testclient import TestClient
 
+from helpers import blob_pair
 from tumorseg import __version__
 from tumorseg.inference import Predictor
 from tumorseg.serve import create_app, run_server, serve_in_background

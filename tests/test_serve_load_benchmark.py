@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import PROJECT_ROOT
+from helpers import PROJECT_ROOT
 
 MODEL = PROJECT_ROOT / "weights" / "umobilenetv2-figshare.keras"
 

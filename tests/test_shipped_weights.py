@@ -8,13 +8,12 @@ reason when that folder is absent.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, shared_dataset
+from helpers import PROJECT_ROOT, shared_dataset
 
 WEIGHTS = PROJECT_ROOT / "weights"
 MAX_BYTES = 25 * 1024 * 1024
@@ -39,6 +38,8 @@ def test_every_shipped_file_is_listed_with_its_checksum_and_a_model_card():
         assert all(name in card for name in SHIPPED) and "CC BY 4.0" in card and "not a medical device" in card
 
 
+@pytest.mark.slow  # full-size models on 48 real slices
+@pytest.mark.shared
 @pytest.mark.parametrize("name", SHIPPED or [pytest.param("none", marks=pytest.mark.skip(reason="no weights shipped yet"))])
 def test_shipped_model_matches_its_checksum_loads_and_segments_real_slices(name: str):
     path = WEIGHTS / name
@@ -51,6 +52,8 @@ def test_shipped_model_matches_its_checksum_loads_and_segments_real_slices(name:
     assert mean_dice >= 0.7, f"{name}: mean Dice {mean_dice:.3f} on {SAMPLE} test slices"
 
 
+@pytest.mark.slow  # every shipped model with flip TTA on 48 real slices
+@pytest.mark.shared
 @pytest.mark.skipif(len(SHIPPED) < 2, reason="fewer than two shipped models")
 def test_shipped_models_as_an_ensemble_segment_real_slices():
     from tumorseg.inference import Predictor

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import blob_pair, write_pair
+from helpers import blob_pair, write_pair
 from tumorseg.data import sources
 from tumorseg.data.sources import SourceError, discover_pair_folders, download, read_source_info
 
@@ -126,7 +126,7 @@ def test_kaggle_reachability_probe_gives_up_on_a_silent_host(monkeypatch):
 
 
 def test_kaggle_download_imports_the_discovered_folders(tmp_path: Path, monkeypatch):
-    base = kaggle_like_tree(tmp_path / "cache")
+    kaggle_like_tree(tmp_path / "cache")
     monkeypatch.setattr(sources, "kaggle_reachable", lambda timeout_s: (True, "reachable"))
     import kagglehub
 

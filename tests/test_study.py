@@ -17,7 +17,16 @@ def _fake_run(uri: str, name: str, model: str, lr_schedule: str, dices: list[flo
         tracking.log_params({"lr": 1e-4, "train.lr_schedule": lr_schedule, f"models.{model}.alpha": 1.0, "profile": name, "model": model, "epochs": len(dices)})
         for epoch, value in enumerate(dices, start=1):
             tracking.log_metrics({"val_dice": value}, step=epoch)
-        tracking.log_metrics({"best_val_dice": max(dices), "test_dice": max(dices) - 0.01, "test_dice_by_class_glioma": 0.5, "ms_per_step": 305.44, "test_threshold": 0.45, "test_min_component_px": 50})
+        tracking.log_metrics(
+            {
+                "best_val_dice": max(dices),
+                "test_dice": max(dices) - 0.01,
+                "test_dice_by_class_glioma": 0.5,
+                "ms_per_step": 305.44,
+                "test_threshold": 0.45,
+                "test_min_component_px": 50,
+            }
+        )
 
 
 def test_study_lists_runs_with_their_levers_and_draws_curves(tmp_path: Path, monkeypatch, capsys):
@@ -46,7 +55,13 @@ def test_study_lists_runs_with_their_levers_and_draws_curves(tmp_path: Path, mon
 def test_a_models_own_settings_show_only_in_its_rows_and_scoring_settings_are_no_levers():
     def run(model: str, init_unet: str, init_umnv2: str, tta: str) -> dict:
         params = {"train.init_from.unet": init_unet, "train.init_from.umobilenetv2": init_umnv2, "evaluate.tta": tta, "image_size": "256"}
-        return {"tags": {"model": model, "dvc_experiment": f"{model}-{init_unet}-{init_umnv2}"}, "params": params, "metrics": {"best_val_dice": 0.8}, "history": [(1, 0.8)], "run_name": model}
+        return {
+            "tags": {"model": model, "dvc_experiment": f"{model}-{init_unet}-{init_umnv2}"},
+            "params": params,
+            "metrics": {"best_val_dice": 0.8},
+            "history": [(1, 0.8)],
+            "run_name": model,
+        }
 
     runs = [run("unet", "none", "none", "False"), run("unet", "u.keras", "none", "True"), run("umobilenetv2", "u.keras", "m.keras", "True")]
     # unet's init differs between unet runs; umobilenetv2's init is the same within its one run
@@ -58,10 +73,20 @@ def test_a_models_own_settings_show_only_in_its_rows_and_scoring_settings_are_no
 
 def test_settings_added_later_are_columns_only_when_their_logged_values_differ():
     def run(name: str, **params) -> dict:
-        return {"tags": {"model": "umobilenetv2", "dvc_experiment": name}, "params": {"lr": "0.001", **params}, "metrics": {"best_val_dice": 0.8}, "history": [], "run_name": name}
+        return {
+            "tags": {"model": "umobilenetv2", "dvc_experiment": name},
+            "params": {"lr": "0.001", **params},
+            "metrics": {"best_val_dice": 0.8},
+            "history": [],
+            "run_name": name,
+        }
 
     old = run("old")  # trained before loss.focal_* and pretrain.* existed
-    runs = [old, run("focal", **{"loss.focal_weight": "1.0", "loss.focal_gamma": "2.0", "pretrain.epochs": "10"}), run("plain", **{"loss.focal_weight": "0.0", "loss.focal_gamma": "2.0", "pretrain.epochs": "10"})]
+    runs = [
+        old,
+        run("focal", **{"loss.focal_weight": "1.0", "loss.focal_gamma": "2.0", "pretrain.epochs": "10"}),
+        run("plain", **{"loss.focal_weight": "0.0", "loss.focal_gamma": "2.0", "pretrain.epochs": "10"}),
+    ]
     # focal_weight differs between the runs that logged it; gamma and pretrain.epochs were the same wherever logged
     assert varying_params(runs) == ["loss.focal_weight"]
     assert "| umobilenetv2 · old | — |" in ablation_markdown(runs)
@@ -80,7 +105,14 @@ def test_runs_that_differ_only_in_their_seed_are_summarised_as_mean_and_std():
         return {"tags": run_tags, "params": params, "metrics": {"best_val_dice": 0.8, "test_dice": test}, "history": [], "run_name": "r"}
 
     shipped = run(None, test=0.70)
-    runs = [shipped, run("1", threads="1", test=0.72), run("2", threads="1", test=0.74), run("1", lr="0.001"), run("1", threads="1", test=0.9), run("3", model="unet")]
+    runs = [
+        shipped,
+        run("1", threads="1", test=0.72),
+        run("2", threads="1", test=0.74),
+        run("1", lr="0.001"),
+        run("1", threads="1", test=0.9),
+        run("3", model="unet"),
+    ]
     groups = seed_groups(runs)
     # the repeat of seed 1, the other lr and the other model are not seeds of the shipped configuration
     assert [[run_seed(r) for r in group] for group in groups] == [["42", "1", "2"]]

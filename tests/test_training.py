@@ -11,9 +11,11 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, blob_pair, write_pair
+from helpers import PROJECT_ROOT, blob_pair, write_pair
 from tumorseg.config import load_config
-from tumorseg.training import load_pairs, make_dataset, read_state, train_model
+from tumorseg.data.pairs import load_pairs, make_dataset
+from tumorseg.resume import read_state
+from tumorseg.training import train_model
 
 CFG = load_config(PROJECT_ROOT / "params.yaml")
 
@@ -49,7 +51,7 @@ def test_online_augmentation_keeps_pairs_aligned(prepared: Path):
     from tumorseg.data.augment import build_augmentation
 
     _, images, masks = load_pairs(prepared / "train", 32)
-    pipeline = build_augmentation(CFG.augment.model_dump(), seed=0)
+    pipeline = build_augmentation(CFG.augment, seed=0)
     for x, y in make_dataset(images, masks, batch_size=16, shuffle=False, seed=0, augment=pipeline):
         x, y = x.numpy(), y.numpy()
         assert set(np.unique(y)) <= {0.0, 1.0}
@@ -58,13 +60,24 @@ def test_online_augmentation_keeps_pairs_aligned(prepared: Path):
         assert overlap > 0.5
 
 
-def _train(prepared: Path, out: Path, epochs: int, *, lr: float = 1e-3, image_size: int = 32, seed: int = 0, **train_overrides):
+def _train(
+    prepared: Path,
+    out: Path,
+    epochs: int,
+    *,
+    lr: float = 1e-3,
+    image_size: int = 32,
+    seed: int = 0,
+    init_from: str | Path | None = None,
+    **train_overrides,
+):
     return train_model(
         "unet",
-        model_params=CFG.models.unet.model_dump() | {"base_filters": 4, "depth": 2, "use_caspp": False},
-        loss_params=CFG.loss.model_dump(),
-        train_params=CFG.train.model_dump() | {"deterministic": False} | train_overrides,
-        augment_params=CFG.augment.model_dump(),
+        architecture=CFG.models.unet.model_copy(update={"base_filters": 4, "depth": 2, "use_caspp": False}),
+        loss=CFG.loss,
+        train=CFG.train.model_copy(update={"deterministic": False} | train_overrides),
+        augment=CFG.augment,
+        init_from=Path(init_from) if init_from is not None else None,
         lr=lr,
         epochs=epochs,
         batch_size=8,
@@ -124,6 +137,7 @@ def test_cosine_schedule_warms_up_then_decays_to_min_lr():
     assert values[2] > values[3] > values[4] == pytest.approx(1e-5, rel=1e-3)  # ends at min_lr
 
 
+@pytest.mark.slow  # trains (3 epochs)
 def test_cosine_training_logs_a_falling_learning_rate(prepared: Path, tmp_path: Path, caplog):
     _train(prepared, tmp_path, epochs=3, lr_schedule="cosine", warmup_epochs=0, early_stopping_patience=10)
     # early stopping can cut a cosine schedule short while the lr is high (seen on real data): said once
@@ -134,6 +148,7 @@ def test_cosine_training_logs_a_falling_learning_rate(prepared: Path, tmp_path: 
     assert rates[-1] == pytest.approx(CFG.train.min_lr, rel=1e-3)  # the last step reaches min_lr
 
 
+@pytest.mark.slow  # trains (three 1-epoch runs)
 def test_warm_start_begins_from_the_given_model_at_another_input_size(prepared: Path, tmp_path: Path):
     """Progressive resizing: a model trained at 32² continues at 48² from its own weights."""
     import keras
@@ -148,7 +163,7 @@ def test_warm_start_begins_from_the_given_model_at_another_input_size(prepared: 
             write_pair(larger / split, f"{split}{index}.png", *blob_pair(48, index, radius=7))
     # A learning rate of ~0 leaves the kernels where the run began.
     def continue_at_48(init: str, out: Path):
-        result = _train(larger, out, epochs=1, lr=1e-12, image_size=48, seed=1, init_from={"unet": init, "umobilenetv2": "none"})
+        result = _train(larger, out, epochs=1, lr=1e-12, image_size=48, seed=1, init_from=init)
         return keras.models.load_model(result.model_path)
 
     def same_kernels(a, b) -> bool:
@@ -179,7 +194,7 @@ def test_weight_averaging_ships_the_average_and_survives_a_resume(prepared: Path
 
     def distance(folder: Path, **overrides) -> float:
         for epochs in (1, 2):  # stop after epoch 1, then resume from the state folder
-            result = _train(prepared, folder, epochs=epochs, lr=1e-2, seed=3, init_from={"unet": str(start), "umobilenetv2": "none"}, **overrides)
+            result = _train(prepared, folder, epochs=epochs, lr=1e-2, seed=3, init_from=start, **overrides)
         assert result.resumed_from_epoch == 1
         last = folder / "state" / read_state(folder / "state")["checkpoint"]  # epoch 2's, best or not
         return max(float(np.abs(a - b).max()) for a, b in zip(begin, kernels(keras.models.load_model(last))))
@@ -191,11 +206,11 @@ def test_weight_averaging_ships_the_average_and_survives_a_resume(prepared: Path
 def test_warm_start_names_the_key_when_the_file_is_missing_or_does_not_fit(tmp_path: Path):
     import tumorseg.models  # noqa: F401
     from tumorseg.models import build_model
-    from tumorseg.training import load_initial_weights
+    from tumorseg.training import initial_weights_file, load_initial_weights
 
     small = build_model("unet", (32, 32, 1), base_filters=4, depth=2, use_caspp=False)
     with pytest.raises(FileNotFoundError, match=r"train\.init_from\.unet: .*missing\.keras does not exist"):
-        load_initial_weights(small, tmp_path / "missing.keras", key="train.init_from.unet")
+        initial_weights_file(str(tmp_path / "missing.keras"), key="train.init_from.unet")
     small.save(tmp_path / "small.keras")
     wider = build_model("unet", (32, 32, 1), base_filters=8, depth=2, use_caspp=False)
     with pytest.raises(ValueError, match=r"train\.init_from\.unet: .*small\.keras does not fit"):
@@ -209,8 +224,8 @@ def test_a_resume_with_changed_params_is_recorded_not_hidden(tmp_path: Path):
     import mlflow
 
     from tumorseg import tracking
-    from tumorseg.pipeline import _note_param_changes
-    from tumorseg.training import update_state
+    from tumorseg.pipeline.train import _note_param_changes
+    from tumorseg.resume import update_state
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     state_dir = tmp_path / "state"
@@ -233,7 +248,9 @@ def test_a_resume_with_changed_params_is_recorded_not_hidden(tmp_path: Path):
 
     run = mlflow.tracking.MlflowClient(tracking_uri=uri).get_run(run_id)
     assert run.data.params["train.early_stopping_patience"] == "10", "MLflow keeps the value the run started with"
-    assert run.data.tags[tracking.PARAMS_CHANGED_TAG] == "after epoch 36: train.early_stopping_patience 10 -> 0; after epoch 60: train.early_stopping_patience 0 -> 10"
+    assert run.data.tags[tracking.PARAMS_CHANGED_TAG] == (
+        "after epoch 36: train.early_stopping_patience 10 -> 0; after epoch 60: train.early_stopping_patience 0 -> 10"
+    )
     assert len(read_state(state_dir)["param_changes"]) == 2
     # the study compares runs by what they trained on last
     assert resume(changed)[-1] == "after epoch 60: train.early_stopping_patience 10 -> 0"

@@ -17,8 +17,8 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-from conftest import blob_pair
 
+from helpers import blob_pair
 from tumorseg.inference import Predictor
 from tumorseg.serve import create_app, serve_in_background
 

@@ -1,6 +1,6 @@
 """The ``tumorseg`` command: one entry point, one sub-command per user-facing operation.
 
-Sub-commands call the same functions as the DVC stages (``tumorseg.pipeline``); settings not given
+Sub-commands call the same functions as the DVC stages (``tumorseg.pipeline.*``); settings not given
 on the command line come from ``params.yaml`` (``--params``), or the documented defaults when the
 file is absent.
 """
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from tumorseg import __version__
-from tumorseg.config import DEFAULT_PARAMS, Config, check_image_size, load_config
+from tumorseg.config import DEFAULT_PARAMS, MODEL_NAMES, Config, check_image_size, load_config
 from tumorseg.console import UsageError, friendly_errors, setup_logging, show_progress
 
 
@@ -34,7 +34,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from tumorseg.pipeline import download_step
+    from tumorseg.pipeline.download import download_step
 
     download_step(args.config, Path(args.out), progress=show_progress())
     return 0
@@ -42,7 +42,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from tumorseg.data.sources import folder_record
-    from tumorseg.pipeline import prepare_step
+    from tumorseg.pipeline.prepare import prepare_step
 
     images, masks = Path(args.images), Path(args.masks)
     report = prepare_step(
@@ -65,14 +65,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_augment(args: argparse.Namespace) -> int:
-    from tumorseg.pipeline import augment_step
+    from tumorseg.pipeline.augment import augment_step
 
     augment_step(args.config, Path(args.prepared), Path(args.out), Path(args.preview), progress=show_progress())
     return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from tumorseg.pipeline import pretrain_step
+    from tumorseg.pipeline.pretrain import pretrain_step
 
     cfg = args.config
     out = Path(args.out or f"pretrained/{args.model}.keras")
@@ -175,9 +175,9 @@ def cmd_register(args: argparse.Namespace) -> int:
 
     model = None
     if args.model:
-        from tumorseg.inference import load_keras_model
+        from tumorseg.inference import open_keras_model
 
-        model = load_keras_model(args.model)
+        model = open_keras_model(args.model)
     info = tracking.register_model(args.name, run_id=args.run_id, model=model, uri=args.tracking_uri)
     print(f"registered {info['source']} as {info['name']} version {info['version']}: use --model {info['model_uri']}")
     return 0
@@ -218,8 +218,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tumorseg.inference import Predictor
     from tumorseg.serve import create_app, run_server
 
-    if not 0.0 <= args.threshold < 1.0 or args.max_upload_mb <= 0 or not 0 < args.port < 65536 or min(args.workers, args.retry_after, args.max_pixels) < 1 or args.queue_limit < 0:
-        raise UsageError("--threshold must be in [0, 1), --max-upload-mb positive, --port in 1..65535, --workers, --retry-after and --max-pixels at least 1, --queue-limit at least 0")
+    if (
+        not 0.0 <= args.threshold < 1.0
+        or args.max_upload_mb <= 0
+        or not 0 < args.port < 65536
+        or min(args.workers, args.retry_after, args.max_pixels) < 1
+        or args.queue_limit < 0
+    ):
+        raise UsageError(
+            "--threshold must be in [0, 1), --max-upload-mb positive, --port in 1..65535, "
+            "--workers, --retry-after and --max-pixels at least 1, --queue-limit at least 0"
+        )
     predictor = Predictor.load(args.model, threshold=args.threshold, tta=args.tta)  # once, shared by all requests
     try:
         app = create_app(
@@ -276,25 +285,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="data/augmented", help="output folder (default: %(default)s)")
     p.add_argument("--preview", default="reports/augment_preview.png", help="preview grid PNG (default: %(default)s)")
 
-    p = add("pretrain", cmd_pretrain, "self-supervised pretraining without ImageNet: restore training images with blanked patches (pretrain.* in params), for train.init_from.<model>")
-    p.add_argument("model", choices=("unet", "umobilenetv2"), help="the network to pretrain (built from models.<model> in params)")
+    p = add(
+        "pretrain",
+        cmd_pretrain,
+        "self-supervised pretraining without ImageNet: restore training images with blanked patches (pretrain.* in params), for train.init_from.<model>",
+    )
+    p.add_argument("model", choices=MODEL_NAMES, help="the network to pretrain (built from models.<model> in params)")
     p.add_argument("--prepared", default="data/prepared", help="prepared data folder (default: %(default)s); masks are never used")
     p.add_argument("--out", default=None, help="output .keras file (default: pretrained/<model>.keras)")
 
     p = add("check-metrics", cmd_check_metrics, "gate: evaluate metrics vs ci thresholds in params.yaml and an optional baseline")
     p.add_argument("--metrics-dir", default="metrics", help="folder with evaluate_<model>.json (default: %(default)s)")
-    p.add_argument("--models", nargs="+", default=["unet", "umobilenetv2"])
+    p.add_argument("--models", nargs="+", default=list(MODEL_NAMES))
     p.add_argument("--baseline", default=None, help="baseline folder with evaluate_<model>.json (default: ci.baseline_dir)")
 
     p = add("study", cmd_study, "all tracked runs: validation-Dice curves on one chart and an ablation table", params=False)
     p.add_argument("--out", default="reports/study", help="output folder (default: %(default)s)")
     p.add_argument("--data-source", choices=("real", "synthetic"), default=None, help="only runs on this kind of data")
-    p.add_argument("--model", choices=("unet", "umobilenetv2"), default=None, help="only this model's runs")
+    p.add_argument("--model", choices=MODEL_NAMES, default=None, help="only this model's runs")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
 
     p = add("predict", cmd_predict, "segment images, folders (recursive) or zip archives: <stem>_mask.png, <stem>_overlay.png, predictions.csv", params=False)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or .zip archives")
-    p.add_argument("--model", required=True, action="append", help="a .keras/.tflite/.onnx file, runs:/<run id>/model or models:/<name>/<version>; give --model twice or more to average the models (an ensemble)")
+    p.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        help="a .keras/.tflite/.onnx file, runs:/<run id>/model or models:/<name>/<version>; give --model twice or more to average the models (an ensemble)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--threshold", type=float, default=0.5, help="tumour where probability > threshold (default: %(default)s)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation (mean of image and mirror)")

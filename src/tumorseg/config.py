@@ -36,7 +36,7 @@ class ConfigError(ValueError):
         self.problems, self.source = problems, source
         super().__init__(one_line(source, problems))
 
-    def located(self, source: str | Path) -> "ConfigError":
+    def located(self, source: str | Path) -> ConfigError:
         """The same problems, reported against the file they came from."""
         return ConfigError(*self.problems, source=str(source))
 
@@ -135,7 +135,7 @@ class PrepareConfig(_Strict):
         raise ValueError("must be 'none', 'block:N' or 'regex:PATTERN'")
 
     @model_validator(mode="after")
-    def _check_fractions(self) -> "PrepareConfig":
+    def _check_fractions(self) -> PrepareConfig:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must leave room for training (< 1)")
         return self
@@ -204,7 +204,7 @@ class LossConfig(_Strict):
     focal_gamma: float = Field(2.0, ge=0.0, le=10.0)  # down-weighting of easy pixels; 0 = BCE
 
     @model_validator(mode="after")
-    def _some_term(self) -> "LossConfig":
+    def _some_term(self) -> LossConfig:
         if self.bce_weight + self.dice_weight + self.tversky_weight + self.focal_weight <= 0:
             raise ValueError("at least one of bce_weight, dice_weight, tversky_weight, focal_weight must be > 0")
         return self
@@ -326,7 +326,7 @@ class CIConfig(_Strict):
     """The metric gate run by `tumorseg check-metrics` (and CI)."""
 
     # Minimum per-image test Dice, per profile and model.
-    min_dice: dict[str, dict[Literal["unet", "umobilenetv2"], float]] = {
+    min_dice: dict[str, dict[str, float]] = {
         "quick": {"unet": 0.70, "umobilenetv2": 0.70},
         "full": {"unet": 0.75, "umobilenetv2": 0.80},
     }
@@ -339,6 +339,8 @@ class CIConfig(_Strict):
     def _dice_range(cls, value: dict) -> dict:
         for profile, models in value.items():
             for model, threshold in models.items():
+                if model not in MODEL_NAMES:
+                    raise ValueError(f"min_dice.{profile}.{model}: unknown model (known: {', '.join(MODEL_NAMES)})")
                 if not 0.0 <= threshold <= 1.0:
                     raise ValueError(f"min_dice.{profile}.{model} must be in [0, 1], got {threshold}")
         return value
@@ -347,6 +349,11 @@ class CIConfig(_Strict):
 class ModelsConfig(_Strict):
     unet: UNetConfig = UNetConfig()
     umobilenetv2: UMobileNetV2Config = UMobileNetV2Config()
+
+
+# The models this project trains, declared once: the fields of ``models:`` in params.yaml (the
+# model registry, dvc.yaml's ``vars`` and the stage scripts are checked against or read this).
+MODEL_NAMES: tuple[str, ...] = tuple(ModelsConfig.model_fields)
 
 
 class Config(_Strict):
@@ -510,7 +517,10 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         raise ConfigError(f"must hold a mapping of keys to values (like the project's params.yaml), got {_describe(raw)}")
     missing = _missing_sections(raw, Config)
     if missing:
-        raise ConfigError(f"missing or empty: {', '.join(f'`{key}`' for key in missing)} (every setting of the project's params.yaml is required; copy the missing ones from it)")
+        raise ConfigError(
+            f"missing or empty: {', '.join(f'`{key}`' for key in missing)} "
+            "(every setting of the project's params.yaml is required; copy the missing ones from it)"
+        )
     try:
         return Config.model_validate(resolve_profile(raw))
     except ValidationError as error:
@@ -545,7 +555,10 @@ def read_params_text(path: Path) -> str:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"not a text file (byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8): give the YAML params file", source=str(path)) from None
+        raise ConfigError(
+            f"not a text file (byte {exc.object[exc.start]:#04x} at offset {exc.start} is not UTF-8): give the YAML params file",
+            source=str(path),
+        ) from None
     if "\0" in text:
         raise ConfigError("a binary file (it holds NUL bytes), not a YAML params file", source=str(path))
     return text
@@ -605,7 +618,10 @@ class _ParamsLoader(yaml.SafeLoader):
             key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
             try:
                 if key in first_line:
-                    raise ConfigError(f"`{clip(str(key), 60)}`: duplicate key at line {line} (first at line {first_line[key]}); YAML would silently keep only the last")
+                    raise ConfigError(
+                        f"`{clip(str(key), 60)}`: duplicate key at line {line} (first at line {first_line[key]}); "
+                        "YAML would silently keep only the last"
+                    )
             except TypeError:  # an unhashable key: the base class says so
                 break
             first_line[key] = line

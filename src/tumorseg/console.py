@@ -15,27 +15,35 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from tumorseg.config import ERROR_PREFIX, MAX_ERROR_CHARS, ConfigError, clip
-from tumorseg.data.prepare import NoValidPairs, PrepareError
-from tumorseg.data.sources import SourceError
-from tumorseg.io import OutputError, UnsafeOutputError, describe_os_error
-from tumorseg.export import ExportError
-from tumorseg.inference import InputImageError, ModelLoadError
-from tumorseg.tracking import TrackingError
+from tumorseg.errors import (
+    ExportError,
+    InputImageError,
+    ModelLoadError,
+    NoValidPairs,
+    OutputError,
+    PrepareError,
+    SourceError,
+    TrackingError,
+    UnsafeOutputError,
+    UsageError,
+)
+from tumorseg.io import describe_os_error
 
 F = TypeVar("F", bound=Callable[..., int | None])
-
-
-
-class UsageError(ValueError):
-    """A bad option value on the command line, found before any work starts."""
-
 
 # Exit codes: 1 = a user-fixable error met while working (the message says what); 2 = refused
 # before any work started (bad params or option, an output that would hit the inputs) or nothing
 # valid to work on. Either way nothing of the user's was changed.
 REFUSALS: tuple[type[BaseException], ...] = (UsageError, ConfigError, UnsafeOutputError, NoValidPairs)
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    SourceError, PrepareError, OutputError, FileNotFoundError, InputImageError, ModelLoadError, ExportError, TrackingError
+    SourceError,
+    PrepareError,
+    OutputError,
+    FileNotFoundError,
+    InputImageError,
+    ModelLoadError,
+    ExportError,
+    TrackingError,
 )
 # Raw OSErrors that mean "the disk or folder refuses the write", wherever they come from (a
 # library writing its own file): one line naming the path and the cause, like OutputError.

@@ -215,7 +215,7 @@ def grad_cam(model, image: np.ndarray, layer: str | None = None, *, threshold: f
 def heatmap_overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.45, mask: np.ndarray | None = None) -> np.ndarray:
     """RGB uint8 ``(H, W, 3)``: the image blended with the heat map in OpenCV's JET colours
     (blue = no evidence, red = strongest), plus the mask outline in white when ``mask`` is given."""
-    from tumorseg.data.augment import outline
+    from tumorseg.overlays import outline
 
     gray = _as_gray(image)
     if heat.shape != gray.shape:
@@ -241,7 +241,7 @@ class ExplainReport:
 def explanation_panel(image: np.ndarray, mask: np.ndarray, heat: np.ndarray) -> np.ndarray:
     """BGR panel for a PNG: the prediction overlay (green outline) beside the Grad-CAM overlay
     (white outline); small images are enlarged so both stay readable."""
-    from tumorseg.data.augment import frame_tile, overlay_outline
+    from tumorseg.overlays import frame_tile, overlay_outline
 
     left = overlay_outline(image, mask, (0, 255, 0))
     right = cv2.cvtColor(heatmap_overlay(image, heat, mask=mask), cv2.COLOR_RGB2BGR)
@@ -270,7 +270,7 @@ def explain_files(
     out_dir = Path(out_dir)
     listing = inference.list_inputs(inputs)
     report = ExplainReport(skipped=list(listing.problems), ignored=listing.ignored)
-    reader = inference._Reader()  # same reading rules (size limits, zip members) as predict
+    reader = inference.ImageReader()  # same reading rules (size limits, zip members) as predict
     limit = max_pixels or images.DEFAULT_MAX_PIXELS
     try:
         pairs = zip(listing.sources, inference.unique_stems(listing.sources))

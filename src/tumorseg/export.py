@@ -20,7 +20,6 @@ import logging
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from tumorseg.inference import IMAGE_SUFFIXES, InputImageError, Predictor, read_image
+from tumorseg.errors import ExportError  # noqa: F401 - raised here, defined with the other user errors
+from tumorseg.images import InputImageError, list_image_files, read_image
+from tumorseg.inference import Predictor, resize_to_input
 from tumorseg.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -41,10 +42,6 @@ ONNX_QUANTIZATIONS = ("none", "dynamic", "int8")
 # Float exports compute the same function up to rounding. Quantised bounds: see the README
 # ("Use a trained model") for the values measured on trained models; these leave a margin.
 DICE_BOUNDS = {"none": 0.99, "float16": 0.99, "dynamic": 0.95, "int8": 0.90}
-
-
-class ExportError(RuntimeError):
-    """The model cannot be exported as asked, or the export failed its check."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,7 +60,7 @@ def sample_images(size: int, count: int = 16, *, seed: int = 0, folder: str | Pa
     if not root.is_dir():
         raise FileNotFoundError(f"calibration folder {root} does not exist")
     images = []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in list_image_files(root, recursive=True):
         try:
             images.append(read_image(path))
         except InputImageError as exc:
@@ -88,8 +85,6 @@ def check_and_calibration_images(size: int, count: int, *, seed: int = 0, folder
 
 
 def _model_batches(images: Sequence[np.ndarray], size: int) -> list[np.ndarray]:
-    from tumorseg.inference import resize_to_input
-
     return [resize_to_input(image, size).astype(np.float32)[None, :, :, None] for image in images]
 
 
@@ -180,21 +175,6 @@ def _quantize_onnx(source: Path, target: Path, quantize: str, calibration: Seque
 # --------------------------------------------------------------------------------------------
 # Runtime helpers
 # --------------------------------------------------------------------------------------------
-
-
-def tflite_interpreter(path: str | Path, num_threads: int | None = None):
-    """A TFLite interpreter for ``path`` (``ai_edge_litert`` when installed, else ``tf.lite``)."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        import tensorflow as tf
-
-        Interpreter = tf.lite.Interpreter
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice (it still works in TF 2.21)
-        interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
-    interpreter.allocate_tensors()
-    return interpreter
 
 
 def ms_per_image(run: Callable[[np.ndarray], Any], batches: Sequence[np.ndarray], repeats: int = 1) -> float:
@@ -304,7 +284,8 @@ def export_model(
             "passed": agreement["dice_mean"] >= bound,
             "ms_per_image_export": round(ms_per_image(candidate.backend, batches, timing_repeats), 3),
             "ms_per_image_keras": round(ms_per_image(reference.backend, batches, timing_repeats), 3),
-            "timing": f"batch 1, mean over {len(batches)} images, median of {timing_repeats} repeats, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
+            "timing": f"batch 1, mean over {len(batches)} images, median of {timing_repeats} repeats, "
+            f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
             "convert_seconds": round(convert_seconds, 2),
         }
         atomic_write_json(check_path, check)

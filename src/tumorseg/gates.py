@@ -21,7 +21,15 @@ class Check:
     note: str = ""
 
 
-def check_metrics(metrics_dir: Path, *, models: list[str], profile: str, min_dice: dict[str, dict[str, float]], baseline_dir: Path | None, max_regression: float) -> list[Check]:
+def check_metrics(
+    metrics_dir: Path,
+    *,
+    models: list[str],
+    profile: str,
+    min_dice: dict[str, dict[str, float]],
+    baseline_dir: Path | None,
+    max_regression: float,
+) -> list[Check]:
     checks: list[Check] = []
     thresholds = min_dice.get(profile, {})
     for model in models:

@@ -21,6 +21,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from tumorseg.errors import EMPTY, TOO_LARGE, UNREADABLE, InputImageError  # noqa: F401 - raised here, defined with the other user errors
+
 # Pillow's format name -> the format we report. MPO is a JPEG with extra frames; DIB is a BMP body.
 SUPPORTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "BMP": "BMP", "DIB": "BMP", "TIFF": "TIFF"}
 _PILLOW_OPENERS = ("PNG", "JPEG", "BMP", "DIB", "TIFF")  # MPO files open through JPEG's opener
@@ -37,25 +39,10 @@ MAX_DECODE_BYTES = 512 * 2**20
 _DECODER_OVERHEAD_BYTES = 8 * 2**20
 
 # Why an input was refused (prepare maps these to its report.json skip reasons).
-EMPTY = "empty"
-UNREADABLE = "unreadable"
-TOO_LARGE = "too_large"
 
 _STRETCH_STRIP_VALUES = 1 << 20  # 16-bit/float images are stretched in strips of this many values
 _GRAY_MODES = {"1", "L", "I", "F"}  # plus every "I;16..." mode
 _COLOUR_MODES = {"RGB", "YCbCr", "LAB", "HSV"}
-
-
-class InputImageError(ValueError):
-    """An input is not a usable image; the message names the input and the reason.
-
-    ``kind`` says why in one word (:data:`EMPTY`, :data:`UNREADABLE` or :data:`TOO_LARGE`) so that
-    callers can sort refusals without parsing the message.
-    """
-
-    def __init__(self, message: str, kind: str = UNREADABLE) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -137,6 +124,19 @@ def _unsupported(data: bytes, name: str) -> InputImageError:
     return InputImageError(f"{name}: not an image (unrecognised file format, or a variant the header reader lacks such as colour float TIFF; {FORMATS_HINT})")
 
 
+def list_image_files(folder: str | Path, *, recursive: bool = False) -> list[Path]:
+    """The image files in ``folder`` (by extension, :data:`IMAGE_SUFFIXES`), sorted; hidden files
+    and folders (``.x``) and macOS ``__MACOSX`` debris are skipped. The one listing rule of
+    download, prepare, predict and the export check."""
+    root = Path(folder)
+    candidates = root.rglob("*") if recursive else root.iterdir()
+    return sorted(
+        p
+        for p in candidates
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts)
+    )
+
+
 def read_header(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_decode_bytes: int = MAX_DECODE_BYTES) -> ImageHeader:
     """Check ``data``'s header against the budgets without decoding a pixel; raise InputImageError."""
     from PIL import Image, UnidentifiedImageError
@@ -191,7 +191,9 @@ def decode_array(
     except cv2.error as exc:
         raise InputImageError(f"{name}: corrupt {header.format} image ({str(exc).strip().splitlines()[-1][:200]})") from None
     if image is None or image.size == 0:
-        raise InputImageError(f"{name}: corrupt or truncated {header.format} image (the header says {header.width}x{header.height} but the pixels cannot be decoded)")
+        raise InputImageError(
+            f"{name}: corrupt or truncated {header.format} image (the header says {header.width}x{header.height} but the pixels cannot be decoded)"
+        )
     if image.shape[:2] not in ((header.height, header.width), (header.width, header.height)) or image.nbytes > header.decoded_bytes:
         shape = "x".join(str(side) for side in (image.shape[1], image.shape[0], *image.shape[2:]))
         raise InputImageError(f"{name}: header and pixel data disagree (header: {header.describe()}; decoded: {shape} {image.dtype})")

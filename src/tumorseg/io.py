@@ -28,14 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-
-class OutputError(OSError):
-    """An output could not be written (read-only folder, disk full, ...): names the path."""
-
-
-class UnsafeOutputError(OutputError):
-    """Writing the output would overwrite or delete something that is not ours (an input, a user's folder)."""
-
+from tumorseg.errors import OutputError, UnsafeOutputError  # noqa: F401 - raised here, defined with the other user errors
 
 OUTPUT_MARKER = ".tumorseg-output"  # in every folder atomic_directory made: only such folders are ever replaced
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from tumorseg.config import LossConfig
+
 __all__ = ["CombinedLoss", "EPSILON", "bce_loss", "combined_loss", "dice_loss", "focal_loss", "tversky_loss"]
 
 EPSILON = 1e-7
@@ -75,17 +77,6 @@ def focal_loss(y_true, y_pred, gamma: float = 2.0):
     return ops.mean(pixel, axis=axes)
 
 
-def _check(name: str, value, low: float, high: float | None = None, low_open: bool = False) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"loss.{name} must be a number, got {value!r}") from None
-    if (value <= low if low_open else value < low) or (high is not None and value > high):
-        bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-        raise ValueError(f"loss.{name} must be {bound}, got {value}")
-    return value
-
-
 @keras.saving.register_keras_serializable(package="tumorseg")
 class CombinedLoss(keras.losses.Loss):
     """``bce_weight * BCE + dice_weight * Dice + tversky_weight * Tversky + focal_weight * Focal``
@@ -96,29 +87,34 @@ class CombinedLoss(keras.losses.Loss):
 
     def __init__(
         self,
-        bce_weight: float = 1.0,
-        dice_weight: float = 1.0,
-        tversky_weight: float = 1.0,
-        tversky_alpha: float = 0.3,
-        tversky_beta: float = 0.7,
-        smooth: float = 1.0,
-        focal_weight: float = 0.0,
-        focal_gamma: float = 2.0,
+        *,
+        bce_weight: float,
+        dice_weight: float,
+        tversky_weight: float,
+        tversky_alpha: float,
+        tversky_beta: float,
+        smooth: float,
+        focal_weight: float,
+        focal_gamma: float,
         name: str = "combined_loss",
         reduction: str = "sum_over_batch_size",
         dtype=None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.bce_weight = _check("bce_weight", bce_weight, 0.0)
-        self.dice_weight = _check("dice_weight", dice_weight, 0.0)
-        self.tversky_weight = _check("tversky_weight", tversky_weight, 0.0)
-        self.focal_weight = _check("focal_weight", focal_weight, 0.0)
-        if self.bce_weight + self.dice_weight + self.tversky_weight + self.focal_weight <= 0:
-            raise ValueError("loss: at least one of bce_weight, dice_weight, tversky_weight, focal_weight must be > 0")
-        self.tversky_alpha = _check("tversky_alpha", tversky_alpha, 0.0, 1.0)
-        self.tversky_beta = _check("tversky_beta", tversky_beta, 0.0, 1.0)
-        self.smooth = _check("smooth", smooth, 0.0, low_open=True)
-        self.focal_gamma = _check("focal_gamma", focal_gamma, 0.0, 10.0)
+        # The rules (ranges, at least one term) are LossConfig's: one place, also for a loss
+        # deserialised from a saved model.
+        settings = LossConfig(
+            bce_weight=bce_weight,
+            dice_weight=dice_weight,
+            tversky_weight=tversky_weight,
+            tversky_alpha=tversky_alpha,
+            tversky_beta=tversky_beta,
+            smooth=smooth,
+            focal_weight=focal_weight,
+            focal_gamma=focal_gamma,
+        )
+        for key, value in settings.model_dump().items():
+            setattr(self, key, float(value))
 
     def call(self, y_true, y_pred):
         total = 0.0
@@ -148,24 +144,9 @@ class CombinedLoss(keras.losses.Loss):
         }
 
 
-def combined_loss(
-    bce_weight: float = 1.0,
-    dice_weight: float = 1.0,
-    tversky_weight: float = 1.0,
-    tversky_alpha: float = 0.3,
-    tversky_beta: float = 0.7,
-    smooth: float = 1.0,
-    focal_weight: float = 0.0,
-    focal_gamma: float = 2.0,
-) -> CombinedLoss:
-    """The reference loss as a serialisable Keras loss: ``combined_loss(**cfg.loss.model_dump())``."""
-    return CombinedLoss(
-        bce_weight=bce_weight,
-        dice_weight=dice_weight,
-        tversky_weight=tversky_weight,
-        tversky_alpha=tversky_alpha,
-        tversky_beta=tversky_beta,
-        smooth=smooth,
-        focal_weight=focal_weight,
-        focal_gamma=focal_gamma,
-    )
+def combined_loss(settings=None, /, **overrides: float) -> CombinedLoss:
+    """The loss of a ``loss:`` section (a :class:`~tumorseg.config.LossConfig`; its defaults, the
+    reference BCE + Dice + Tversky, are written there only), with single fields overridden by
+    keyword: ``combined_loss(cfg.loss)``, ``combined_loss(dice_weight=0.5)``."""
+    base = LossConfig() if settings is None else settings
+    return CombinedLoss(**(base.model_dump() | overrides))

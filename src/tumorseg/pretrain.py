@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 
-from tumorseg.training import batch_as_float, configure_runtime, learning_rate_for, load_pairs, optimizer_for, publish_without_optimizer, save_model_atomically
+from tumorseg.config import PretrainConfig, TrainConfig, UMobileNetV2Config, UNetConfig
+from tumorseg.data.pairs import batch_as_float, load_pairs
+from tumorseg.resume import publish_without_optimizer, save_model_atomically
+from tumorseg.runtime import configure_runtime
+from tumorseg.training import learning_rate_for, optimizer_for
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +32,13 @@ def corruption(*, holes: int, hole_fraction: float, noise_std: float, seed: int 
     import albumentations as A
 
     transforms = [
-        A.CoarseDropout(num_holes_range=(1, holes), hole_height_range=(hole_fraction / 2, hole_fraction), hole_width_range=(hole_fraction / 2, hole_fraction), fill=0, p=1.0),
+        A.CoarseDropout(
+            num_holes_range=(1, holes),
+            hole_height_range=(hole_fraction / 2, hole_fraction),
+            hole_width_range=(hole_fraction / 2, hole_fraction),
+            fill=0,
+            p=1.0,
+        ),
     ]
     if noise_std > 0:
         transforms.append(A.GaussNoise(std_range=(0.0, noise_std), p=1.0))
@@ -72,42 +82,44 @@ class PretrainResult:
 def pretrain_model(
     name: str,
     *,
-    model_params: dict[str, Any],
-    train_params: dict[str, Any],
+    architecture: UNetConfig | UMobileNetV2Config,
+    train: TrainConfig,
+    pretrain: PretrainConfig,
     image_size: int,
     batch_size: int,
     lr: float,
-    epochs: int,
     seed: int,
-    holes: int,
-    hole_fraction: float,
-    noise_std: float,
     prepared_dir: Path,
     model_path: Path,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
 ) -> PretrainResult:
     """Train ``name`` to restore corrupted training images; the epoch with the lowest validation
-    loss is written to ``model_path`` (atomically), ready for ``train.init_from.<name>``."""
+    loss is written to ``model_path`` (atomically), ready for ``train.init_from.<name>``.
+    ``architecture``, ``train`` and ``pretrain`` are params.yaml's ``models.<name>``, ``train`` and
+    ``pretrain`` sections (the epochs and the corruption are ``pretrain``'s)."""
     import keras
 
     from tumorseg.models import build_model
 
-    configure_runtime(seed=seed, threads=train_params["threads"], deterministic=train_params["deterministic"])
+    configure_runtime(seed=seed, threads=train.threads, deterministic=train.deterministic)
     _, train_x, _ = load_pairs(prepared_dir / "train", image_size)
     _, val_x, _ = load_pairs(prepared_dir / "val", image_size)
     if len(train_x) == 0:
         raise FileNotFoundError(f"no training images in {prepared_dir / 'train'}; run the prepare stage first")
     if len(val_x) == 0:
         val_x = train_x
-    settings = {"holes": holes, "hole_fraction": hole_fraction, "noise_std": noise_std}
+    settings = {"holes": pretrain.holes, "hole_fraction": pretrain.hole_fraction, "noise_std": pretrain.noise_std}
+    epochs = pretrain.epochs
     train_ds = reconstruction_dataset(train_x, batch_size=batch_size, seed=seed, corrupt=corruption(**settings, seed=seed))
     val_ds = reconstruction_dataset(val_x, batch_size=batch_size, seed=seed, corrupted=corrupt_all(val_x, corruption(**settings, seed=seed + 1)))
 
-    model = build_model(name, (image_size, image_size, 1), **model_params)
+    model = build_model(name, (image_size, image_size, 1), **architecture.model_dump())
     steps = -(-len(train_x) // batch_size)
-    schedule = learning_rate_for(train_params["lr_schedule"], lr, steps_per_epoch=steps, start_epoch=0, stop_epoch=epochs, warmup_epochs=train_params["warmup_epochs"], min_lr=train_params["min_lr"])
-    model.compile(optimizer=optimizer_for(train_params["optimizer"], schedule, train_params["weight_decay"]), loss=keras.losses.MeanAbsoluteError(), jit_compile=train_params["jit_compile"])
+    schedule = learning_rate_for(
+        train.lr_schedule, lr, steps_per_epoch=steps, start_epoch=0, stop_epoch=epochs, warmup_epochs=train.warmup_epochs, min_lr=train.min_lr
+    )
+    model.compile(optimizer=optimizer_for(train.optimizer, schedule, train.weight_decay), loss=keras.losses.MeanAbsoluteError(), jit_compile=train.jit_compile)
 
     best = {"epoch": 0, "loss": float("inf"), "first": float("nan")}
     checkpoint = model_path.with_name(f".{model_path.stem}.best.keras")

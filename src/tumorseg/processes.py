@@ -51,4 +51,9 @@ def worker_pool(workers: int, initializer: Callable | None = None, initargs: tup
     Never ``fork``: a parent that already ran OpenCV (or TensorFlow) holds thread-pool locks that a
     forked child inherits locked, and hangs; ``spawn`` starts each worker as a clean interpreter.
     """
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(initializer, initargs))
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(initializer, initargs),
+    )

@@ -50,10 +50,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tumorseg import __version__
-from tumorseg.data.augment import overlay_outline
 from tumorseg.images import DEFAULT_MAX_PIXELS, MAX_DECODE_BYTES, InputImageError, decode_image
 from tumorseg.inference import Predictor
 from tumorseg.io import encode_png
+from tumorseg.overlays import overlay_outline
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def create_app(
         raise ValueError(f"max_upload_mb must be positive, got {max_upload_mb}")
     pool = AnalysisPool(workers, queue_limit, retry_after_s)
     analyse = Analyser(predictor, gradcam_layer, max_pixels, max_decode_bytes)
-    name = model_name or (predictor.model.name if predictor.model is not None else predictor.backend.name)
+    name = model_name or (predictor.model.name if predictor.model is not None else predictor.name)
     app = FastAPI(
         title="tumorseg",
         version=__version__,
@@ -325,7 +325,7 @@ def create_app(
         return {
             "status": "ok",
             "model": name,
-            "backend": predictor.backend.name,
+            "backend": predictor.name,
             "input_size": predictor.input_size,
             "threshold": predictor.threshold,
             "tta": predictor.tta,

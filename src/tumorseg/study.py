@@ -11,8 +11,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from tumorseg.evaluation import format_number
 from tumorseg.io import atomic_write_figure, atomic_write_text
+from tumorseg.reporting import format_number
 
 # Columns of the ablation table: (MLflow metric, header).
 SCORE_COLUMNS = [

@@ -19,14 +19,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tumorseg.errors import TrackingError  # noqa: F401 - raised here, defined with the other user errors
+
 log = logging.getLogger(__name__)
 
 EXPERIMENT_NAME = "tumorseg"
 STORE_FILE = "mlflow.db"
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; raised before any training starts."""
 
 
 def workspace_root(start: Path | None = None) -> Path:
@@ -92,7 +90,9 @@ def check_tracking(uri: str) -> None:
     try:
         create_sqlite_store(uri)
     except OSError as exc:
-        raise TrackingError(f"cannot create the MLflow store {uri!r}: {exc.strerror or exc}; check that the project folder is writable and the disk has space") from None
+        raise TrackingError(
+            f"cannot create the MLflow store {uri!r}: {exc.strerror or exc}; check that the project folder is writable and the disk has space"
+        ) from None
     mlflow.set_tracking_uri(uri)
     try:
         if mlflow.get_experiment_by_name(EXPERIMENT_NAME) is None:
@@ -280,7 +280,15 @@ def load_keras_model(model_uri: str, uri: str | None = None):
         raise TrackingError(f"cannot load {model_uri!r} from the MLflow store {store!r} ({type(exc).__name__}: {str(exc)[:300]})") from None
 
 
-def register_model(name: str, *, run_id: str | None = None, model=None, uri: str | None = None, artifact_path: str = "model", tags: Mapping[str, str] | None = None) -> dict[str, str]:
+def register_model(
+    name: str,
+    *,
+    run_id: str | None = None,
+    model=None,
+    uri: str | None = None,
+    artifact_path: str = "model",
+    tags: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """Register a model version under ``name`` in the MLflow model registry.
 
     Either an already logged model (``run_id``: ``runs:/<run_id>/<artifact_path>``), or a Keras

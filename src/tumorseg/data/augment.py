@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import (offline machines)
 
@@ -20,36 +19,38 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from tumorseg.config import AugmentConfig  # noqa: E402
 from tumorseg.io import atomic_directory, atomic_write_json, atomic_write_png, write_staged_png  # noqa: E402
+from tumorseg.overlays import frame_tile, overlay_outline  # noqa: E402
 from tumorseg.processes import default_workers, worker_pool  # noqa: E402
 
 
-def build_augmentation(settings: dict[str, Any], seed: int | None) -> A.Compose:
+def build_augmentation(settings: AugmentConfig, seed: int | None) -> A.Compose:
     """Compose the eight reference transform kinds; each has its own probability and limits.
 
-    ``settings`` is ``Config.augment.model_dump()``. Geometric transforms pad with black
+    ``settings`` is the ``augment:`` section of params.yaml. Geometric transforms pad with black
     (background), never with reflected anatomy that would put a second tumour in the image.
     """
     s = settings
     constant = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0}
     transforms = [
-        A.Affine(rotate=(-s["rotate"]["limit"], s["rotate"]["limit"]), p=s["rotate"]["p"], **constant),
+        A.Affine(rotate=(-s.rotate.limit, s.rotate.limit), p=s.rotate.p, **constant),
         A.Affine(
-            translate_percent={"x": (-s["translate"]["limit"], s["translate"]["limit"]), "y": (-s["translate"]["limit"], s["translate"]["limit"])},
-            p=s["translate"]["p"],
+            translate_percent={"x": (-s.translate.limit, s.translate.limit), "y": (-s.translate.limit, s.translate.limit)},
+            p=s.translate.p,
             **constant,
         ),
-        A.Affine(scale=(1 - s["scale"]["limit"], 1 + s["scale"]["limit"]), p=s["scale"]["p"], **constant),
-        A.HorizontalFlip(p=s["hflip"]["p"]),
-        A.VerticalFlip(p=s["vflip"]["p"]),
-        A.ElasticTransform(alpha=s["elastic"]["alpha"], sigma=s["elastic"]["sigma"], p=s["elastic"]["p"], **constant),
-        A.CropAndPad(percent=(-s["crop_pad"]["limit"], s["crop_pad"]["limit"]), keep_size=True, p=s["crop_pad"]["p"], **constant),
+        A.Affine(scale=(1 - s.scale.limit, 1 + s.scale.limit), p=s.scale.p, **constant),
+        A.HorizontalFlip(p=s.hflip.p),
+        A.VerticalFlip(p=s.vflip.p),
+        A.ElasticTransform(alpha=s.elastic.alpha, sigma=s.elastic.sigma, p=s.elastic.p, **constant),
+        A.CropAndPad(percent=(-s.crop_pad.limit, s.crop_pad.limit), keep_size=True, p=s.crop_pad.p, **constant),
         A.RandomBrightnessContrast(
-            brightness_limit=s["brightness_contrast"]["brightness"],
-            contrast_limit=s["brightness_contrast"]["contrast"],
-            p=s["brightness_contrast"]["p"],
+            brightness_limit=s.brightness_contrast.brightness,
+            contrast_limit=s.brightness_contrast.contrast,
+            p=s.brightness_contrast.p,
         ),
-        A.GaussNoise(std_range=(0.0, s["noise"]["std"]), p=s["noise"]["p"]),
+        A.GaussNoise(std_range=(0.0, s.noise.std), p=s.noise.p),
     ]
     return A.Compose(transforms, seed=seed)
 
@@ -102,7 +103,7 @@ def _augment_pair(pipeline: A.Compose, job: tuple) -> None:
 _worker_pipeline: A.Compose | None = None
 
 
-def _worker_init(settings: dict[str, Any], seed: int) -> None:
+def _worker_init(settings: AugmentConfig, seed: int) -> None:
     global _worker_pipeline
     cv2.setNumThreads(1)  # parallelism comes from processes; nested threads only contend
     _worker_pipeline = build_augmentation(settings, seed)
@@ -116,7 +117,7 @@ def augment_dataset(
     train_dir: str | Path,
     out_dir: str | Path,
     *,
-    settings: dict[str, Any],
+    settings: AugmentConfig,
     copies_per_image: int,
     seed: int,
     progress: bool = True,
@@ -152,20 +153,7 @@ def augment_dataset(
     return report
 
 
-def outline(mask: np.ndarray) -> np.ndarray:
-    """Boolean image of the mask's boundary pixels (for overlays)."""
-    binary = (mask > 127).astype(np.uint8)
-    return (binary - cv2.erode(binary, np.ones((3, 3), np.uint8))).astype(bool)
-
-
-def overlay_outline(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (0, 255, 0)) -> np.ndarray:
-    """Grayscale image as BGR with the mask outline drawn in ``colour``."""
-    canvas = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image.copy()
-    canvas[outline(mask)] = colour
-    return canvas
-
-
-def preview_grid(train_dir: str | Path, settings: dict[str, Any], *, rows: int, copies: int, seed: int) -> np.ndarray:
+def preview_grid(train_dir: str | Path, settings: AugmentConfig, *, rows: int, copies: int, seed: int) -> np.ndarray:
     """Rows of (original, augmented copies...) with the mask outline drawn on each tile."""
     train_dir = Path(train_dir)
     names = sorted(p.name for p in (train_dir / "images").glob("*.png"))
@@ -183,14 +171,6 @@ def preview_grid(train_dir: str | Path, settings: dict[str, Any], *, rows: int, 
             tiles.append(overlay_outline(*apply(pipeline, image, mask)))
         lines.append(np.concatenate([frame_tile(t) for t in tiles], axis=1))
     return np.concatenate(lines, axis=0)
-
-
-def frame_tile(tile: np.ndarray, min_side: int = 128, border: int = 2) -> np.ndarray:
-    """Frame a tile; small tiles are enlarged (nearest, so outlines stay crisp) to be readable."""
-    factor = -(-min_side // tile.shape[0])
-    if factor > 1:
-        tile = cv2.resize(tile, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
-    return cv2.copyMakeBorder(tile, border, border, border, border, cv2.BORDER_CONSTANT, value=(255, 255, 255))
 
 
 def write_preview(path: str | Path, grid: np.ndarray) -> Path:

@@ -23,8 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from tumorseg import images as image_gate  # `images` names image lists here
-from tumorseg.data.sources import IMAGE_EXTENSIONS
-from tumorseg.images import InputImageError, to_gray_uint8  # noqa: F401 - to_gray_uint8: prepare's public helper
+from tumorseg.errors import NoValidPairs, PrepareError  # noqa: F401 - raised here, defined with the other user errors
+from tumorseg.images import InputImageError, list_image_files, to_gray_uint8  # noqa: F401 - to_gray_uint8: prepare's public helper
 from tumorseg.io import atomic_directory, atomic_write_json, atomic_write_text, encode_png, write_staged_bytes
 from tumorseg.processes import default_workers, worker_pool
 
@@ -49,14 +49,6 @@ SIZE_MISMATCH = "size_mismatch"
 EMPTY_MASK = "empty_mask"
 DUPLICATE_IMAGE = "duplicate_image"
 _REASON_BY_KIND = {image_gate.EMPTY: EMPTY_FILE, image_gate.UNREADABLE: UNREADABLE, image_gate.TOO_LARGE: TOO_LARGE}  # the decode gate's refusals
-
-
-class PrepareError(RuntimeError):
-    """A pair failed a check under ``on_error=fail``, or the input cannot be prepared at all."""
-
-
-class NoValidPairs(PrepareError):
-    """Nothing survived the checks: the stage exits with code 2."""
 
 
 @dataclass
@@ -107,7 +99,7 @@ class PrepareReport:
 def _list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise PrepareError(f"{folder} is not a folder")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    return list_image_files(folder)
 
 
 def pair_files(images_dir: Path, masks_dir: Path, mask_suffix: str = "") -> tuple[list[tuple[str, Path, Path]], list[PairOutcome]]:
@@ -273,7 +265,16 @@ def small_split_warning(groups_per_split: dict[str, int]) -> str | None:
     )
 
 
-def assign_splits(names: list[str], area_fractions: list[float], *, group_by: str, n_strata: int, val_fraction: float, test_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+def assign_splits(
+    names: list[str],
+    area_fractions: list[float],
+    *,
+    group_by: str,
+    n_strata: int,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> tuple[list[str], list[str]]:
     """Split pairs into train/val/test by group, stratified by the group's median tumour size.
 
     Fractions apply to groups; with equal-sized groups they are also the pair fractions.

@@ -20,21 +20,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from tumorseg.images import IMAGE_SUFFIXES
+from tumorseg.errors import SourceError  # noqa: F401 - raised here, defined with the other user errors
+from tumorseg.images import IMAGE_SUFFIXES, list_image_files
 from tumorseg.io import atomic_directory, atomic_write_json, hash_tree, read_json
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # one definition of what counts as an image file
 KAGGLE_HOST = ("www.kaggle.com", 443)
 SOURCE_FILE = "SOURCE.json"
 
 _IMAGE_WORDS = ("image", "img", "mri", "scan")
 _MASK_WORDS = ("mask", "label", "seg", "gt", "annotation")
-
-
-class SourceError(RuntimeError):
-    """The requested data source cannot be used; the message says what to set or fix."""
 
 
 @dataclass(frozen=True)
@@ -165,18 +161,12 @@ def fetch_kaggle(dataset: str, timeout_s: float) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
-
-
 def _folders_with_images(root: Path) -> dict[Path, list[Path]]:
     found = {}
     for folder in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
         if any(part.startswith(".") or part == "__MACOSX" for part in folder.relative_to(root).parts):
             continue
-        files = _image_files(folder)
+        files = list_image_files(folder)
         if files:
             found[folder] = files
     return found
@@ -194,7 +184,7 @@ def discover_pair_folders(root: Path, image_dir: str, mask_dir: str, mask_suffix
     """
     folders = _folders_with_images(root)
     if not folders:
-        raise SourceError(f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
+        raise SourceError(f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found under {root}")
 
     def named(name: str) -> list[Path]:
         return [f for f in folders if f.name.lower() == name.lower()]
@@ -246,8 +236,8 @@ def _copy_files(files: list[Path], destination: Path, desc: str, progress: bool)
 def _import_pairs(root: Path, staging: Path, image_dir: str, mask_dir: str, mask_suffix: str, progress: bool) -> None:
     image_folder, mask_folder = discover_pair_folders(root, image_dir, mask_dir, mask_suffix)
     log.info("images from %s, masks from %s", image_folder, mask_folder)
-    _copy_files(_image_files(image_folder), staging / "images", "images", progress)
-    _copy_files(_image_files(mask_folder), staging / "masks", "masks", progress)
+    _copy_files(list_image_files(image_folder), staging / "images", "images", progress)
+    _copy_files(list_image_files(mask_folder), staging / "masks", "masks", progress)
     # Optional per-image labels (figshare: file,tumour_type,original_size) for per-class scores.
     for candidate in (root / LABELS_FILE, image_folder.parent / LABELS_FILE):
         if candidate.is_file():

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from tumorseg.config import MODEL_NAMES
 from tumorseg.models.umobilenetv2 import build_umobilenetv2
 from tumorseg.models.unet import build_unet
 
@@ -17,7 +18,8 @@ _BUILDERS: dict[str, Callable[..., keras.Model]] = {
     "unet": build_unet,
     "umobilenetv2": build_umobilenetv2,
 }
-MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)
+if tuple(_BUILDERS) != MODEL_NAMES:  # a model needs both a builder and its params.yaml section
+    raise ImportError(f"model builders {tuple(_BUILDERS)} do not match the config's models {MODEL_NAMES}")
 
 
 def model_params(name: str) -> tuple[str, ...]:

@@ -1,0 +1,65 @@
+"""The prepare stage: checked, resized, split pairs from the raw folder."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tumorseg.config import Config, check_image_size
+from tumorseg.data.prepare import PrepareReport, prepare_dataset
+from tumorseg.data.sources import read_source_info, report_fields
+
+log = logging.getLogger(__name__)
+
+
+def prepare_step(
+    cfg: Config,
+    images_dir: Path,
+    masks_dir: Path,
+    out_dir: Path,
+    progress: bool = True,
+    *,
+    size: int | None = None,
+    on_error: str | None = None,
+    mask_suffix: str | None = None,
+    report_extra: dict | None = None,
+) -> PrepareReport:
+    """Prepare with the config's settings; explicit arguments (from the CLI) win over it."""
+    p = cfg.prepare
+    report = prepare_dataset(
+        images_dir,
+        masks_dir,
+        out_dir,
+        size=cfg.image_size if size is None else check_image_size(size),  # 0 is an error, not the default
+        on_error=on_error or p.on_error,
+        mask_threshold=p.mask_threshold,
+        empty_masks=p.empty_masks,
+        mask_suffix=cfg.data.mask_suffix if mask_suffix is None else mask_suffix,
+        val_fraction=p.val_fraction,
+        test_fraction=p.test_fraction,
+        group_by=p.group_by,
+        n_strata=p.size_strata,
+        seed=cfg.seed,
+        workers=p.workers,
+        progress=progress,
+        report_extra=report_extra,
+    )
+    rate = report.valid_pairs / report.seconds if report.seconds else 0.0
+    log.info(
+        "prepare: %d valid pairs (train %d / val %d / test %d), %d skipped %s, %.0f pairs/s -> %s",
+        report.valid_pairs,
+        report.splits["train"],
+        report.splits["val"],
+        report.splits["test"],
+        len(report.skipped),
+        report.skipped_by_reason or "",
+        rate,
+        out_dir,
+    )
+    return report
+
+
+def prepare_from_raw(cfg: Config, raw_dir: Path, out_dir: Path, progress: bool = True) -> PrepareReport:
+    """The DVC stage: raw folder from the download stage -> prepared splits (+ data source record)."""
+    extra = report_fields(read_source_info(raw_dir))
+    return prepare_step(cfg, raw_dir / "images", raw_dir / "masks", out_dir, progress, report_extra=extra)

@@ -1,0 +1,34 @@
+"""What every MLflow run of a step records: the data origin and the run tags."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tumorseg import tracking
+from tumorseg.config import Config
+from tumorseg.io import read_json
+
+
+def data_record(prepared_dir: Path) -> dict:
+    """The data source record that prepare copied into its report (kind, origin, hash)."""
+    report = read_json(prepared_dir / "report.json")
+    return {key: report.get(key, "unknown") for key in ("data_source", "data_origin", "data_hash")}
+
+
+def run_tags(cfg: Config, name: str, record: dict, params_path: Path) -> dict[str, str]:
+    root = tracking.workspace_root()
+    params_text = params_path.read_text(encoding="utf-8") if params_path.exists() else ""
+    return {
+        "model": name,
+        "data_source": record["data_source"],
+        "data_origin": record["data_origin"],
+        "data_hash": record["data_hash"],
+        "git_commit": tracking.git_commit(root),
+        "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
+        "pipeline": tracking.pipeline_id(root, params_text, record["data_hash"]),
+        "profile": cfg.profile,
+        "seed": str(cfg.seed),
+        "train_seed": str(cfg.train.effective_seed(cfg.seed)),
+        **tracking.environment_tags(),
+    }

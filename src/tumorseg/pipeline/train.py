@@ -1,0 +1,160 @@
+"""The train stage: one model, tracked in MLflow, resumable after a kill."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tumorseg import tracking
+from tumorseg.config import Config
+from tumorseg.io import atomic_write_json, sha256_file
+from tumorseg.pipeline.runs import data_record, run_tags
+from tumorseg.resume import ResumeState, clear_state, read_state, remember_run_id, sweep_temporaries, update_state
+from tumorseg.training import initial_weights_file, train_model
+
+log = logging.getLogger(__name__)
+
+
+def _note_param_changes(name: str, state_dir: Path, changed: dict[str, tuple[str, str]]) -> list[str]:
+    """A resumed training run whose params changed since it started (e.g. early stopping turned off
+    to train on): say so, and keep every change with the epoch it took effect after, in the resume
+    state, the MLflow run (a tag: its params keep the first values) and the train JSON."""
+    state = ResumeState(state_dir)
+    changes: list[dict] = list(state.data.get("param_changes", []))
+    in_effect = {change["key"]: change["new"] for change in changes}  # the latest value of each changed key
+    after = state.epochs_done
+    fresh = [
+        {"after_epoch": after, "key": key, "old": in_effect.get(key, old), "new": new}
+        for key, (old, new) in sorted(changed.items())
+        if in_effect.get(key, old) != new
+    ]
+    fresh += [
+        {"after_epoch": after, "key": key, "old": value, "new": logged}
+        for key, value in in_effect.items()
+        if key not in changed and value != (logged := _first_value(changes, key))
+    ]
+    if fresh:
+        changes += fresh
+        update_state(state_dir, param_changes=changes)
+        log.warning(
+            "%s: resumed with params changed since the run started (MLflow keeps the first values; see its tag %s): %s",
+            name,
+            tracking.PARAMS_CHANGED_TAG,
+            "; ".join(map(tracking.describe_param_change, fresh)),
+        )
+    if changes:
+        tracking.record_param_changes(changes)
+    return [tracking.describe_param_change(change) for change in changes]
+
+
+def _first_value(changes: list[dict], key: str) -> str:
+    return next(change["old"] for change in changes if change["key"] == key)
+
+
+def train_step(
+    cfg: Config,
+    name: str,
+    *,
+    prepared_dir: Path,
+    augmented_dir: Path,
+    models_dir: Path,
+    metrics_dir: Path,
+    params_path: Path,
+    progress: bool = True,
+):
+    """Train one model with MLflow tracking; resumable (state in ``models_dir/.state/<name>``)."""
+
+    record = data_record(prepared_dir)
+    uri = tracking.tracking_uri()
+    tracking.check_tracking(uri)  # before any training: never fail after an hour
+    state_dir = models_dir / ".state" / name
+    model_path = models_dir / f"{name}.keras"
+    history_path = metrics_dir / f"history_{name}.csv"
+    tags = run_tags(cfg, name, record, params_path)
+    init_from = initial_weights_file(getattr(cfg.train.init_from, name), key=f"train.init_from.{name}")  # fails before a run opens
+    if init_from is not None:
+        tags["init_from_sha256"] = sha256_file(init_from)
+    state = read_state(state_dir)
+    previous_run = state.get("run_id")
+    if previous_run:
+        log.info("%s: resuming training (MLflow run %s)", name, previous_run)
+    token = state.get("resume_token") or update_state(state_dir, resume_token=uuid.uuid4().hex)["resume_token"]
+    sweep_temporaries(metrics_dir / f"train_{name}.json")
+
+    with tracking.run(uri, run_id=previous_run, run_name=f"{name}-{tags['pipeline']}", tags=tags, resume_token=token) as active:
+        if active.info.run_id != previous_run:
+            remember_run_id(state_dir, active.info.run_id)
+        param_changes = _note_param_changes(name, state_dir, tracking.log_params(cfg.flat() | {"model": name}))
+        repaired = tracking.log_missing_epochs(state.get("history", {}))
+        if repaired:
+            log.info("%s: logged %d completed epoch(s) that MLflow had missed", name, repaired)
+        result = train_model(
+            name,
+            architecture=getattr(cfg.models, name),
+            loss=cfg.loss,
+            train=cfg.train,
+            augment=cfg.augment,
+            init_from=init_from,
+            lr=cfg.lr * cfg.train.lr_scale,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            image_size=cfg.image_size,
+            seed=cfg.train.effective_seed(cfg.seed),
+            prepared_dir=prepared_dir,
+            augmented_dir=augmented_dir,
+            model_path=model_path,
+            history_path=history_path,
+            state_dir=state_dir,
+            on_epoch=lambda epoch, row: tracking.log_metrics(row, step=epoch),
+            progress=progress,
+        )
+        summary = {
+            "model": name,
+            "best_epoch": result.best_epoch,
+            "best_val_dice": result.best_val_dice,
+            "epochs_run": result.epochs_run,
+            "epochs_planned": cfg.epochs,
+            "init_from": str(init_from) if init_from is not None else "none",
+            "params_changed_on_resume": param_changes,
+            "seconds_per_epoch": result.seconds_per_epoch,
+            "ms_per_step": result.ms_per_step,
+            "params_total": result.params_total,
+            "image_size": cfg.image_size,
+            "batch_size": cfg.batch_size,
+            "effective_lr": cfg.lr * cfg.train.lr_scale,
+            "mlflow_run_id": active.info.run_id,
+            **record,
+        }
+        metrics_path = metrics_dir / f"train_{name}.json"
+        atomic_write_json(metrics_path, summary)
+        tracking.log_metrics_once(
+            {
+                "best_val_dice": result.best_val_dice,
+                "best_epoch": result.best_epoch,
+                "ms_per_step": result.ms_per_step,
+                "seconds_per_epoch": result.seconds_per_epoch,
+                "params_total": result.params_total,
+            }
+        )
+        tracking.log_artifact(history_path, "history")
+        from tumorseg.reporting import learning_curves_chart
+
+        with tempfile.TemporaryDirectory() as scratch:
+            chart = Path(scratch) / f"learning_curves_{name}.png"
+            learning_curves_chart({name: pd.read_csv(history_path)}, chart, f"{name} on {record['data_source']} data")
+            tracking.log_artifact(chart, "history")
+        tracking.log_artifact(metrics_path, "metrics")
+        import keras
+
+        import tumorseg.models  # noqa: F401 - registers custom objects for loading
+
+        best = keras.models.load_model(model_path)
+        tracking.log_keras_model(best, np.zeros((1, cfg.image_size, cfg.image_size, 1), np.float32))
+    clear_state(state_dir)
+    log.info("%s: best val Dice %.4f at epoch %d (%.0f ms/step) -> %s", name, result.best_val_dice, result.best_epoch, result.ms_per_step, model_path)
+    return summary
