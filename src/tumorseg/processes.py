@@ -28,19 +28,24 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def die_with_parent() -> None:
-    """Have the kernel SIGKILL this process when its parent exits (Linux; elsewhere a no-op)."""
+def die_with_parent(parent: int | None = None) -> None:
+    """Have the kernel SIGKILL this process when its parent exits (Linux; elsewhere a no-op).
+
+    ``parent``: the pid the caller knows its parent by. A spawned worker takes seconds to start on
+    a busy machine; if the stage was killed meanwhile, ``os.getppid()`` already names the process
+    that adopted the worker, so only a pid recorded before the spawn can tell that it is orphaned.
+    """
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the request was made
         os._exit(1)
 
 
-def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
-    die_with_parent()
+def _start_worker(parent: int, initializer: Callable | None, initargs: tuple) -> None:
+    die_with_parent(parent)
     if initializer is not None:
         initializer(*initargs)
 
@@ -55,5 +60,5 @@ def worker_pool(workers: int, initializer: Callable | None = None, initargs: tup
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_start_worker,
-        initargs=(initializer, initargs),
+        initargs=(os.getpid(), initializer, initargs),
     )
