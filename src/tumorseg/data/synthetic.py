@@ -500,3 +500,44 @@ def write_sequence_dataset(
         atomic_write_bytes(out_dir / "masks" / name, encode_png(mask))
         names.append(name)
     return names
+
+
+# The voxel axes of a written phantom volume: rows run posterior, columns to the patient's left,
+# slices superior (3 mm apart), so the volume's axial slices are the phantom images as drawn.
+PHANTOM_AFFINE = np.array([[0.0, -1.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def write_sequence_volumes(
+    out_dir: str | os.PathLike, count: int, size: int, seed: int, sequences: tuple[str, ...], progress: bool = True
+) -> list[str]:
+    """Write the slices of :func:`write_sequence_dataset` as NIfTI volumes, BraTS-named:
+    ``out_dir/caseCCC_<sequence>.nii.gz`` and ``out_dir/caseCCC_seg.nii.gz`` (labels 0/1), one
+    volume of :data:`SLICES_PER_CASE` slices per case; a sequence a case lacks has no volume."""
+    import tempfile
+
+    import nibabel as nib
+
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        names = write_sequence_dataset(scratch, count, size, seed, sequences, progress=progress)
+        cases = sorted({name.rsplit("_", 1)[0] for name in names})
+        for case in cases:
+            slices = sorted(name for name in names if name.startswith(f"{case}_"))
+            for tag, folder in [(sequence, sequence) for sequence in sequences] + [("seg", "masks")]:
+                files = [Path(scratch) / folder / name for name in slices]
+                if not all(file.is_file() for file in files):
+                    continue  # the case lacks this sequence
+                planes = [cv2.imread(str(file), cv2.IMREAD_GRAYSCALE) for file in files]
+                volume = np.stack(planes, axis=2)
+                if tag == "seg":
+                    volume = (volume > 0).astype(np.uint8)
+                image = nib.Nifti1Image(volume, PHANTOM_AFFINE)
+                image.header.set_xyzt_units("mm")
+                atomic_write_bytes(out_dir / f"{case}_{tag}.nii.gz", _gzip(image.to_bytes()))
+    return cases
+
+
+def _gzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, compresslevel=6, mtime=0)
