@@ -211,7 +211,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"error: {args.model}: Grad-CAM needs the Keras model (.keras or an MLflow URI), not an exported file", file=sys.stderr)
         return 1
     try:
-        report = explain_files(args.inputs, predictor, Path(args.out), layer=args.layer, progress=show_progress())
+        report = explain_files(args.inputs, predictor, Path(args.out), layer=args.layer, missing_sequences=args.missing_sequences, progress=show_progress())
     except LayerNotFoundError as exc:
         print(f"error: --layer: {exc}", file=sys.stderr)
         return 1
@@ -364,12 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
 
     p = add("explain", cmd_explain, "Seg-Grad-CAM: <stem>_gradcam.png = prediction overlay beside the Grad-CAM heat map", params=False)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or .zip archives (as for predict)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or .zip archives; per-sequence folders for a multi-sequence model (as for predict)")
     p.add_argument("--model", required=True, help="a .keras file, runs:/<run id>/model or models:/<name>/<version>")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--layer", default=None, help="layer to explain (default: the stride-2 decoder stage, see tumorseg.explain); a wrong name lists the choices")
     p.add_argument("--threshold", type=float, default=0.5, help="tumour where probability > threshold (default: %(default)s)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation for the mask")
+    p.add_argument("--missing-sequences", choices=("skip", "fill"), default="skip", help="as for predict (default: %(default)s)")
 
     p = add("serve", cmd_serve, "web app and JSON API: upload a slice, see the outline, Grad-CAM, area and confidence", params=False)
     p.add_argument("--model", required=True, help="a .keras/.tflite/.onnx file, runs:/<run id>/model or models:/<name>/<version>")
