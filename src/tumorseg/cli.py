@@ -364,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
 
     p = add("explain", cmd_explain, "Seg-Grad-CAM: <stem>_gradcam.png = prediction overlay beside the Grad-CAM heat map", params=False)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or .zip archives; per-sequence folders for a multi-sequence model (as for predict)")
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="image files, folders or .zip archives; per-sequence folders for a multi-sequence model (as for predict)"
+    )
     p.add_argument("--model", required=True, help="a .keras file, runs:/<run id>/model or models:/<name>/<version>")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--layer", default=None, help="layer to explain (default: the stride-2 decoder stage, see tumorseg.explain); a wrong name lists the choices")

@@ -42,7 +42,8 @@ KAGGLE_MASK_SUFFIX = "_mask"
 
 
 def _visible_dirs(root: Path) -> list[Path]:
-    return [root, *sorted(p for p in root.rglob("*") if p.is_dir() and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts))]
+    hidden = (lambda p: any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts))
+    return [root, *sorted(p for p in root.rglob("*") if p.is_dir() and not hidden(p))]
 
 
 def detect_layout(root: Path, sequences: Sequence[str], mask_dir: str) -> str:

@@ -261,7 +261,8 @@ def check_pair(
     shrinking = mask.shape[0] > size or mask.shape[1] > size
     for channel in paths:
         image = channels.get(channel)
-        resized = np.zeros((size, size), np.uint8) if image is None else cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        resized = np.zeros((size, size), np.uint8) if image is None else cv2.resize(image, (size, size), interpolation=interpolation)
         write_staged_bytes(staging / "all" / channel / f"{name}.png", encode_png(resized))
     mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
     write_staged_bytes(staging / "all" / "masks" / f"{name}.png", encode_png(mask))

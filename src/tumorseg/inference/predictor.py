@@ -265,7 +265,9 @@ def as_sequence_stack(image: np.ndarray, sequences: Sequence[str], index: int = 
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != len(sequences):
         got = "a single image" if image.ndim == 2 else f"shape {image.shape}"
-        raise SequenceMismatch(f"image {index}: the model takes {len(sequences)} sequences ({', '.join(sequences)}) stacked as (H, W, {len(sequences)}), got {got}")
+        raise SequenceMismatch(
+            f"image {index}: the model takes {len(sequences)} sequences ({', '.join(sequences)}) stacked as (H, W, {len(sequences)}), got {got}"
+        )
     if min(image.shape[:2]) < 1:
         raise ValueError(f"image {index}: empty array of shape {image.shape}")
     if image.dtype == np.uint8:

@@ -101,7 +101,8 @@ def list_scan_inputs(paths: Iterable[str | Path], sequences: Sequence[str]) -> S
             _add_volumes([path], sequences, listing)
         elif path.exists():
             expected = f"folders {', '.join(f'{s}/' for s in sequences)} or NIfTI volumes" if sequences else "a NIfTI volume"
-            listing.problems.append((str(path), f"the model takes {len(sequences) or 1} sequence(s) ({', '.join(sequences) or 'one grayscale image'}): expected {expected}"))
+            takes = f"{len(sequences) or 1} sequence(s) ({', '.join(sequences) or 'one grayscale image'})"
+            listing.problems.append((str(path), f"the model takes {takes}: expected {expected}"))
         else:
             listing.problems.append((str(path), "no such file or folder"))
     return listing
@@ -170,7 +171,9 @@ def read_slice(item: SliceInput, sequences: Sequence[str], missing: str, max_pix
         plane = to_gray_uint8(decode_image(read_file_bytes(path), str(path), max_pixels=max_pixels))
         if planes and any(p is not None and p.shape != plane.shape for p in planes):
             first = next(p for p in planes if p is not None)
-            raise InputImageError(f"{item.display}: {sequence} is {plane.shape[1]}x{plane.shape[0]} but the other sequences are {first.shape[1]}x{first.shape[0]}")
+            raise InputImageError(
+                f"{item.display}: {sequence} is {plane.shape[1]}x{plane.shape[0]} but the other sequences are {first.shape[1]}x{first.shape[0]}"
+            )
         planes.append(plane)
     shape = next(p.shape for p in planes if p is not None)
     return np.stack([p if p is not None else np.zeros(shape, np.uint8) for p in planes], axis=-1)
