@@ -42,7 +42,9 @@ KAGGLE_MASK_SUFFIX = "_mask"
 
 
 def _visible_dirs(root: Path) -> list[Path]:
-    hidden = (lambda p: any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts))
+    def hidden(path: Path) -> bool:
+        return any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(root).parts)
+
     return [root, *sorted(p for p in root.rglob("*") if p.is_dir() and not hidden(p))]
 
 
