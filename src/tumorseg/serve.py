@@ -220,7 +220,8 @@ class Analyser:
             raise ValueError("--layer needs a Keras model: an exported .tflite/.onnx model has no Grad-CAM")
         # Trace the graphs now: the first request would otherwise wait seconds for it.
         side = predictor.input_size
-        blank = np.zeros((side, side, len(predictor.sequences)) if predictor.sequences else (side, side), np.uint8)
+        self.sequences: tuple[str, ...] = tuple(getattr(predictor, "sequences", ()))  # () = one grayscale image
+        blank = np.zeros((side, side, len(self.sequences)) if self.sequences else (side, side), np.uint8)
         predictor.predict([blank])
         if self.gradcam is not None:
             self.gradcam(blank)
@@ -231,12 +232,12 @@ class Analyser:
         if isinstance(data, bytes):
             return decode_image(data, filename, max_pixels=self.max_pixels, max_decode_bytes=self.max_decode_bytes)
         planes = []
-        for sequence in self.predictor.sequences:
+        for sequence in self.sequences:
             content, name = data[sequence]
             plane = to_gray_uint8(decode_image(content, f"{sequence} ({name})", max_pixels=self.max_pixels, max_decode_bytes=self.max_decode_bytes))
             if planes and plane.shape != planes[0].shape:
                 raise InputImageError(
-                    f"{sequence} ({name}) is {plane.shape[1]}x{plane.shape[0]} but {self.predictor.sequences[0]} is {planes[0].shape[1]}x{planes[0].shape[0]}: "
+                    f"{sequence} ({name}) is {plane.shape[1]}x{plane.shape[0]} but {self.sequences[0]} is {planes[0].shape[1]}x{planes[0].shape[0]}: "
                     "upload the same slice of every sequence"
                 )
             planes.append(plane)
@@ -352,11 +353,11 @@ def create_app(
             "gradcam_layer": analyse.gradcam.layer if analyse.gradcam is not None else None,
             "max_upload_mb": max_upload_mb,
             "version": __version__,
-            "sequences": list(predictor.sequences),
+            "sequences": list(analyse.sequences),
         }
 
-    if predictor.sequences:
-        _add_sequence_endpoint(app, predictor.sequences, pool, analyse)
+    if analyse.sequences:
+        _add_sequence_endpoint(app, analyse.sequences, pool, analyse)
         app.mount("/static", StaticFiles(packages=[("tumorseg", "web/static")]), name="static")
         return app
 

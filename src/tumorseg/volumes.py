@@ -110,7 +110,8 @@ def write_segmentation(path: str | Path, mask_slices: np.ndarray, like: Volume) 
     labels = apply_orientation((mask_slices > 0).astype(np.uint8), _orientation_change(like.image.affine, to_slices=False))
     header = like.image.header.copy()
     header.set_data_dtype(np.uint8)
-    out = nib.Nifti1Image(np.ascontiguousarray(labels), like.image.affine, header)
+    image_type = type(like.image) if isinstance(like.image, (nib.Nifti1Image, nib.Nifti2Image)) else nib.Nifti1Image  # NIfTI-2 stays NIfTI-2
+    out = image_type(np.ascontiguousarray(labels), like.image.affine, header)
     out.header.set_slope_inter(1.0, 0.0)
     out.header["descrip"] = b"tumorseg segmentation (1 = tumour)"
     return atomic_write_bytes(path, out.to_bytes() if not str(path).endswith(".gz") else _gzip(out.to_bytes()))

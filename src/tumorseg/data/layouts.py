@@ -56,7 +56,7 @@ def detect_layout(root: Path, sequences: Sequence[str], mask_dir: str) -> str:
     files = [p for p in root.rglob("*") if p.is_file()]
     if any(is_nifti(p) for p in files):
         return "nifti"
-    if any(p.stem.endswith(KAGGLE_MASK_SUFFIX) and p.suffix.lower() in (".tif", ".tiff") for p in files):
+    if any(p.stem.endswith(KAGGLE_MASK_SUFFIX) for p in list_image_files(root, recursive=True)):
         return "kaggle_lgg"
     raise SourceError(
         f"no multi-sequence layout found under {root}: expected folders named {', '.join(sequences)} and {mask_dir} "
@@ -127,7 +127,7 @@ def _import_kaggle_lgg(root: Path, staging: Path, sequences: Sequence[str], prog
     unknown = [seq for seq in sequences if seq not in KAGGLE_LGG_SEQUENCES]
     if unknown:
         raise SourceError(f"the Kaggle LGG layout holds {', '.join(KAGGLE_LGG_SEQUENCES)}; data.sequences asks for {', '.join(unknown)}")
-    masks = sorted(p for p in root.rglob(f"*{KAGGLE_MASK_SUFFIX}.tif*") if p.is_file())
+    masks = [p for p in list_image_files(root, recursive=True) if p.stem.endswith(KAGGLE_MASK_SUFFIX)]
     cases: dict[Path, list[Path]] = {}
     for mask in masks:
         cases.setdefault(mask.parent, []).append(mask)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tumorseg.errors import ModelLoadError  # noqa: F401 - raised here, defined with the other user errors
-from tumorseg.models.inputs import sequences_in
+from tumorseg.models.inputs import INPUT_NAME, sequences_in
 
 RUNTIME_SUFFIXES = (".tflite", ".onnx")
 MODEL_HINT = "give a .keras file, runs:/<run id>/model or models:/<name>/<version>"
@@ -52,13 +52,21 @@ def _declared_sequences(input_name: str, shape: Sequence[Any], where: str) -> tu
     return sequences
 
 
+def _keras_input_name(model) -> str:
+    """The name of a Keras model's (first) input; ``image`` for a model-like object without one."""
+    try:
+        return str(model.inputs[0].name)
+    except (AttributeError, IndexError, TypeError):
+        return INPUT_NAME
+
+
 class KerasBackend:
     name = "keras"
 
     def __init__(self, model) -> None:
         self.model = model
         self.input_size = _square_side(model.input_shape, "model")
-        self.sequences = _declared_sequences(model.inputs[0].name, model.input_shape, "model")
+        self.sequences = _declared_sequences(_keras_input_name(model), model.input_shape, "model")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         # predict_on_batch runs a compiled graph function: no per-call Python overhead of model.predict.

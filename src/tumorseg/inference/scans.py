@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from tumorseg.errors import InputImageError, SequenceMismatch
-from tumorseg.images import IMAGE_SUFFIXES, decode_image, read_file_bytes, to_gray_uint8
+from tumorseg.images import decode_image, list_image_files, read_file_bytes, to_gray_uint8
 from tumorseg.volumes import SEGMENTATION_TAG, is_nifti, split_nifti_name
 
 MISSING_POLICIES = ("skip", "fill")
@@ -114,14 +114,13 @@ def _list_sequence_root(root: Path, sequences: Sequence[str], listing: ScanListi
         folder = root / sequence
         files = {}
         if folder.is_dir():
-            for path in _visible_files(folder):
-                if path.suffix.lower() in IMAGE_SUFFIXES:
-                    if path.stem in files:
-                        listing.problems.append((str(path), f"two {sequence} files named {path.stem}: {files[path.stem].name} and {path.name}"))
-                        continue
-                    files[path.stem] = path
-                else:
-                    listing.ignored += 1
+            images = list_image_files(folder, recursive=True)
+            listing.ignored += len(_visible_files(folder)) - len(images)
+            for path in images:
+                if path.stem in files:
+                    listing.problems.append((str(path), f"two {sequence} files named {path.stem}: {files[path.stem].name} and {path.name}"))
+                    continue
+                files[path.stem] = path
         by_sequence.append(files)
     for name in sorted(set().union(*by_sequence)):
         listing.slices.append(SliceInput(name, tuple(files.get(name) for files in by_sequence), str(root / name)))
