@@ -17,13 +17,15 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
 
-def shared_dataset(name: str) -> Path:
+def shared_dataset(name: str, expect: str = "images") -> Path:
     """Path of a ../shared dataset, or skip the test saying why.
 
-    Tests that call it carry the ``shared`` marker (``pytest -m "not shared"`` leaves them out).
+    ``expect`` is a folder the dataset must hold (``images`` for the single-channel sets; e.g.
+    ``flair`` for lgg-256, ``kaggle_3m`` for lgg-kaggle-sample). Tests that call it carry the
+    ``shared`` marker (``pytest -m "not shared"`` leaves them out).
     """
     path = SHARED_DATA / name
-    if not (path / "images").is_dir():
+    if not (path / expect).is_dir():
         pytest.skip(f"real data not available: {path} is absent (see ../shared/README.md)")
     return path
 

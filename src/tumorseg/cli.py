@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from tumorseg import __version__
-from tumorseg.config import DEFAULT_PARAMS, MODEL_NAMES, Config, check_image_size, load_config
+from tumorseg.config import DEFAULT_PARAMS, MODEL_NAMES, Config, DataConfig, check_image_size, load_config
 from tumorseg.console import UsageError, friendly_errors, setup_logging, show_progress
 
 
@@ -28,8 +28,18 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_synth(args: argparse.Namespace) -> int:
     from tumorseg.data.sources import write_synthetic_source
 
-    info = write_synthetic_source(args.out, count=args.count, size=args.size, seed=args.seed, progress=show_progress())
-    print(f"wrote {info.n_images} synthetic image/mask pairs to {args.out} (hash {info.data_hash[:12]})")
+    sequences = tuple(name for name in (args.sequences or "").split(",") if name)
+    if args.nifti:
+        from tumorseg.data.synthetic import write_sequence_volumes
+        from tumorseg.io import atomic_directory
+
+        with atomic_directory(args.out) as staging:
+            cases = write_sequence_volumes(staging, args.count, args.size, args.seed, sequences or ("t1ce",), progress=show_progress())
+        print(f"wrote {len(cases)} synthetic NIfTI cases ({', '.join(sequences or ('t1ce',))} and seg) to {args.out}")
+        return 0
+    info = write_synthetic_source(args.out, count=args.count, size=args.size, seed=args.seed, sequences=sequences, progress=show_progress())
+    kind = f"{len(sequences)}-sequence slices ({', '.join(sequences)})" if sequences else "image/mask pairs"
+    print(f"wrote {info.n_images} synthetic {kind} to {args.out} (hash {info.data_hash[:12]})")
     return 0
 
 
@@ -126,12 +136,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print("error: --threshold must be in [0, 1), --batch-size and --max-pixels at least 1, --min-component-px at least 0", file=sys.stderr)
         return 2
     check_separate(args.out, args.inputs, what="--out")  # masks written among the inputs could overwrite them
-    listing = list_inputs(args.inputs)
-    if not listing.sources and not listing.problems:
-        print(f"error: no images (PNG, JPEG, BMP, TIFF) found in {' '.join(args.inputs)}", file=sys.stderr)
-        return 2
     predictor = Predictor.load(args.model, threshold=args.threshold, tta=args.tta, batch_size=args.batch_size, min_component_px=args.min_component_px)
-    report = predict_files(predictor, listing, Path(args.out), max_pixels=args.max_pixels, progress=show_progress())
+    listing = list_inputs(args.inputs, predictor.sequences)
+    if not listing.count and not listing.problems:
+        if predictor.sequences:
+            wanted = f"folders with {', '.join(f'{s}/' for s in predictor.sequences)} sub-folders, or <case>_<sequence>.nii.gz volumes"
+        else:
+            wanted = "images (PNG, JPEG, BMP, TIFF) or NIfTI volumes"
+        print(f"error: no {wanted} found in {' '.join(args.inputs)}", file=sys.stderr)
+        return 2
+    report = predict_files(predictor, listing, Path(args.out), max_pixels=args.max_pixels, missing_sequences=args.missing_sequences, progress=show_progress())
     tumours = sum(1 for row in report.rows if row["tumour_present"] is True)
     ignored = f"; {report.ignored} non-image file(s) ignored" if report.ignored else ""
     print(f"{report.succeeded} image(s) segmented, {tumours} with a tumour -> {args.out} ({report.csv_path.name}){ignored}")
@@ -197,7 +211,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"error: {args.model}: Grad-CAM needs the Keras model (.keras or an MLflow URI), not an exported file", file=sys.stderr)
         return 1
     try:
-        report = explain_files(args.inputs, predictor, Path(args.out), layer=args.layer, progress=show_progress())
+        report = explain_files(args.inputs, predictor, Path(args.out), layer=args.layer, missing_sequences=args.missing_sequences, progress=show_progress())
     except LayerNotFoundError as exc:
         print(f"error: --layer: {exc}", file=sys.stderr)
         return 1
@@ -268,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=100, help="number of pairs (default: %(default)s)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
+    p.add_argument("--sequences", default="", metavar="A,B,...", help="multi-sequence phantoms, e.g. t1,flair,t1ce: DIR/<sequence>/*.png + DIR/masks/")
+    p.add_argument("--nifti", action="store_true", help="write NIfTI volumes DIR/caseNNN_<sequence>.nii.gz + caseNNN_seg.nii.gz instead")
 
     p = add("download", cmd_download, "fetch raw pairs from the source in params (data.source) into a folder")
     p.add_argument("--out", default="data/raw", help="output folder (default: %(default)s)")
@@ -306,7 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
 
     p = add("predict", cmd_predict, "segment images, folders (recursive) or zip archives: <stem>_mask.png, <stem>_overlay.png, predictions.csv", params=False)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or .zip archives")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files, folders or .zip archives; NIfTI volumes; for a multi-sequence model, folders holding <sequence>/ sub-folders",
+    )
     p.add_argument(
         "--model",
         required=True,
@@ -319,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-component-px", type=int, default=0, help="drop predicted blobs smaller than this many pixels (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="images per model call (default: %(default)s)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images (default: %(default)s)")
+    p.add_argument(
+        "--missing-sequences",
+        choices=("skip", "fill"),
+        default="skip",
+        help="multi-sequence models: a slice or case without one of the model's sequences is skipped, or predicted with zeros there (default: %(default)s)",
+    )
 
     p = add("export", cmd_export, "export a .keras model to TFLite or ONNX and check it against the Keras model", params=False)
     p.add_argument("--model", required=True, help="a .keras file or an MLflow model URI")
@@ -337,12 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
 
     p = add("explain", cmd_explain, "Seg-Grad-CAM: <stem>_gradcam.png = prediction overlay beside the Grad-CAM heat map", params=False)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or .zip archives (as for predict)")
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="image files, folders or .zip archives; per-sequence folders for a multi-sequence model (as for predict)"
+    )
     p.add_argument("--model", required=True, help="a .keras file, runs:/<run id>/model or models:/<name>/<version>")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--layer", default=None, help="layer to explain (default: the stride-2 decoder stage, see tumorseg.explain); a wrong name lists the choices")
     p.add_argument("--threshold", type=float, default=0.5, help="tumour where probability > threshold (default: %(default)s)")
     p.add_argument("--tta", action="store_true", help="flip test-time augmentation for the mask")
+    p.add_argument("--missing-sequences", choices=("skip", "fill"), default="skip", help="as for predict (default: %(default)s)")
 
     p = add("serve", cmd_serve, "web app and JSON API: upload a slice, see the outline, Grad-CAM, area and confidence", params=False)
     p.add_argument("--model", required=True, help="a .keras/.tflite/.onnx file, runs:/<run id>/model or models:/<name>/<version>")
@@ -367,6 +397,11 @@ def _check_arguments(args: argparse.Namespace) -> None:
         for name, value, low, high in (("--count", args.count, 1, 1_000_000), ("--size", args.size, 16, 8192)):
             if not low <= value <= high:
                 raise UsageError(f"{name} must be between {low} and {high}, got {value}")
+        sequences = [name for name in args.sequences.split(",") if name]
+        try:
+            DataConfig(sequences=sequences)
+        except ValueError as exc:
+            raise UsageError(f"--sequences {args.sequences!r}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
     if args.command == "prepare" and args.size is not None:
         try:
             check_image_size(args.size)

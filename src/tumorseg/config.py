@@ -27,6 +27,10 @@ ERROR_PREFIX = "error: "  # how the CLI and the stages print it; the whole line 
 MAX_PARAMS_BYTES = 1 << 20  # params.yaml is ~10 kB; anything near 1 MB is not a params file
 MAX_YAML_VALUES = 100_000  # values after alias expansion (params.yaml has ~300): stops alias bombs
 MAX_IMAGE_SIZE = 2048
+SEQUENCE_NAME = re.compile(r"[a-z](?:_?[a-z0-9]){0,31}")  # a folder name; no "__" (models/inputs.py joins with it)
+SINGLE_CHANNEL = "images"  # the folder of the one grayscale channel when data.sequences is empty
+RESERVED_FOLDERS = (SINGLE_CHANNEL, "masks")
+MAX_SEQUENCES = 8
 
 
 class ConfigError(ValueError):
@@ -102,6 +106,36 @@ class DataConfig(_Strict):
     mask_suffix: str = ""
     synthetic_count: int = Field(600, ge=1, le=1_000_000)
     synthetic_size: int = Field(256, ge=32, le=4096)
+    # MRI sequences in channel order (e.g. [t1, flair, t1ce]); empty = one grayscale image per slice
+    # from image_dir (the Figshare layout). A model trained on sequences expects exactly these.
+    sequences: tuple[str, ...] = ()
+    # Where a multi-sequence dataset keeps its slices (sequences only): folders = ROOT/<sequence>/ and
+    # ROOT/<mask_dir>/; kaggle_lgg = kaggle_3m/<case>/<case>_<n>.tif (t1, flair, t1ce as RGB);
+    # nifti = <case>_<sequence>.nii[.gz] volumes with <case>_seg.nii[.gz]; auto = whichever is found.
+    layout: Literal["auto", "folders", "kaggle_lgg", "nifti"] = "auto"
+
+    @field_validator("sequences", mode="before")
+    @classmethod
+    def _check_sequences(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            value = tuple(value)
+        if isinstance(value, tuple):
+            bad = [name for name in value if not isinstance(name, str) or not SEQUENCE_NAME.fullmatch(name) or name in RESERVED_FOLDERS]
+            if bad:
+                raise ValueError(
+                    f"sequence names are folder names: lower-case letters and digits, single _ between them, starting with a letter, "
+                    f"not {' or '.join(RESERVED_FOLDERS)} (got {bad[0]!r})"
+                )
+            if len(set(value)) != len(value):
+                raise ValueError(f"a sequence is listed twice: {list(value)}")
+            if len(value) > MAX_SEQUENCES:
+                raise ValueError(f"at most {MAX_SEQUENCES} sequences, got {len(value)}")
+        return value
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The folder of each input channel in raw and prepared data: the sequences, or ``images``."""
+        return self.sequences or (SINGLE_CHANNEL,)
 
 
 class PrepareConfig(_Strict):
@@ -113,6 +147,9 @@ class PrepareConfig(_Strict):
     group_by: str = "block:20"
     size_strata: int = Field(3, ge=1, le=20)
     workers: int = Field(0, ge=0, le=256)
+    # A slice without one of data.sequences: skip it (counted per case in report.json) or fill the
+    # sequence with zeros (train.sequence_dropout teaches the model to cope with a blank one).
+    missing_sequences: Literal["skip", "fill"] = "skip"
 
     @field_validator("group_by")
     @classmethod
@@ -281,6 +318,9 @@ class TrainConfig(_Strict):
     # Deep supervision: >0 trains auxiliary mask heads on the coarser decoder stages (a stage at
     # stride s weighs this / s in the loss); the published model has no heads. 0 = off.
     deep_supervision: float = Field(0.0, ge=0.0, le=10.0)
+    # Multi-sequence data: the probability that a training slice has one of its sequences blanked
+    # (zeros, as prepare.missing_sequences=fill stores a missing one), so a model copes without it.
+    sequence_dropout: float = Field(0.0, ge=0.0, le=1.0)
     threads: int = Field(0, ge=0, le=512)  # TensorFlow intra-op threads; 0 = all cores
     deterministic: bool = True  # op determinism: same seed -> same weights (slightly slower)
     jit_compile: bool = False  # XLA; measured 3.7x slower per step on 2 CPU cores

@@ -50,6 +50,15 @@ class InputImageError(ValueError):
         self.kind = kind
 
 
+class VolumeError(InputImageError):
+    """A NIfTI input is not a usable volume (unreadable, not 3-D, not real-valued, volumes of one
+    case that disagree); the message names the file."""
+
+
+class SequenceMismatch(UsageError):
+    """The input's MRI sequences are not the ones the model was trained on (names or order)."""
+
+
 class ModelLoadError(ValueError):
     """A model file or URI cannot be loaded; the message names it and the reason."""
 

@@ -30,6 +30,8 @@ import numpy as np
 
 from tumorseg import images
 from tumorseg.inference import resize_to_input
+from tumorseg.inference.predictor import as_sequence_stack
+from tumorseg.models.inputs import sequences_in
 
 # Default layer: the last top-level feature map at the first of these strides that the model has.
 DEFAULT_STRIDES = (2, 4, 8, 16, 32, 1)
@@ -158,6 +160,7 @@ class GradCam:
         target, path = _find(model, self.layer)
         self.input_shape = (int(shape[1]), int(shape[2]))
         self.channels = int(shape[3]) if len(shape) == 4 and shape[3] is not None else 1
+        self.sequences = sequences_in(model.inputs[0].name)  # () = one grayscale image
         self.threshold = float(threshold)
         self._sub = _exposing_model(model, target, path)
 
@@ -178,13 +181,17 @@ class GradCam:
         self._heat_at_layer = heat_at_layer
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        """float32 ``(H, W)`` heat map in [0, 1] at the image's size (all zeros when no evidence)."""
-        gray = _as_gray(image)
-        height, width = gray.shape
+        """float32 ``(H, W)`` heat map in [0, 1] at the image's size (all zeros when no evidence).
+        A multi-sequence model takes an ``(H, W, C)`` stack in its sequence order; the one map
+        explains all sequences together (the gradient reaches the layer through every channel)."""
+        pixels = as_sequence_stack(image, self.sequences) if self.sequences else _as_gray(image)
+        height, width = pixels.shape[:2]
         side_h, side_w = self.input_shape
-        resized = resize_to_input(gray, side_h) if side_h == side_w else cv2.resize(gray, (side_w, side_h), interpolation=cv2.INTER_AREA)
-        batch = resized.astype(np.float32)[None, :, :, None]
-        if self.channels == 3:
+        resized = resize_to_input(pixels, side_h) if side_h == side_w else cv2.resize(pixels, (side_w, side_h), interpolation=cv2.INTER_AREA)
+        batch = resized.astype(np.float32)[None]
+        if batch.ndim == 3:
+            batch = batch[..., None]
+        if self.channels == 3 and not self.sequences:
             batch = np.repeat(batch, 3, axis=-1)
         heat = np.asarray(self._heat_at_layer(batch), dtype=np.float32)
         heat = cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR)
@@ -238,14 +245,21 @@ class ExplainReport:
     ignored: int = 0  # files in folders/zips without an image extension
 
 
-def explanation_panel(image: np.ndarray, mask: np.ndarray, heat: np.ndarray) -> np.ndarray:
+def explanation_panel(image: np.ndarray, mask: np.ndarray, heat: np.ndarray, labels: Sequence[str] = ()) -> np.ndarray:
     """BGR panel for a PNG: the prediction overlay (green outline) beside the Grad-CAM overlay
-    (white outline); small images are enlarged so both stay readable."""
-    from tumorseg.overlays import frame_tile, overlay_outline
+    (white outline); small images are enlarged so both stay readable. A multi-sequence ``(H, W, C)``
+    slice gets one prediction overlay per sequence, and the Grad-CAM overlay on their mean;
+    ``labels`` caption the tiles (the sequences, then the Grad-CAM)."""
+    from tumorseg.overlays import caption, frame_tile, overlay_outline
 
-    left = overlay_outline(image, mask, (0, 255, 0))
-    right = cv2.cvtColor(heatmap_overlay(image, heat, mask=mask), cv2.COLOR_RGB2BGR)
-    return np.concatenate([frame_tile(left, min_side=256), frame_tile(right, min_side=256)], axis=1)
+    planes = [image] if image.ndim == 2 else [np.ascontiguousarray(image[..., c]) for c in range(image.shape[2])]
+    backdrop = image if image.ndim == 2 else np.rint(image.mean(axis=2)).astype(np.uint8)
+    tiles = [overlay_outline(plane, mask, (0, 255, 0)) for plane in planes]
+    tiles.append(cv2.cvtColor(heatmap_overlay(backdrop, heat, mask=mask), cv2.COLOR_RGB2BGR))
+    tiles = [frame_tile(tile, min_side=256) for tile in tiles]
+    if labels:  # name each multi-sequence tile
+        tiles = [np.concatenate([caption(tile.shape[1], label), tile], axis=0) for label, tile in zip(labels, tiles)]
+    return np.concatenate(tiles, axis=1)
 
 
 def explain_files(
@@ -255,6 +269,7 @@ def explain_files(
     *,
     layer: str | None = None,
     max_pixels: int | None = None,
+    missing_sequences: str = "skip",
     progress: bool = False,
 ) -> ExplainReport:
     """Write ``<out_dir>/<stem>_gradcam.png`` (:func:`explanation_panel`) for every image in
@@ -268,20 +283,26 @@ def explain_files(
     check_separate(out_dir, inputs, what="the output folder")  # panels written among the inputs could overwrite them
     explainer = GradCam(predictor.model, layer, threshold=predictor.threshold)
     out_dir = Path(out_dir)
-    listing = inference.list_inputs(inputs)
+    listing = inference.list_inputs(inputs, predictor.sequences)
     report = ExplainReport(skipped=list(listing.problems), ignored=listing.ignored)
+    report.skipped += [(item.display, "a NIfTI volume: explain takes 2-D slices (predict segments volumes)") for item in listing.volumes]
     reader = inference.ImageReader()  # same reading rules (size limits, zip members) as predict
     limit = max_pixels or images.DEFAULT_MAX_PIXELS
+    items = [*listing.sources, *listing.slices]
     try:
-        pairs = zip(listing.sources, inference.unique_stems(listing.sources))
-        for source, stem in tqdm(pairs, total=len(listing.sources), desc="explain", unit="image", disable=not progress):
+        pairs = zip(items, inference.unique_stems(items))
+        for item, stem in tqdm(pairs, total=len(items), desc="explain", unit="image", disable=not progress):
             try:
-                image = images.decode_image(reader.read(source), source.display, max_pixels=limit)  # the one decode gate
+                if isinstance(item, inference.SliceInput):
+                    image = inference.read_slice(item, predictor.sequences, missing_sequences, limit)
+                else:
+                    image = images.decode_image(reader.read(item), item.display, max_pixels=limit)  # the one decode gate
             except images.InputImageError as exc:
-                report.skipped.append((source.display, str(exc)))
+                report.skipped.append((item.display, str(exc)))
                 continue
             prediction = predictor.predict([image])[0]
-            panel = explanation_panel(image, prediction.mask, explainer(image))
+            labels = [*predictor.sequences, "Grad-CAM (mean of the sequences)"] if predictor.sequences else ()
+            panel = explanation_panel(predictor.as_input(image), prediction.mask, explainer(image), labels)
             report.written.append(atomic_write_png(out_dir / f"{stem}_gradcam.png", panel))
     finally:
         reader.close()

@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 
 from tumorseg.errors import ExportError  # noqa: F401 - raised here, defined with the other user errors
-from tumorseg.images import InputImageError, list_image_files, read_image
+from tumorseg.images import DEFAULT_MAX_PIXELS, InputImageError, list_image_files, read_image
 from tumorseg.inference import Predictor, resize_to_input
+from tumorseg.inference.scans import list_scan_inputs, read_slice
 from tumorseg.io import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -49,10 +50,21 @@ DICE_BOUNDS = {"none": 0.99, "float16": 0.99, "dynamic": 0.95, "int8": 0.90}
 # --------------------------------------------------------------------------------------------
 
 
-def sample_images(size: int, count: int = 16, *, seed: int = 0, folder: str | Path | None = None) -> list[np.ndarray]:
-    """``count`` uint8 grayscale images: synthetic MRI-like phantoms, or images read from ``folder``
-    (recursively, sorted; unreadable files are skipped with a warning)."""
+def sample_images(size: int, count: int = 16, *, seed: int = 0, folder: str | Path | None = None, sequences: Sequence[str] = ()) -> list[np.ndarray]:
+    """``count`` uint8 images: synthetic MRI-like phantoms, or images read from ``folder``
+    (recursively, sorted; unreadable files are skipped with a warning). A multi-sequence model
+    (``sequences``) gets ``(H, W, C)`` stacks: multi-sequence phantoms, or the slices of a
+    per-sequence ``folder`` (``folder/<sequence>/*.png``)."""
     if folder is None:
+        if sequences:
+            from tumorseg.data.synthetic import make_sequence_phantom, sequence_styles
+
+            styles = sequence_styles(tuple(sequences))
+            stacks = []
+            for index in range(count):
+                rng = np.random.default_rng(np.random.SeedSequence([seed, index, len(styles)]))
+                stacks.append(np.stack(make_sequence_phantom(rng, max(size, 32), styles, tumour=True)[0], axis=-1))
+            return stacks
         from tumorseg.data.synthetic import phantom_for_index
 
         return [phantom_for_index(seed, index, max(size, 32))[0] for index in range(count)]
@@ -60,32 +72,49 @@ def sample_images(size: int, count: int = 16, *, seed: int = 0, folder: str | Pa
     if not root.is_dir():
         raise FileNotFoundError(f"calibration folder {root} does not exist")
     images = []
-    for path in list_image_files(root, recursive=True):
-        try:
-            images.append(read_image(path))
-        except InputImageError as exc:
-            log.warning("calibration: skipped %s", exc)
-        if len(images) == count:
-            break
+    if sequences:
+        for item in list_scan_inputs([root], sequences).slices:
+            try:
+                images.append(read_slice(item, sequences, "skip", DEFAULT_MAX_PIXELS))
+            except InputImageError as exc:
+                log.warning("calibration: skipped %s", exc)
+            if len(images) == count:
+                break
+    else:
+        for path in list_image_files(root, recursive=True):
+            try:
+                images.append(read_image(path))
+            except InputImageError as exc:
+                log.warning("calibration: skipped %s", exc)
+            if len(images) == count:
+                break
     if not images:
-        raise ExportError(f"no readable images (PNG, JPEG, BMP, TIFF) in calibration folder {root}")
+        wanted = f"slices in {', '.join(f'{s}/' for s in sequences)} sub-folders of" if sequences else "images (PNG, JPEG, BMP, TIFF) in"
+        raise ExportError(f"no readable {wanted} calibration folder {root}")
     return images
 
 
-def check_and_calibration_images(size: int, count: int, *, seed: int = 0, folder: str | Path | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def check_and_calibration_images(
+    size: int, count: int, *, seed: int = 0, folder: str | Path | None = None, sequences: Sequence[str] = ()
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Images to check an export on, and separate images to calibrate int8 on (so the check does
     not flatter the calibration): other phantoms, or the other half of ``folder``'s images (the
     same images only when the folder has fewer than 2 x 4)."""
     if folder is None:
-        return sample_images(size, count, seed=seed), sample_images(size, count, seed=seed + 1)
-    images = sample_images(size, 2 * count, folder=folder)
+        return sample_images(size, count, seed=seed, sequences=sequences), sample_images(size, count, seed=seed + 1, sequences=sequences)
+    images = sample_images(size, 2 * count, folder=folder, sequences=sequences)
     if len(images) < 8:
         return images, images
     return images[0::2], images[1::2]
 
 
 def _model_batches(images: Sequence[np.ndarray], size: int) -> list[np.ndarray]:
-    return [resize_to_input(image, size).astype(np.float32)[None, :, :, None] for image in images]
+    """Batches of one ``(1, S, S, C)`` float32 image each."""
+    batches = []
+    for image in images:
+        resized = resize_to_input(image, size).astype(np.float32)
+        batches.append(resized[None, :, :, None] if resized.ndim == 2 else resized[None])
+    return batches
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +160,8 @@ def to_onnx(model, quantize: str = "none", calibration: Sequence[np.ndarray] = (
     import tf2onnx
 
     size = _input_size(model)
-    signature = [tf.TensorSpec([None, size, size, 1], tf.float32, name="image")]
+    input_name = model.inputs[0].name  # carries a multi-sequence model's sequences into the ONNX file
+    signature = [tf.TensorSpec([None, size, size, int(model.input_shape[-1])], tf.float32, name=input_name)]
 
     @tf.autograph.experimental.do_not_convert
     def forward(image):
@@ -145,11 +175,11 @@ def to_onnx(model, quantize: str = "none", calibration: Sequence[np.ndarray] = (
     with tempfile.TemporaryDirectory(prefix="tumorseg-export-") as scratch:
         source, target = Path(scratch) / "float.onnx", Path(scratch) / "quantized.onnx"
         source.write_bytes(data)
-        _quantize_onnx(source, target, quantize, calibration, size)
+        _quantize_onnx(source, target, quantize, calibration, size, input_name)
         return target.read_bytes()
 
 
-def _quantize_onnx(source: Path, target: Path, quantize: str, calibration: Sequence[np.ndarray], size: int) -> None:
+def _quantize_onnx(source: Path, target: Path, quantize: str, calibration: Sequence[np.ndarray], size: int, input_name: str = "image") -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -164,7 +194,7 @@ def _quantize_onnx(source: Path, target: Path, quantize: str, calibration: Seque
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._items = iter({"image": batch} for batch in batches)
+            self._items = iter({input_name: batch} for batch in batches)
 
         def get_next(self):
             return next(self._items, None)
@@ -254,7 +284,7 @@ def export_model(
     bound = DICE_BOUNDS[quantize] if min_dice is None else float(min_dice)
     reference = Predictor.load(source)
     size = reference.input_size
-    images, calibration = check_and_calibration_images(size, sample_count, seed=seed, folder=calibration_dir)
+    images, calibration = check_and_calibration_images(size, sample_count, seed=seed, folder=calibration_dir, sequences=reference.sequences)
 
     started = time.perf_counter()
     convert = to_tflite if fmt == "tflite" else to_onnx
@@ -276,6 +306,7 @@ def export_model(
             "size_bytes": len(data),
             "size_mb": round(len(data) / 2**20, 3),
             "input_size": size,
+            "sequences": list(reference.sequences),
             "sample_images": "synthetic phantoms" if calibration_dir is None else str(calibration_dir),
             "calibration_images": len(calibration) if quantize == "int8" else 0,
             "calibration_is_check_set": quantize == "int8" and calibration is images,

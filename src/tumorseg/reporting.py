@@ -34,7 +34,10 @@ def finite(payload: dict[str, Any]) -> dict[str, Any]:
 COMPARE_ROWS = [
     # key, label, higher is better
     ("dice", "Dice (per-image mean)", True),
+    ("patient_dice", "Dice per patient (slices stacked)", True),  # rows like this one: only where measured
     ("global_dice", "Dice (global, pooled pixels)", True),
+    ("detection_sensitivity", "Detection sensitivity (tumour slices found)", True),
+    ("false_positive_rate", "False-positive rate (tumour-free slices)", False),
     ("iou", "IoU", True),
     ("precision", "Precision", True),
     ("recall", "Recall (sensitivity)", True),
@@ -46,6 +49,8 @@ COMPARE_ROWS = [
     ("ms_per_step", "Training ms/step", False),
     ("ms_per_image", "Inference ms/image", False),
 ]
+
+OPTIONAL_ROWS = {"patient_dice", "detection_sensitivity", "false_positive_rate"}  # real-scan metrics (evaluation.scan_metrics)
 
 # Rows of the "how each model was trained" table: (key of metrics/train_<name>.json, label).
 TRAINING_ROWS = [
@@ -95,6 +100,8 @@ def compare_models(
     ]
     for key, label, higher in COMPARE_ROWS:
         values = {n: results[n].get(key) for n in names}
+        if key in OPTIONAL_ROWS and all(v is None for v in values.values()):
+            continue  # e.g. no tumour-free slices, no patient ids: the row would be empty
         known = {n: v for n, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         winner = ""
         if len(known) == len(names) and len(names) > 1 and len(set(known.values())) > 1:

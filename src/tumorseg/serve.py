@@ -50,7 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tumorseg import __version__
-from tumorseg.images import DEFAULT_MAX_PIXELS, MAX_DECODE_BYTES, InputImageError, decode_image
+from tumorseg.images import DEFAULT_MAX_PIXELS, MAX_DECODE_BYTES, InputImageError, decode_image, to_gray_uint8
 from tumorseg.inference import Predictor
 from tumorseg.io import encode_png
 from tumorseg.overlays import overlay_outline
@@ -99,6 +99,7 @@ class HealthResponse(BaseModel):
     gradcam_layer: str | None
     max_upload_mb: float
     version: str
+    sequences: list[str] = Field(default_factory=list, description="a multi-sequence model's upload fields, in channel order; [] = one image in 'file'")
 
 
 def _b64_png(image: np.ndarray) -> str:
@@ -218,31 +219,51 @@ class Analyser:
         elif gradcam_layer:
             raise ValueError("--layer needs a Keras model: an exported .tflite/.onnx model has no Grad-CAM")
         # Trace the graphs now: the first request would otherwise wait seconds for it.
-        blank = np.zeros((predictor.input_size, predictor.input_size), np.uint8)
+        side = predictor.input_size
+        self.sequences: tuple[str, ...] = tuple(getattr(predictor, "sequences", ()))  # () = one grayscale image
+        blank = np.zeros((side, side, len(self.sequences)) if self.sequences else (side, side), np.uint8)
         predictor.predict([blank])
         if self.gradcam is not None:
             self.gradcam(blank)
 
-    def __call__(self, data: bytes, filename: str, with_gradcam: bool) -> dict[str, Any]:
-        image = decode_image(data, filename, max_pixels=self.max_pixels, max_decode_bytes=self.max_decode_bytes)  # InputImageError -> 422
+    def decode(self, data: bytes | dict[str, tuple[bytes, str]], filename: str) -> np.ndarray:
+        """The upload as the model takes it: one image, or one per sequence stacked in the model's
+        order (each through the decode gate; sizes must agree). InputImageError -> 422."""
+        if isinstance(data, bytes):
+            return decode_image(data, filename, max_pixels=self.max_pixels, max_decode_bytes=self.max_decode_bytes)
+        planes = []
+        for sequence in self.sequences:
+            content, name = data[sequence]
+            plane = to_gray_uint8(decode_image(content, f"{sequence} ({name})", max_pixels=self.max_pixels, max_decode_bytes=self.max_decode_bytes))
+            if planes and plane.shape != planes[0].shape:
+                raise InputImageError(
+                    f"{sequence} ({name}) is {plane.shape[1]}x{plane.shape[0]} but {self.sequences[0]} is {planes[0].shape[1]}x{planes[0].shape[0]}: "
+                    "upload the same slice of every sequence"
+                )
+            planes.append(plane)
+        return np.stack(planes, axis=-1)
+
+    def __call__(self, data: bytes | dict[str, tuple[bytes, str]], filename: str, with_gradcam: bool) -> dict[str, Any]:
+        image = self.decode(data, filename)
         started = time.perf_counter()
         with self._lock:
             prediction = self.predictor.predict([image])[0]
             heat = self.gradcam(image) if with_gradcam and self.gradcam is not None else None
+        backdrop = image if image.ndim == 2 else np.rint(image.mean(axis=2)).astype(np.uint8)  # several sequences: their mean
         gradcam_png = None
         if heat is not None:
             from tumorseg.explain import heatmap_overlay
 
-            rgb = heatmap_overlay(image, heat, mask=prediction.mask)
+            rgb = heatmap_overlay(backdrop, heat, mask=prediction.mask)
             gradcam_png = _b64_png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-        height, width = image.shape
+        height, width = image.shape[:2]
         return {
             "filename": filename,
             "width": width,
             "height": height,
             **prediction.summary(),
             "threshold": self.predictor.threshold,
-            "overlay_png": _b64_png(overlay_outline(image, prediction.mask, OUTLINE_BGR)),
+            "overlay_png": _b64_png(overlay_outline(image if image.ndim == 2 else np.ascontiguousarray(image[..., 0]), prediction.mask, OUTLINE_BGR)),
             "mask_png": _b64_png(prediction.mask),
             "gradcam_png": gradcam_png,
             "gradcam_layer": self.gradcam.layer if gradcam_png else None,
@@ -332,7 +353,13 @@ def create_app(
             "gradcam_layer": analyse.gradcam.layer if analyse.gradcam is not None else None,
             "max_upload_mb": max_upload_mb,
             "version": __version__,
+            "sequences": list(analyse.sequences),
         }
+
+    if analyse.sequences:
+        _add_sequence_endpoint(app, analyse.sequences, pool, analyse)
+        app.mount("/static", StaticFiles(packages=[("tumorseg", "web/static")]), name="static")
+        return app
 
     @app.post(
         "/predict",
@@ -369,6 +396,57 @@ def create_app(
 
     app.mount("/static", StaticFiles(packages=[("tumorseg", "web/static")]), name="static")
     return app
+
+
+def _add_sequence_endpoint(app: FastAPI, sequences: tuple[str, ...], pool: AnalysisPool, analyse: Analyser) -> None:
+    """``POST /predict`` of a multi-sequence model: one multipart field per sequence, named by it."""
+    fields = ", ".join(sequences)
+    schema = {
+        "type": "object",
+        "required": list(sequences),
+        "properties": {sequence: {"type": "string", "format": "binary", "description": f"the {sequence} image of the slice"} for sequence in sequences},
+    }
+
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        dependencies=[Depends(_require_multipart)],
+        openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}},
+        responses={
+            413: {"description": "upload larger than --max-upload-mb"},
+            415: {"description": "not a multipart upload, or a file is not an image content type"},
+            422: {"description": f"a missing field ({fields}), an undecodable image, or sequences of different sizes"},
+            503: {"description": "busy: every worker is analysing and the queue is full; retry after the Retry-After header's seconds"},
+        },
+    )
+    async def predict(
+        request: Request,
+        gradcam: bool = Query(True, description="also compute the Grad-CAM map (costs about as much as the segmentation)"),
+    ) -> dict[str, Any]:
+        form = await request.form()
+        uploads = {}
+        for sequence in sequences:
+            item = form.get(sequence)
+            if item is None or isinstance(item, str):
+                raise HTTPException(422, f"missing form field {sequence!r}: the model takes one image per sequence, in the fields {fields}")
+            content_type = (item.content_type or "").lower()
+            if content_type and not content_type.startswith(ACCEPTED_CONTENT_TYPES):
+                raise HTTPException(415, f"{sequence} ({item.filename}): content type {content_type!r} is not an image; upload a PNG, JPEG, BMP or TIFF file")
+            uploads[sequence] = item
+        pool.admit()
+        try:
+            data = {sequence: (await item.read(), item.filename or sequence) for sequence, item in uploads.items()}
+        except BaseException:
+            pool.release()
+            raise
+        filename = uploads[sequences[0]].filename or "upload"
+        try:
+            return await pool.run(analyse, data, filename, gradcam)
+        except InputImageError as exc:
+            raise HTTPException(422, str(exc)) from None
+        except Exception:
+            log.exception("prediction failed for %s", filename)
+            raise HTTPException(500, "internal server error while analysing the image (logged on the server)") from None
 
 
 def run_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tumorseg.config import AugmentConfig, LossConfig, TrainConfig, UMobileNetV2Config, UNetConfig
+from tumorseg.config import SINGLE_CHANNEL, AugmentConfig, LossConfig, TrainConfig, UMobileNetV2Config, UNetConfig
 from tumorseg.data.pairs import batches_per_epoch, load_pairs, make_dataset
 from tumorseg.io import OutputError, describe_os_error
 from tumorseg.resume import MONITOR, ResumeState, epoch_commit_callback, publish, restore_checkpoint, save_model_atomically, swap_ema_weights, sweep_temporaries
@@ -124,6 +124,7 @@ def train_model(
     history_path: Path,
     state_dir: Path,
     init_from: Path | None = None,
+    sequences: tuple[str, ...] = (),
     on_epoch=None,
     progress: bool = True,
 ) -> TrainResult:
@@ -131,7 +132,8 @@ def train_model(
 
     ``architecture``, ``loss``, ``train`` and ``augment`` are params.yaml's ``models.<name>``,
     ``loss``, ``train`` and ``augment`` sections; ``init_from``: a resolved
-    ``train.init_from.<name>`` file to start from (a resume restores its own checkpoint instead).
+    ``train.init_from.<name>`` file to start from (a resume restores its own checkpoint instead);
+    ``sequences``: ``data.sequences``, the prepared channel folders and the model's input channels.
     ``state_dir`` holds the resume state; it is removed when training completes. ``on_epoch``
     (epoch, metrics) is called after every epoch (MLflow logging).
     """
@@ -151,11 +153,12 @@ def train_model(
     if resumed_from:
         publish(state, model_path, history_path)  # a kill may have come between commit and publish
 
-    _, train_x, train_y = load_pairs(prepared_dir / "train", image_size)
-    if augmented_dir is not None and train.use_augmented and (augmented_dir / "images").is_dir():
-        _, aug_x, aug_y = load_pairs(augmented_dir, image_size)
+    channels = sequences or (SINGLE_CHANNEL,)
+    _, train_x, train_y = load_pairs(prepared_dir / "train", image_size, channels)
+    if augmented_dir is not None and train.use_augmented and (augmented_dir / channels[0]).is_dir():
+        _, aug_x, aug_y = load_pairs(augmented_dir, image_size, channels)
         train_x, train_y = np.concatenate([train_x, aug_x]), np.concatenate([train_y, aug_y])
-    _, val_x, val_y = load_pairs(prepared_dir / "val", image_size)
+    _, val_x, val_y = load_pairs(prepared_dir / "val", image_size, channels)
     if len(train_x) == 0:
         raise FileNotFoundError(f"no training pairs in {prepared_dir / 'train'}; run the prepare stage first")
     if len(val_x) == 0:  # tiny datasets: validate on training data rather than not at all, and say so
@@ -183,7 +186,7 @@ def train_model(
         log.warning("%s: early stopping (train.early_stopping_patience=%d) on a cosine schedule can end the run while the learning rate is still high; "
                     "the best epoch is kept either way, so -S train.early_stopping_patience=0 trains the whole schedule", name, train.early_stopping_patience)
     with strategy.scope():
-        model = build_model(name, (image_size, image_size, 1), **architecture.model_dump())
+        model = build_model(name, (image_size, image_size, len(channels)), sequences=sequences, **architecture.model_dump())
         if init_from is not None and not state.epochs_done:  # a resume restores its own checkpoint
             load_initial_weights(model, init_from, key=f"train.init_from.{name}")
         shipped = model  # what is published: without deep supervision's training-only heads
@@ -249,6 +252,7 @@ def train_model(
             shuffle=True,
             seed=seed,
             augment=online,
+            sequence_dropout=train.sequence_dropout,
             drop_remainder=split_evenly,
             epochs=(initial_epoch, stop),
         )

@@ -19,7 +19,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from tumorseg.config import AugmentConfig  # noqa: E402
+from tumorseg.config import SINGLE_CHANNEL, AugmentConfig  # noqa: E402
 from tumorseg.io import atomic_directory, atomic_write_json, atomic_write_png, write_staged_png  # noqa: E402
 from tumorseg.overlays import frame_tile, overlay_outline  # noqa: E402
 from tumorseg.processes import default_workers, worker_pool  # noqa: E402
@@ -88,15 +88,22 @@ def derived_seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(key) for key in keys]).generate_state(1)[0])
 
 
+def _read_slice(folder: Path, name: str, channels: tuple[str, ...]) -> np.ndarray:
+    """One prepared slice: ``(H, W)`` for one channel, ``(H, W, C)`` stacked in ``channels`` order."""
+    planes = [_read_gray(folder / channel / name) for channel in channels]
+    return planes[0] if len(planes) == 1 else np.stack(planes, axis=-1)
+
+
 def _augment_pair(pipeline: A.Compose, job: tuple) -> None:
-    train_dir, staging, name, index, copies, seed = job
+    train_dir, staging, name, index, copies, seed, channels = job
     pipeline.set_random_seed(pair_seed(seed, index))
-    image = _read_gray(train_dir / "images" / name)
+    image = _read_slice(train_dir, name, channels)
     mask = _read_gray(train_dir / "masks" / name)
     for copy in range(copies):
         aug_image, aug_mask = apply(pipeline, image, mask)
         out_name = f"{Path(name).stem}__aug{copy + 1}.png"
-        write_staged_png(staging / "images" / out_name, aug_image)
+        for position, channel in enumerate(channels):
+            write_staged_png(staging / channel / out_name, aug_image if aug_image.ndim == 2 else np.ascontiguousarray(aug_image[..., position]))
         write_staged_png(staging / "masks" / out_name, aug_mask)
 
 
@@ -122,21 +129,23 @@ def augment_dataset(
     seed: int,
     progress: bool = True,
     workers: int = 0,
+    channels: tuple[str, ...] = (SINGLE_CHANNEL,),
 ) -> AugmentReport:
     """Write ``copies_per_image`` augmented copies of every training pair to ``out_dir``.
 
     Copies are named ``<id>__aug<k>.png`` so a copy is always traceable to (and split with) its
     original. Only the training split is ever augmented. Replaced atomically. ``workers`` processes
     (0 = all cores) share the pairs; each pair is seeded by (``seed``, its index), so the output
-    does not depend on the number of workers.
+    does not depend on the number of workers. Multi-sequence slices (``channels``: one folder per
+    sequence) go through the transforms as one multi-channel image, so their sequences stay aligned.
     """
-    train_dir, out_dir = Path(train_dir), Path(out_dir)
-    names = sorted(p.name for p in (train_dir / "images").glob("*.png"))
+    train_dir, out_dir, channels = Path(train_dir), Path(out_dir), tuple(channels)
+    names = sorted(p.name for p in (train_dir / channels[0]).glob("*.png"))
     workers = workers or default_workers()
     with atomic_directory(out_dir, inputs=(train_dir,)) as staging:
-        (staging / "images").mkdir()
-        (staging / "masks").mkdir()
-        jobs = [(train_dir, staging, name, index, copies_per_image, seed) for index, name in enumerate(names)]
+        for folder in (*channels, "masks"):
+            (staging / folder).mkdir()
+        jobs = [(train_dir, staging, name, index, copies_per_image, seed, channels) for index, name in enumerate(names)]
         bar = tqdm(total=len(jobs), desc="augment", unit="pair", disable=not progress)
         if workers <= 1 or len(jobs) < 64:  # a pool's start-up costs more than a few pairs
             pipeline = build_augmentation(settings, seed)
@@ -153,24 +162,32 @@ def augment_dataset(
     return report
 
 
-def preview_grid(train_dir: str | Path, settings: AugmentConfig, *, rows: int, copies: int, seed: int) -> np.ndarray:
-    """Rows of (original, augmented copies...) with the mask outline drawn on each tile."""
-    train_dir = Path(train_dir)
-    names = sorted(p.name for p in (train_dir / "images").glob("*.png"))
+def preview_grid(
+    train_dir: str | Path, settings: AugmentConfig, *, rows: int, copies: int, seed: int, channels: tuple[str, ...] = (SINGLE_CHANNEL,)
+) -> np.ndarray:
+    """Rows of (original, augmented copies...) with the mask outline drawn on each tile (the first
+    sequence of multi-sequence slices)."""
+    train_dir, channels = Path(train_dir), tuple(channels)
+    names = sorted(p.name for p in (train_dir / channels[0]).glob("*.png"))
     if not names:
-        raise ValueError(f"no training images in {train_dir / 'images'}")
+        raise ValueError(f"no training images in {train_dir / channels[0]}")
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(names), size=min(rows, len(names)), replace=False))
     pipeline = build_augmentation(settings, seed)
     lines = []
     for index in chosen:
-        image = _read_gray(train_dir / "images" / names[index])
+        image = _read_slice(train_dir, names[index], channels)
         mask = _read_gray(train_dir / "masks" / names[index])
-        tiles = [overlay_outline(image, mask, (0, 0, 255))]
+        tiles = [overlay_outline(first_channel(image), mask, (0, 0, 255))]
         for _ in range(copies):
-            tiles.append(overlay_outline(*apply(pipeline, image, mask)))
+            aug_image, aug_mask = apply(pipeline, image, mask)
+            tiles.append(overlay_outline(first_channel(aug_image), aug_mask))
         lines.append(np.concatenate([frame_tile(t) for t in tiles], axis=1))
     return np.concatenate(lines, axis=0)
+
+
+def first_channel(image: np.ndarray) -> np.ndarray:
+    return image if image.ndim == 2 else np.ascontiguousarray(image[..., 0])
 
 
 def write_preview(path: str | Path, grid: np.ndarray) -> Path:

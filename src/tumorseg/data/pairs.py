@@ -6,35 +6,45 @@ Used by training, pretraining and evaluation (which scores the prepared split or
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from tumorseg.config import SINGLE_CHANNEL
 
-def load_pairs(folder: Path, size: int | None = None) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """All ``folder/images/*.png`` with their masks as uint8 arrays ``(N, H, W, 1)``.
+
+def load_pairs(folder: Path, size: int | None = None, channels: Sequence[str] = (SINGLE_CHANNEL,)) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """All slices of a prepared split folder with their masks, as uint8 arrays: images
+    ``(N, H, W, C)`` stacked from ``folder/<channel>/*.png`` in ``channels`` order (``images`` for
+    one grayscale channel), masks ``(N, H, W, 1)`` of 0/1.
 
     Prepared data is small (2,572 slices at 256² = 170 MB), so it is held in memory: no per-step
     decoding, and the input pipeline never stalls the model.
     """
-    names = sorted(p.name for p in (folder / "images").glob("*.png"))
+    channels = tuple(channels)
+    names = sorted(p.name for p in (folder / channels[0]).glob("*.png"))
 
     def read(name: str) -> tuple[np.ndarray, np.ndarray]:
-        image = cv2.imread(str(folder / "images" / name), cv2.IMREAD_GRAYSCALE)
+        planes = [cv2.imread(str(folder / channel / name), cv2.IMREAD_GRAYSCALE) for channel in channels]
         mask = cv2.imread(str(folder / "masks" / name), cv2.IMREAD_GRAYSCALE)
-        if image is None or mask is None:
-            raise FileNotFoundError(f"{folder}: cannot read the pair {name}; re-run `dvc repro -f prepare`")
-        if size and image.shape != (size, size):
-            raise ValueError(f"{folder / 'images' / name} is {image.shape[1]}x{image.shape[0]}, expected {size}x{size}: re-run the prepare stage")
-        return image, mask
+        if mask is None or any(plane is None for plane in planes):
+            missing = [channel for channel, plane in zip(channels, planes) if plane is None] + (["masks"] if mask is None else [])
+            raise FileNotFoundError(f"{folder}: cannot read {name} in {', '.join(missing)}; re-run `dvc repro -f prepare`")
+        for channel, plane in zip(channels, planes):
+            if plane.shape != mask.shape or (size and plane.shape != (size, size)):
+                expected = f"{size}x{size}" if size else f"{mask.shape[1]}x{mask.shape[0]} like its mask"
+                raise ValueError(f"{folder / channel / name} is {plane.shape[1]}x{plane.shape[0]}, expected {expected}: re-run the prepare stage")
+        return np.stack(planes, axis=-1), mask
 
     if not names:
-        return [], np.zeros((0, size or 0, size or 0, 1), np.uint8), np.zeros((0, size or 0, size or 0, 1), np.uint8)
+        empty = (0, size or 0, size or 0)
+        return [], np.zeros((*empty, len(channels)), np.uint8), np.zeros((*empty, 1), np.uint8)
     with ThreadPoolExecutor(max_workers=4) as pool:
         pairs = list(pool.map(read, names))
-    images = np.stack([p[0] for p in pairs])[..., None]
+    images = np.stack([p[0] for p in pairs])
     masks = (np.stack([p[1] for p in pairs]) > 127).astype(np.uint8)[..., None]
     return names, images, masks
 
@@ -47,6 +57,7 @@ def make_dataset(
     shuffle: bool,
     seed: int,
     augment=None,
+    sequence_dropout: float = 0.0,
     drop_remainder: bool = False,
     epochs: tuple[int, int] = (0, 1),
 ):
@@ -57,28 +68,31 @@ def make_dataset(
     a run resumed at epoch ``e`` is fed exactly the batches an uninterrupted run gets there. The
     epochs follow each other in one dataset, so ``fit`` needs ``steps_per_epoch``
     (:func:`batches_per_epoch`). ``augment`` (an albumentations Compose) runs in a ``numpy_function``
-    before batching, so image and mask go through it together.
+    before batching, so image and mask go through it together; then, with probability
+    ``sequence_dropout``, one channel of a multi-channel slice is blanked (as a missing sequence is
+    stored), drawn from the same per-pair seed.
     """
     import tensorflow as tf
 
     first, stop = epochs
     all_images, all_masks = tf.constant(images), tf.constant(masks)
     count = len(images)
+    dropout = sequence_dropout if images.ndim == 4 and images.shape[-1] > 1 else 0.0  # one channel: nothing to drop
 
     def one_epoch(epoch):
         order = tf.range(count, dtype=tf.int64)
         if shuffle:
             order = tf.random.experimental.stateless_shuffle(order, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
         indices = tf.data.Dataset.from_tensor_slices(order)
-        if augment is None:
+        if augment is None and not dropout:
             pairs = indices.map(lambda index: (tf.gather(all_images, index), tf.gather(all_masks, index)), num_parallel_calls=1, deterministic=True)
-        else:  # the augmentation's seed needs the pair's position in the epoch
+        else:  # the per-pair seed needs the pair's position in the epoch
             pairs = indices.enumerate().map(
                 lambda position, index: (tf.gather(all_images, index), tf.gather(all_masks, index), epoch, position),
                 num_parallel_calls=1,
                 deterministic=True,
             )
-            pairs = pairs.map(_online_augmentation(augment, seed), num_parallel_calls=1, deterministic=True)
+            pairs = pairs.map(_online_augmentation(augment, seed, dropout), num_parallel_calls=1, deterministic=True)
         # Several replicas need equal shares of every batch: drop the ragged last batch.
         return pairs.batch(batch_size, drop_remainder=drop_remainder)
 
@@ -89,16 +103,22 @@ def batches_per_epoch(pairs: int, batch_size: int, *, drop_remainder: bool = Fal
     return pairs // batch_size if drop_remainder else -(-pairs // batch_size)
 
 
-def _online_augmentation(augment, seed: int):
-    """A tf.data map function augmenting one pair, reseeded from (seed, epoch, position)."""
+def _online_augmentation(augment, seed: int, sequence_dropout: float = 0.0):
+    """A tf.data map function augmenting one pair (and maybe blanking one of its sequences),
+    reseeded from (seed, epoch, position)."""
     import tensorflow as tf
 
     from tumorseg.data.augment import apply, derived_seed
 
     def augment_pair(image, mask, epoch, position):
-        augment.set_random_seed(derived_seed(seed, int(epoch), int(position)))
-        out_image, out_mask = apply(augment, image[..., 0], mask[..., 0] * 255)
-        return out_image[..., None], (out_mask > 127).astype(np.uint8)[..., None]
+        pair_seed = derived_seed(seed, int(epoch), int(position))
+        if augment is not None:
+            augment.set_random_seed(pair_seed)
+            out_image, out_mask = apply(augment, image if image.shape[-1] > 1 else image[..., 0], mask[..., 0] * 255)
+            image, mask = out_image.reshape(image.shape), (out_mask > 127).astype(np.uint8)[..., None]
+        if sequence_dropout:
+            image = drop_one_sequence(image, np.random.default_rng(pair_seed), sequence_dropout)
+        return image, mask
 
     def map_pair(image, mask, epoch, position):
         out_image, out_mask = tf.numpy_function(augment_pair, [image, mask, epoch, position], [tf.uint8, tf.uint8])
@@ -107,6 +127,19 @@ def _online_augmentation(augment, seed: int):
         return out_image, out_mask
 
     return map_pair
+
+
+def drop_one_sequence(image: np.ndarray, rng: np.random.Generator, probability: float) -> np.ndarray:
+    """With ``probability``, a copy of ``(H, W, C)`` with one of its non-blank channels set to zero
+    (never the last non-blank one): the model learns to segment without any single sequence."""
+    if rng.random() >= probability:
+        return image
+    present = [channel for channel in range(image.shape[-1]) if image[..., channel].any()]
+    if len(present) < 2:
+        return image
+    out = image.copy()
+    out[..., present[int(rng.integers(len(present)))]] = 0
+    return out
 
 
 def batch_as_float(dataset, batch_size: int, *, target_scale: float = 1.0, drop_remainder: bool = False):

@@ -48,6 +48,8 @@ TOO_LARGE = "too_large"
 SIZE_MISMATCH = "size_mismatch"
 EMPTY_MASK = "empty_mask"
 DUPLICATE_IMAGE = "duplicate_image"
+MISSING_SEQUENCE = "missing_sequence"
+SINGLE_CHANNEL = "images"  # the channel folder of one grayscale image per slice (config.SINGLE_CHANNEL)
 _REASON_BY_KIND = {image_gate.EMPTY: EMPTY_FILE, image_gate.UNREADABLE: UNREADABLE, image_gate.TOO_LARGE: TOO_LARGE}  # the decode gate's refusals
 
 
@@ -56,7 +58,7 @@ class PairOutcome:
     """The result of checking one pair (computed in a worker process)."""
 
     name: str
-    image_path: str
+    image_path: str  # the first channel's file (the one image of a single-channel slice)
     mask_path: str
     reason: str | None = None
     detail: str = ""
@@ -66,6 +68,8 @@ class PairOutcome:
     height: int = 0
     width: int = 0
     mask_binarised: bool = False
+    channel_paths: dict[str, str] = field(default_factory=dict)  # channel -> file ("" = missing)
+    filled: tuple[str, ...] = ()  # sequences missing on disk, stored as zeros (missing_sequences=fill)
 
 
 @dataclass
@@ -80,6 +84,11 @@ class PrepareReport:
     image_size: int
     seconds: float = field(default=0.0, compare=False)
     warnings: list[str] = field(init=False)  # e.g. a split too small to trust; derived from groups
+    # Multi-sequence data only: the sequences in channel order, what was done with a slice missing
+    # one, and per case (group) how many slices lacked each sequence.
+    sequences: tuple[str, ...] = ()
+    missing_sequences: str = "skip"
+    missing_by_case: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         warning = small_split_warning(self.groups)
@@ -88,6 +97,9 @@ class PrepareReport:
     def to_json(self) -> dict:
         payload = asdict(self)
         payload.pop("seconds")  # timing is not a reproducible output; printed, not stored
+        if not self.sequences:  # one grayscale channel: report.json as it has always been
+            for key in ("sequences", "missing_sequences", "missing_by_case"):
+                payload.pop(key)
         return payload
 
 
@@ -104,9 +116,25 @@ def _list_images(folder: Path) -> list[Path]:
 
 def pair_files(images_dir: Path, masks_dir: Path, mask_suffix: str = "") -> tuple[list[tuple[str, Path, Path]], list[PairOutcome]]:
     """Match images to masks by file stem (``stem`` ↔ ``stem + mask_suffix``, any image extension)."""
-    images: dict[str, list[Path]] = {}
-    for path in _list_images(images_dir):
-        images.setdefault(path.stem, []).append(path)
+    slices, problems = pair_slices({SINGLE_CHANNEL: images_dir}, masks_dir, mask_suffix)
+    return [(name, paths[SINGLE_CHANNEL], mask) for name, paths, mask in slices], problems
+
+
+def pair_slices(
+    channel_dirs: dict[str, Path], masks_dir: Path, mask_suffix: str = ""
+) -> tuple[list[tuple[str, dict[str, Path | None], Path]], list[PairOutcome]]:
+    """Match each mask to its slice's file in every channel folder by file stem (``stem`` ↔
+    ``stem + mask_suffix``, any image extension). A slice with some but not all channels is
+    returned with None for the missing ones (the caller skips or fills it); with none, or
+    without a mask, it is a problem."""
+    by_channel: dict[str, dict[str, list[Path]]] = {}
+    for channel, folder in channel_dirs.items():
+        by_channel[channel] = {}
+        if len(channel_dirs) > 1 and not folder.exists():
+            log.warning("prepare: no %s folder (%s): every slice lacks that sequence", channel, folder)
+            continue
+        for path in _list_images(folder):
+            by_channel[channel].setdefault(path.stem, []).append(path)
     masks: dict[str, list[Path]] = {}
     for path in _list_images(masks_dir):
         stem = path.stem
@@ -117,20 +145,26 @@ def pair_files(images_dir: Path, masks_dir: Path, mask_suffix: str = "") -> tupl
             stem = stem[: -len(mask_suffix)]
         masks.setdefault(stem, []).append(path)
 
+    single = len(channel_dirs) == 1
+    where = next(iter(channel_dirs.values())) if single else "any of " + ", ".join(f"{c}/" for c in channel_dirs)
+    stems = set(masks).union(*(set(files) for files in by_channel.values()))
     pairs, problems = [], []
-    for stem in sorted(set(images) | set(masks)):
-        image_list, mask_list = images.get(stem, []), masks.get(stem, [])
+    for stem in sorted(stems):
+        files = {channel: found.get(stem, []) for channel, found in by_channel.items()}
+        mask_list = masks.get(stem, [])
+        present = [paths[0] for paths in files.values() if paths]
         display = stem.lstrip("\0")
-        if len(image_list) > 1 or len(mask_list) > 1:
-            names = ", ".join(p.name for p in image_list + mask_list)
-            first = (image_list or mask_list)[0]
+        crowded = [path for paths in files.values() if len(paths) > 1 for path in paths]
+        if crowded or len(mask_list) > 1:
+            names = ", ".join(p.name for p in crowded + (mask_list if len(mask_list) > 1 else present + mask_list))
+            first = (crowded or present or mask_list)[0]
             problems.append(PairOutcome(display, str(first), "", AMBIGUOUS_NAME, f"several files share the name {display!r}: {names}"))
         elif not mask_list:
-            problems.append(PairOutcome(display, str(image_list[0]), "", ORPHAN_IMAGE, f"no mask named {display}{mask_suffix}.* in {masks_dir}"))
-        elif not image_list:
-            problems.append(PairOutcome(display, "", str(mask_list[0]), ORPHAN_MASK, f"no image named {display}.* in {images_dir}"))
+            problems.append(PairOutcome(display, str(present[0]), "", ORPHAN_IMAGE, f"no mask named {display}{mask_suffix}.* in {masks_dir}"))
+        elif not present:
+            problems.append(PairOutcome(display, "", str(mask_list[0]), ORPHAN_MASK, f"no image named {display}.* in {where}"))
         else:
-            pairs.append((display, image_list[0], mask_list[0]))
+            pairs.append((display, {channel: (paths[0] if paths else None) for channel, paths in files.items()}, mask_list[0]))
     return pairs, problems
 
 
@@ -164,26 +198,59 @@ def _read(path: Path) -> tuple[bytes | None, np.ndarray | None, str | None, str]
         return None, None, _REASON_BY_KIND[exc.kind], str(exc)
 
 
-def check_pair(name: str, image_path: Path, mask_path: Path, size: int, threshold: int, empty_masks: str, staging: Path) -> PairOutcome:
-    """Validate one pair; on success write the resized PNGs to ``staging/all/{images,masks}``."""
-    outcome = PairOutcome(name, str(image_path), str(mask_path))
-    for path, role in ((image_path, "image"), (mask_path, "mask")):
+def check_pair(
+    name: str,
+    image_path: Path | dict[str, Path | None],
+    mask_path: Path,
+    size: int,
+    threshold: int,
+    empty_masks: str,
+    staging: Path,
+    missing: str = "skip",
+) -> PairOutcome:
+    """Validate one slice (one image, or one file per channel) and its mask; on success write the
+    resized PNGs to ``staging/all/<channel>/`` and ``staging/all/masks/``. A channel without a file
+    is a skip (``missing="skip"``) or stored as zeros (``"fill"``)."""
+    paths = image_path if isinstance(image_path, dict) else {SINGLE_CHANNEL: image_path}
+    first = next(path for path in paths.values() if path is not None)
+    outcome = PairOutcome(name, str(first), str(mask_path), channel_paths={c: str(p or "") for c, p in paths.items()})
+    absent = tuple(channel for channel, path in paths.items() if path is None)
+    if absent and missing == "skip":
+        outcome.reason = MISSING_SEQUENCE
+        outcome.detail = f"no {', '.join(absent)} file (set prepare.missing_sequences: fill to use the slice with zeros there)"
+        return outcome
+    outcome.filled = absent
+
+    channels: dict[str, np.ndarray] = {}
+    digests = []
+    for channel, path in paths.items():
+        if path is None:
+            continue
         data, decoded, reason, detail = _read(path)
         if reason:
+            role = "image" if len(paths) == 1 else channel
             outcome.reason, outcome.detail = reason, f"{role}: {detail}"
             return outcome
-        if role == "image":
-            outcome.sha256 = hashlib.sha256(data).hexdigest()
-            image = to_gray_uint8(decoded)
-        else:
-            mask, outcome.mask_binarised = binarise_mask(decoded, threshold)
+        digests.append(hashlib.sha256(data).hexdigest())
+        channels[channel] = to_gray_uint8(decoded)
         del data, decoded  # only one decoded file at a time: the gate's memory bound holds per file
-    if image.shape != mask.shape:
-        outcome.reason = SIZE_MISMATCH
-        outcome.detail = f"image is {image.shape[1]}x{image.shape[0]} but mask is {mask.shape[1]}x{mask.shape[0]}"
+    data, decoded, reason, detail = _read(mask_path)
+    if reason:
+        outcome.reason, outcome.detail = reason, f"mask: {detail}"
         return outcome
-    outcome.height, outcome.width = image.shape
-    outcome.pixel_hash = hashlib.sha256(image.tobytes() + str(image.shape).encode()).hexdigest()
+    mask, outcome.mask_binarised = binarise_mask(decoded, threshold)
+    del data, decoded
+    # One channel: the file's hash, as always; several: the hash of the files' hashes in channel order.
+    outcome.sha256 = digests[0] if len(paths) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()
+    for channel, image in channels.items():
+        if image.shape != mask.shape:
+            outcome.reason = SIZE_MISMATCH
+            role = "image" if len(paths) == 1 else f"{channel} image"
+            outcome.detail = f"{role} is {image.shape[1]}x{image.shape[0]} but mask is {mask.shape[1]}x{mask.shape[0]}"
+            return outcome
+    outcome.height, outcome.width = mask.shape
+    pixels = b"".join(channels[c].tobytes() if c in channels else b"-" for c in paths)
+    outcome.pixel_hash = hashlib.sha256(pixels + str(mask.shape).encode()).hexdigest()
     outcome.area_fraction = float(np.count_nonzero(mask)) / mask.size
     if outcome.area_fraction == 0.0 and empty_masks == "skip":
         outcome.reason, outcome.detail = EMPTY_MASK, "mask has no tumour pixels (set prepare.empty_masks: keep to use it)"
@@ -191,10 +258,13 @@ def check_pair(name: str, image_path: Path, mask_path: Path, size: int, threshol
 
     # Area interpolation when shrinking (no aliasing), linear when enlarging; masks nearest so they
     # stay exactly {0, 255}.
-    shrinking = image.shape[0] > size or image.shape[1] > size
-    image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    shrinking = mask.shape[0] > size or mask.shape[1] > size
+    for channel in paths:
+        image = channels.get(channel)
+        interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        resized = np.zeros((size, size), np.uint8) if image is None else cv2.resize(image, (size, size), interpolation=interpolation)
+        write_staged_bytes(staging / "all" / channel / f"{name}.png", encode_png(resized))
     mask = cv2.resize(mask, (size, size), interpolation=cv2.INTER_NEAREST)
-    write_staged_bytes(staging / "all" / "images" / f"{name}.png", encode_png(image))
     write_staged_bytes(staging / "all" / "masks" / f"{name}.png", encode_png(mask))
     return outcome
 
@@ -304,7 +374,7 @@ def assign_splits(
 
 
 def prepare_dataset(
-    images_dir: str | Path,
+    images_dir: str | Path | dict[str, Path],
     masks_dir: str | Path,
     out_dir: str | Path,
     *,
@@ -321,31 +391,41 @@ def prepare_dataset(
     workers: int = 0,
     progress: bool = True,
     report_extra: dict | None = None,
+    missing_sequences: str = "skip",
 ) -> PrepareReport:
     """Check, resize and split every pair; write the split folders, manifest.csv and report.json.
 
-    The output folder is replaced atomically, so an interrupted or failed run leaves the previous
-    output untouched and the inputs are only ever read. ``report_extra`` (e.g. the data source
-    record) is added to report.json.
+    ``images_dir`` is one folder of grayscale images, or ``{sequence: folder}`` for multi-sequence
+    slices (channel order = the mapping's order; each sequence is checked as an image is, and a
+    slice missing one is skipped or filled with zeros as ``missing_sequences`` says). The output
+    folder is replaced atomically, so an interrupted or failed run leaves the previous output
+    untouched and the inputs are only ever read. ``report_extra`` (e.g. the data source record)
+    is added to report.json.
     """
     import pandas as pd
 
     started = time.perf_counter()
-    images_dir, masks_dir, out_dir = Path(images_dir), Path(masks_dir), Path(out_dir)
-    pairs, problems = pair_files(images_dir, masks_dir, mask_suffix)
+    multi = isinstance(images_dir, dict)
+    channel_dirs = {name: Path(folder) for name, folder in images_dir.items()} if multi else {SINGLE_CHANNEL: Path(images_dir)}
+    masks_dir, out_dir = Path(masks_dir), Path(out_dir)
+    inputs_text = ", ".join(str(folder) for folder in channel_dirs.values())
+    slices, problems = pair_slices(channel_dirs, masks_dir, mask_suffix)
     if on_error == "fail" and problems:
         first = problems[0]
         raise PrepareError(f"{first.image_path or first.mask_path}: {first.reason}: {first.detail}")
 
     workers = workers or default_workers()
-    with atomic_directory(out_dir, inputs=(images_dir, masks_dir)) as staging:
-        jobs = [(name, img, msk, size, mask_threshold, empty_masks, staging) for name, img, msk in pairs]
+    with atomic_directory(out_dir, inputs=(*channel_dirs.values(), masks_dir)) as staging:
+        jobs = [
+            (name, paths if multi else paths[SINGLE_CHANNEL], msk, size, mask_threshold, empty_masks, staging, missing_sequences)
+            for name, paths, msk in slices
+        ]
         outcomes = _run_checks(jobs, workers, on_error, progress)
         kept, skipped = _deduplicate(outcomes, problems)
         if not kept:
             raise NoValidPairs(
-                f"no valid image/mask pairs in {images_dir} and {masks_dir} "
-                f"({len(pairs)} name matches, {len(skipped)} skipped: {dict(Counter(s.reason for s in skipped))})"
+                f"no valid image/mask pairs in {inputs_text} and {masks_dir} "
+                f"({len(slices)} name matches, {len(skipped)} skipped: {dict(Counter(s.reason for s in skipped))})"
             )
         splits, groups = assign_splits(
             [o.name for o in kept],
@@ -356,27 +436,30 @@ def prepare_dataset(
             test_fraction=test_fraction,
             seed=seed,
         )
+        folders = (*channel_dirs, "masks")
         for split in SPLITS:
-            for kind in ("images", "masks"):
+            for kind in folders:
                 (staging / split / kind).mkdir(parents=True)
         for outcome, split in zip(kept, splits):
-            for kind in ("images", "masks"):
+            for kind in folders:
                 os.replace(staging / "all" / kind / f"{outcome.name}.png", staging / split / kind / f"{outcome.name}.png")
         shutil.rmtree(staging / "all")
 
-        manifest = pd.DataFrame(
-            {
-                "id": [o.name for o in kept],
-                "split": splits,
-                "group": groups,
-                "image_path": [o.image_path for o in kept],
-                "mask_path": [o.mask_path for o in kept],
-                "sha256": [o.sha256 for o in kept],
-                "area_fraction": [round(o.area_fraction, 6) for o in kept],
-                "original_height": [o.height for o in kept],
-                "original_width": [o.width for o in kept],
-            }
-        )
+        columns = {
+            "id": [o.name for o in kept],
+            "split": splits,
+            "group": groups,
+            "image_path": [o.image_path for o in kept],
+            "mask_path": [o.mask_path for o in kept],
+            "sha256": [o.sha256 for o in kept],
+            "area_fraction": [round(o.area_fraction, 6) for o in kept],
+            "original_height": [o.height for o in kept],
+            "original_width": [o.width for o in kept],
+        }
+        if multi:  # each sequence's original file ("" where it was filled with zeros)
+            columns |= {f"{channel}_path": [o.channel_paths[channel] for o in kept] for channel in channel_dirs}
+            columns["filled"] = [";".join(o.filled) for o in kept]
+        manifest = pd.DataFrame(columns)
         atomic_write_text(staging / "manifest.csv", manifest.to_csv(index=False))
         split_groups = manifest.groupby("split")["group"].nunique()
         report = PrepareReport(
@@ -388,6 +471,9 @@ def prepare_dataset(
             groups={split: int(split_groups.get(split, 0)) for split in SPLITS},
             group_by=group_by,
             image_size=size,
+            sequences=tuple(channel_dirs) if multi else (),
+            missing_sequences=missing_sequences,
+            missing_by_case=missing_by_case(outcomes, group_by) if multi else {},
         )
         atomic_write_json(staging / "report.json", report.to_json() | (report_extra or {}))
     report.seconds = time.perf_counter() - started
@@ -436,3 +522,13 @@ def _deduplicate(outcomes: list[PairOutcome], problems: list[PairOutcome]) -> tu
             kept.append(outcome)
     skipped.sort(key=lambda o: (o.reason or "", o.name))
     return kept, skipped
+
+
+def missing_by_case(outcomes: list[PairOutcome], group_by: str) -> dict[str, dict[str, int]]:
+    """Per case (the split's group), how many slices had no file for each sequence (skipped or filled)."""
+    counts: dict[str, Counter] = {}
+    for outcome, group in zip(outcomes, group_ids([o.name for o in outcomes], group_by)):
+        lacking = [channel for channel, path in outcome.channel_paths.items() if not path]
+        if lacking:
+            counts.setdefault(group.split(":", 1)[-1], Counter()).update(lacking)
+    return {case: dict(sorted(counter.items())) for case, counter in sorted(counts.items())}

@@ -219,6 +219,7 @@ def discover_pair_folders(root: Path, image_dir: str, mask_dir: str, mask_suffix
 
 
 LABELS_FILE = "labels.csv"
+CASES_FILE = "cases.csv"
 
 
 def _copy_files(files: list[Path], destination: Path, desc: str, progress: bool) -> None:
@@ -238,12 +239,18 @@ def _import_pairs(root: Path, staging: Path, image_dir: str, mask_dir: str, mask
     log.info("images from %s, masks from %s", image_folder, mask_folder)
     _copy_files(list_image_files(image_folder), staging / "images", "images", progress)
     _copy_files(list_image_files(mask_folder), staging / "masks", "masks", progress)
-    # Optional per-image labels (figshare: file,tumour_type,original_size) for per-class scores.
-    for candidate in (root / LABELS_FILE, image_folder.parent / LABELS_FILE):
-        if candidate.is_file():
-            shutil.copy2(candidate, staging / LABELS_FILE)
-            log.info("labels from %s", candidate)
-            break
+    _copy_tables(root, staging, image_folder.parent)
+
+
+def _copy_tables(root: Path, staging: Path, data_folder: Path) -> None:
+    """Optional tables beside the data: per-image labels (figshare: file,tumour_type,original_size)
+    for per-class scores, and per-case records (lgg-256: case,institution,...,sequences)."""
+    for table in (LABELS_FILE, CASES_FILE):
+        for candidate in (root / table, data_folder / table):
+            if candidate.is_file():
+                shutil.copy2(candidate, staging / table)
+                log.info("%s from %s", table, candidate)
+                break
 
 
 def _extract_zip(archive: Path, destination: Path) -> Path:
@@ -271,33 +278,45 @@ def _declared_kind(root: Path) -> str:
     return "real"
 
 
-def write_synthetic_source(out_dir: str | Path, *, count: int, size: int, seed: int, progress: bool = True) -> SourceInfo:
-    """Generate phantoms into ``out_dir`` (images/, masks/) and label the folder as synthetic.
+def write_synthetic_source(
+    out_dir: str | Path, *, count: int, size: int, seed: int, sequences: tuple[str, ...] = (), progress: bool = True
+) -> SourceInfo:
+    """Generate phantoms into ``out_dir`` (images/ and masks/, or one folder per sequence and
+    masks/) and label the folder as synthetic.
 
     Built beside ``out_dir`` and swapped in, like a stage's output: a user's folder is never written into.
     """
-    from tumorseg.data.synthetic import write_synthetic_dataset
-
     with atomic_directory(out_dir) as staging:
+        _write_phantoms(staging, count=count, size=size, seed=seed, sequences=sequences, progress=progress)
+        origin = _synthetic_origin(count, size, seed, sequences)
+        return _record_source(staging, sequences, source="synthetic", kind="synthetic", origin=origin, requested="synthetic", note="")
+
+
+def _write_phantoms(staging: Path, *, count: int, size: int, seed: int, sequences: tuple[str, ...], progress: bool) -> None:
+    from tumorseg.data.synthetic import write_sequence_dataset, write_synthetic_dataset
+
+    if sequences:
+        write_sequence_dataset(staging, count=count, size=size, seed=seed, sequences=sequences, progress=progress)
+    else:
         write_synthetic_dataset(staging, count=count, size=size, seed=seed, progress=progress)
-        origin = _synthetic_origin(count, size, seed)
-        return _record_source(staging, source="synthetic", kind="synthetic", origin=origin, requested="synthetic", note="")
 
 
-def _synthetic_origin(count: int, size: int, seed: int) -> str:
-    return f"tumorseg phantoms (count={count}, size={size}, seed={seed})"
+def _synthetic_origin(count: int, size: int, seed: int, sequences: tuple[str, ...] = ()) -> str:
+    views = f", sequences={'+'.join(sequences)}" if sequences else ""
+    return f"tumorseg phantoms (count={count}, size={size}, seed={seed}{views})"
 
 
-def _record_source(folder: Path, *, source: str, kind: str, origin: str, requested: str, note: str) -> SourceInfo:
-    """Hash images/ and masks/ and write SOURCE.json beside them."""
-    images = sorted((folder / "images").iterdir())
+def _record_source(folder: Path, sequences: tuple[str, ...], *, source: str, kind: str, origin: str, requested: str, note: str) -> SourceInfo:
+    """Hash the channel folders (images/, or one per sequence) and masks/; write SOURCE.json beside them."""
+    channels = [folder / name for name in (sequences or ("images",))]
+    images = sorted(p for channel in channels if channel.is_dir() for p in channel.iterdir())
     masks = sorted((folder / "masks").iterdir())
     info = SourceInfo(
         source=source,
         kind=kind,
         origin=origin,
         data_hash=hash_tree(folder, images + masks),
-        n_images=len(images),
+        n_images=len({p.stem for p in images}),  # slices, whatever their number of sequences
         n_masks=len(masks),
         requested=requested,
         note=note,
@@ -324,9 +343,12 @@ def download(
     synthetic_count: int,
     synthetic_size: int,
     seed: int,
+    sequences: tuple[str, ...] = (),
+    layout: str = "auto",
     progress: bool = True,
 ) -> SourceInfo:
-    """Fill ``out_dir`` with ``images/``, ``masks/`` and ``SOURCE.json`` from the chosen source.
+    """Fill ``out_dir`` with ``images/`` (or one folder per sequence), ``masks/`` and ``SOURCE.json``
+    from the chosen source (multi-sequence layouts: :mod:`tumorseg.data.layouts`).
 
     ``auto`` tries Kaggle and falls back to synthetic phantoms, saying so loudly. The folder is
     replaced atomically: an interrupted download leaves the previous data (or nothing).
@@ -348,14 +370,21 @@ def download(
 
     local_input = [Path(local_path).expanduser()] if source == "local" and local_path else []
     with atomic_directory(out_dir, inputs=local_input) as staging:
-        if source == "synthetic":
-            from tumorseg.data.synthetic import write_synthetic_dataset
+        def import_from(root: Path) -> None:
+            if sequences:
+                from tumorseg.data.layouts import import_dataset
 
-            write_synthetic_dataset(staging, count=synthetic_count, size=synthetic_size, seed=seed, progress=progress)
-            origin, kind = _synthetic_origin(synthetic_count, synthetic_size, seed), "synthetic"
+                import_dataset(layout, root, staging, sequences, mask_dir=mask_dir, mask_suffix=mask_suffix, progress=progress)
+                _copy_tables(root, staging, root)
+            else:
+                _import_pairs(root, staging, image_dir, mask_dir, mask_suffix, progress)
+
+        if source == "synthetic":
+            _write_phantoms(staging, count=synthetic_count, size=synthetic_size, seed=seed, sequences=sequences, progress=progress)
+            origin, kind = _synthetic_origin(synthetic_count, synthetic_size, seed, sequences), "synthetic"
         elif source == "kaggle":
             root = fetch_kaggle(kaggle_dataset, network_timeout_s)
-            _import_pairs(root, staging, image_dir, mask_dir, mask_suffix, progress)
+            import_from(root)
             origin, kind = f"kaggle:{kaggle_dataset}", "real"
         elif source == "local":
             if not local_path:
@@ -366,14 +395,14 @@ def download(
             if path.is_file():
                 with tempfile.TemporaryDirectory(dir=staging) as scratch:
                     root = _extract_zip(path, Path(scratch))
-                    _import_pairs(root, staging, image_dir, mask_dir, mask_suffix, progress)
+                    import_from(root)
                     kind = _declared_kind(root)
             else:
-                _import_pairs(path, staging, image_dir, mask_dir, mask_suffix, progress)
+                import_from(path)
                 kind = _declared_kind(path)
             origin = str(path.resolve())
         else:
             raise SourceError(f"data.source must be auto, kaggle, local or synthetic, not {source!r}")
 
-        info = _record_source(staging, source=source, kind=kind, origin=origin, requested=requested, note=note)
+        info = _record_source(staging, sequences, source=source, kind=kind, origin=origin, requested=requested, note=note)
     return info

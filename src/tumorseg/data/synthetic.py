@@ -426,3 +426,118 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, count: int, size: int, s
         atomic_write_bytes(masks / name, encode_png(mask))
         names.append(name)
     return names
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-sequence phantoms (one head seen by several MRI sequences)
+# --------------------------------------------------------------------------------------------
+
+SLICES_PER_CASE = 8  # a case's slices: tumour-free at both ends, as in a scan's block around a tumour
+MISSING_EVERY = 5  # every 5th case lacks its last sequence, as real sets do
+
+
+def _sequence_view(style: int, plain: np.ndarray, enhanced: np.ndarray, tumour: np.ndarray, brain: np.ndarray) -> np.ndarray:
+    """One sequence's contrast of the same head: 0 = contrast-enhanced T1 (the tumour as drawn),
+    1 = FLAIR-like (fluid dark, the tumour and its rim bright), 2 = pre-contrast T1 (the tumour
+    darker than brain). Each shows the tumour alone, with its own contrast."""
+    if style == 0:
+        return enhanced
+    halo = cv2.GaussianBlur(tumour, (0, 0), max(1.0, plain.shape[0] / 96))
+    if style == 1:
+        fluid_dark = plain * (0.55 + 0.45 * np.clip(plain / max(float(plain.max()), 1e-6) * 2.0, 0.0, 1.0))
+        return fluid_dark + brain * (0.55 * tumour + 0.2 * halo)
+    return plain * (1.0 - 0.4 * tumour * brain)
+
+
+_STYLE_BY_NAME = {"t1ce": 0, "t1c": 0, "t1gd": 0, "flair": 1, "t2": 1, "t1": 2}
+
+
+def sequence_styles(sequences: tuple[str, ...]) -> list[int]:
+    """The contrast each named sequence gets (:func:`_sequence_view`); unknown names take turns."""
+    return [_STYLE_BY_NAME.get(name, index % 3) for index, name in enumerate(sequences)]
+
+
+def make_sequence_phantom(rng: np.random.Generator, size: int, styles: list[int], tumour: bool) -> tuple[list[np.ndarray], np.ndarray]:
+    """One uint8 view per style of one phantom head, and its {0, 255} mask (empty when ``tumour`` is False)."""
+    size = int(size)
+    if size < MIN_SIZE:
+        raise ValueError(f"phantom size must be at least {MIN_SIZE} pixels, got {size}")
+    kind = str(rng.choice(_KINDS, p=_KIND_PROBABILITIES))
+    head = _head_geometry(rng, size)
+    plain, brain = _render_head(rng, head, ventricles=kind != "pituitary")
+    enhanced = plain.copy()
+    mask = _add_tumour(rng, kind, enhanced, head, brain) if tumour else np.zeros(plain.shape, np.uint8)
+    soft = cv2.GaussianBlur((mask > 0).astype(np.float32), (0, 0), 0.8)
+    views = []
+    for style in styles:
+        view = _sequence_view(style, plain, enhanced, soft, brain).astype(np.float32)
+        views.append(_to_uint8(rng, _scanner_effects(rng, view), brain))
+    return views, mask
+
+
+def write_sequence_dataset(
+    out_dir: str | os.PathLike, count: int, size: int, seed: int, sequences: tuple[str, ...], progress: bool = True
+) -> list[str]:
+    """Write ``out_dir/<sequence>/caseCCC_SS.png`` and ``out_dir/masks/caseCCC_SS.png``: cases of
+    :data:`SLICES_PER_CASE` slices whose first and last slice hold no tumour; every
+    :data:`MISSING_EVERY`-th case has no file for the last sequence (when there are several). The
+    layout of ``../shared/data/lgg-256``; slice ``i`` depends only on (``seed``, ``i``)."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    out_dir = Path(out_dir)
+    styles = sequence_styles(tuple(sequences))
+    names = []
+    for index in tqdm(range(count), desc="synthetic sequence phantoms", unit="slice", disable=not progress):
+        case, position = divmod(index, SLICES_PER_CASE)
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), index, len(sequences)]))
+        tumour = 0 < position < SLICES_PER_CASE - 1
+        views, mask = make_sequence_phantom(rng, size, styles, tumour)
+        name = f"case{case + 1:03d}_{position + 1:02d}.png"
+        missing = sequences[-1] if len(sequences) > 1 and (case + 1) % MISSING_EVERY == 0 else None
+        for sequence, view in zip(sequences, views):
+            if sequence != missing:
+                atomic_write_bytes(out_dir / sequence / name, encode_png(view))
+        atomic_write_bytes(out_dir / "masks" / name, encode_png(mask))
+        names.append(name)
+    return names
+
+
+# The voxel axes of a written phantom volume: rows run posterior, columns to the patient's left,
+# slices superior (3 mm apart), so the volume's axial slices are the phantom images as drawn.
+PHANTOM_AFFINE = np.array([[0.0, -1.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 3.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def write_sequence_volumes(
+    out_dir: str | os.PathLike, count: int, size: int, seed: int, sequences: tuple[str, ...], progress: bool = True
+) -> list[str]:
+    """Write the slices of :func:`write_sequence_dataset` as NIfTI volumes, BraTS-named:
+    ``out_dir/caseCCC_<sequence>.nii.gz`` and ``out_dir/caseCCC_seg.nii.gz`` (labels 0/1), one
+    volume of :data:`SLICES_PER_CASE` slices per case; a sequence a case lacks has no volume."""
+    import tempfile
+
+    import nibabel as nib
+
+    out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory() as scratch:
+        names = write_sequence_dataset(scratch, count, size, seed, sequences, progress=progress)
+        cases = sorted({name.rsplit("_", 1)[0] for name in names})
+        for case in cases:
+            slices = sorted(name for name in names if name.startswith(f"{case}_"))
+            for tag, folder in [(sequence, sequence) for sequence in sequences] + [("seg", "masks")]:
+                files = [Path(scratch) / folder / name for name in slices]
+                if not all(file.is_file() for file in files):
+                    continue  # the case lacks this sequence
+                planes = [cv2.imread(str(file), cv2.IMREAD_GRAYSCALE) for file in files]
+                volume = np.stack(planes, axis=2)
+                if tag == "seg":
+                    volume = (volume > 0).astype(np.uint8)
+                image = nib.Nifti1Image(volume, PHANTOM_AFFINE)
+                image.header.set_xyzt_units("mm")
+                atomic_write_bytes(out_dir / f"{case}_{tag}.nii.gz", _gzip(image.to_bytes()))
+    return cases
+
+
+def _gzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, compresslevel=6, mtime=0)

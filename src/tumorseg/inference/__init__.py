@@ -5,6 +5,7 @@
   threshold, blob filter) that predict, serve, explain, export checks and evaluation share.
 - :mod:`~tumorseg.inference.cache`: each model's probability maps of a split, computed once.
 - :mod:`~tumorseg.inference.batch`: files, folders and zips in; masks, overlays and a CSV out.
+- :mod:`~tumorseg.inference.scans`: per-sequence folders and NIfTI volumes for multi-sequence models.
 
 Untrusted bytes are decoded by :mod:`tumorseg.images` (re-exported names below for callers that
 predate it).
@@ -56,6 +57,7 @@ from tumorseg.inference.predictor import (
     resize_to_input,
     summarise,
 )
+from tumorseg.inference.scans import SliceInput, VolumeInput, list_scan_inputs, read_slice
 
 __all__ = [
     "CSV_COLUMNS",
@@ -81,15 +83,19 @@ __all__ = [
     "PredictionCache",
     "Predictor",
     "TFLiteBackend",
+    "SliceInput",
+    "VolumeInput",
     "average_maps",
     "decode_image",
     "list_inputs",
+    "list_scan_inputs",
     "load_backend",
     "model_file_problem",
     "open_keras_model",
     "predict_files",
     "read_file_bytes",
     "read_image",
+    "read_slice",
     "remove_small_components",
     "resize_probability",
     "resize_to_input",

@@ -1,8 +1,10 @@
 """Model back-ends: a Keras model, a TFLite or an ONNX file behind one call.
 
-A back-end maps a float32 ``(N, S, S, 1)`` raw-pixel batch at its own input size ``S`` to
+A back-end maps a float32 ``(N, S, S, C)`` raw-pixel batch at its own input size ``S`` to
 ``(N, S, S, 1)`` probabilities; everything around that call (resizing, test-time augmentation,
-thresholding) is the predictor's, so every back-end is post-processed by the same code.
+thresholding) is the predictor's, so every back-end is post-processed by the same code. ``C`` is 1
+for a grayscale model, or one channel per MRI sequence, which the back-end reads from its input's
+name (:mod:`tumorseg.models.inputs`) as ``sequences``.
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ from typing import Any, Protocol
 import numpy as np
 
 from tumorseg.errors import ModelLoadError  # noqa: F401 - raised here, defined with the other user errors
+from tumorseg.models.inputs import INPUT_NAME, sequences_in
 
 RUNTIME_SUFFIXES = (".tflite", ".onnx")
 MODEL_HINT = "give a .keras file, runs:/<run id>/model or models:/<name>/<version>"
 
 
 class Backend(Protocol):
-    """Runs a float32 ``(N, S, S, 1)`` raw-pixel batch to ``(N, S, S, 1)`` probabilities."""
+    """Runs a float32 ``(N, S, S, C)`` raw-pixel batch to ``(N, S, S, 1)`` probabilities."""
 
     input_size: int
     name: str
+    sequences: tuple[str, ...]  # the MRI sequence of each input channel; () = one grayscale channel
 
     def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
@@ -33,8 +37,27 @@ class Backend(Protocol):
 def _square_side(shape: Sequence[Any], where: str) -> int:
     height, width = shape[1], shape[2]
     if height is None or width is None or height != width or int(height) <= 0:
-        raise ValueError(f"{where}: expected a fixed square input (N, S, S, 1), got {tuple(shape)}")
+        raise ValueError(f"{where}: expected a fixed square input (N, S, S, C), got {tuple(shape)}")
     return int(height)
+
+
+def _declared_sequences(input_name: str, shape: Sequence[Any], where: str) -> tuple[str, ...]:
+    """The input's sequences, checked against its channel count."""
+    sequences = sequences_in(input_name)
+    channels = shape[3] if len(shape) == 4 else None
+    if channels is not None and int(channels) != max(1, len(sequences)):
+        if sequences:
+            raise ModelLoadError(f"{where}: its input names {len(sequences)} sequences ({', '.join(sequences)}) but has {int(channels)} channels")
+        raise ModelLoadError(f"{where}: its input has {int(channels)} channels but does not name their MRI sequences (input {input_name!r})")
+    return sequences
+
+
+def _keras_input_name(model) -> str:
+    """The name of a Keras model's (first) input; ``image`` for a model-like object without one."""
+    try:
+        return str(model.inputs[0].name)
+    except (AttributeError, IndexError, TypeError):
+        return INPUT_NAME
 
 
 class KerasBackend:
@@ -43,6 +66,7 @@ class KerasBackend:
     def __init__(self, model) -> None:
         self.model = model
         self.input_size = _square_side(model.input_shape, "model")
+        self.sequences = _declared_sequences(_keras_input_name(model), model.input_shape, "model")
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         # predict_on_batch runs a compiled graph function: no per-call Python overhead of model.predict.
@@ -73,6 +97,7 @@ class TFLiteBackend:
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
         self.input_size = _square_side(self._input["shape"], str(path))
+        self.sequences = _declared_sequences(self._input["name"], list(self._input["shape"]), str(path))
         self._batch = int(self._input["shape"][0])
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -115,6 +140,7 @@ class OnnxBackend:
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self._input = self.session.get_inputs()[0]
         self.input_size = _square_side(self._input.shape, str(path))
+        self.sequences = _declared_sequences(self._input.name, self._input.shape, str(path))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self.session.run(None, {self._input.name: batch})[0], dtype=np.float32)

@@ -19,8 +19,10 @@ import numpy as np
 
 from tumorseg.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, MAX_FILE_BYTES, TOO_LARGE, InputImageError, decode_image, read_file_bytes
 from tumorseg.inference.predictor import Prediction, Predictor
+from tumorseg.inference.scans import SliceInput, VolumeInput, list_scan_inputs, missing_sequences, read_slice
 from tumorseg.io import atomic_write_png, atomic_write_text, check_separate
 from tumorseg.overlays import overlay_outline
+from tumorseg.volumes import is_nifti, load_volume, window_to_uint8, write_segmentation
 
 CSV_COLUMNS = ("file", "tumour_present", "area_px", "area_pct", "mean_confidence", "status", "reason", "mask", "overlay")
 
@@ -47,19 +49,31 @@ class InputSource:
 
 @dataclass
 class InputListing:
-    sources: list[InputSource] = field(default_factory=list)
+    sources: list[InputSource] = field(default_factory=list)  # 2-D images (grayscale models)
     problems: list[tuple[str, str]] = field(default_factory=list)  # (input, reason): could not even be listed
     ignored: int = 0  # files in folders/zips without an image extension
+    slices: list[SliceInput] = field(default_factory=list)  # multi-sequence slices (per-sequence folders)
+    volumes: list[VolumeInput] = field(default_factory=list)  # NIfTI cases
+
+    @property
+    def count(self) -> int:
+        return len(self.sources) + len(self.slices) + len(self.volumes)
 
 
-def list_inputs(paths: Iterable[str | Path]) -> InputListing:
-    """Expand image files, folders (recursive, image extensions only, hidden files skipped) and
-    ``.zip`` archives (their image members) into a sorted, duplicate-free list of sources.
+def list_inputs(paths: Iterable[str | Path], sequences: Sequence[str] = ()) -> InputListing:
+    """Expand the inputs of a model taking ``sequences`` (``()``: one grayscale image).
 
-    A file named explicitly is always tried (a wrong format is reported, not skipped silently).
+    Grayscale: image files, folders (recursive, image extensions only, hidden files skipped) and
+    ``.zip`` archives (their image members), sorted and duplicate-free, plus NIfTI volumes.
+    Multi-sequence: per-sequence folders and NIfTI cases (:mod:`tumorseg.inference.scans`). A file
+    named explicitly is always tried (a wrong format is reported, not skipped silently).
     """
+    if sequences:
+        scans = list_scan_inputs(paths, sequences)
+        return InputListing(problems=scans.problems, ignored=scans.ignored, slices=scans.slices, volumes=scans.volumes)
     listing = InputListing()
     seen: set[InputSource] = set()
+    volume_files: list[Path] = []
 
     def add(source: InputSource) -> None:
         if source not in seen:
@@ -75,14 +89,21 @@ def list_inputs(paths: Iterable[str | Path]) -> InputListing:
                     add(InputSource(file))
                 elif file.suffix.lower() == ".zip":
                     _list_zip(file, listing, add)
+                elif is_nifti(file):
+                    volume_files.append(file)
                 else:
                     listing.ignored += 1
         elif path.is_file() and path.suffix.lower() == ".zip":
             _list_zip(path, listing, add)
+        elif path.is_file() and is_nifti(path):
+            volume_files.append(path)
         elif path.is_file():
             add(InputSource(path))
         else:
             listing.problems.append((str(path), "no such file or folder"))
+    if volume_files:
+        scans = list_scan_inputs(sorted(set(volume_files)), ())
+        listing.volumes, listing.ignored = scans.volumes, listing.ignored + scans.ignored
     return listing
 
 
@@ -130,7 +151,7 @@ class ImageReader:
             archive.close()
 
 
-def unique_stems(sources: Sequence[InputSource]) -> list[str]:
+def unique_stems(sources: Sequence[InputSource | SliceInput | VolumeInput]) -> list[str]:
     """Output stems: the input's stem, made unique (``_2``, ``_3``...; case-insensitively, for
     case-insensitive file systems) so that inputs of the same name never overwrite each other."""
     used: set[str] = set()
@@ -166,14 +187,18 @@ def predict_files(
     out_dir: str | Path,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    missing_sequences: str = "skip",
     progress: bool = True,
 ) -> PredictReport:
-    """Segment every image in ``inputs`` (files, folders, zips) into ``out_dir``.
+    """Segment every input (files, folders, zips; per-sequence folders and NIfTI volumes) into ``out_dir``.
 
-    Per image: ``<stem>_mask.png`` (0/255 at the original size) and ``<stem>_overlay.png`` (the
-    image with the predicted outline); ``predictions.csv`` lists every input with its status, and
-    the reason when it could not be read. Bad inputs never stop the run. Every file is written
-    atomically.
+    Per image or slice: ``<stem>_mask.png`` (0/255 at the original size) and ``<stem>_overlay.png``
+    (the image, or a multi-sequence slice's first sequence, with the predicted outline). Per NIfTI
+    case: ``<case>_seg.nii.gz`` on the input's grid and ``<case>_overlay.png`` (the slice with the
+    most tumour). ``predictions.csv`` lists every input with its status, and the reason when it
+    could not be read. Bad inputs never stop the run. Every file is written atomically.
+    ``missing_sequences``: ``skip`` refuses a slice or case without one of the model's sequences,
+    ``fill`` predicts it with zeros there.
     """
     from tqdm import tqdm
 
@@ -183,36 +208,53 @@ def predict_files(
     else:
         inputs = list(inputs)
         check_separate(out_dir, inputs, what="the output folder")  # masks written among the inputs could overwrite them
-        listing = list_inputs(inputs)
+        listing = list_inputs(inputs, predictor.sequences)
     rows: list[dict[str, Any]] = [_row(name, "failed", reason) for name, reason in listing.problems]
-    pending: list[tuple[InputSource, str, np.ndarray]] = []
+    pending: list[tuple[str, str, np.ndarray]] = []
 
     def flush() -> None:
         if not pending:
             return
-        for (source, stem, image), result in zip(pending, predictor.predict([item[2] for item in pending])):
+        for (display, stem, image), result in zip(pending, predictor.predict([item[2] for item in pending])):
             mask_name, overlay_name = f"{stem}_mask.png", f"{stem}_overlay.png"
             atomic_write_png(out_dir / mask_name, result.mask)
-            atomic_write_png(out_dir / overlay_name, overlay_outline(image, result.mask))
-            rows.append(_row(source.display, "ok", "", result, mask_name, overlay_name))
+            atomic_write_png(out_dir / overlay_name, overlay_outline(image if image.ndim == 2 else np.ascontiguousarray(image[..., 0]), result.mask))
+            rows.append(_row(display, "ok", "", result, mask_name, overlay_name))
         pending.clear()
 
     reader = ImageReader()
+    bar = tqdm(total=listing.count, desc="predict", unit="input", disable=not progress)
+    stems = iter(unique_stems([*listing.sources, *listing.slices, *listing.volumes]))  # no two inputs share an output name
     try:
-        bar = tqdm(zip(listing.sources, unique_stems(listing.sources)), total=len(listing.sources), desc="predict", unit="image", disable=not progress)
-        for source, stem in bar:
+        for source, stem in zip(listing.sources, stems):
+            bar.update()
             try:
                 image = decode_image(reader.read(source), source.display, max_pixels=max_pixels)
             except InputImageError as exc:
                 rows.append(_row(source.display, "failed", str(exc)))
                 continue
-            pending.append((source, stem, image))
+            pending.append((source.display, stem, image))
+            if len(pending) >= predictor.batch_size:
+                flush()
+        for item, stem in zip(listing.slices, stems):
+            bar.update()
+            try:
+                image = read_slice(item, predictor.sequences, missing_sequences, max_pixels)
+            except InputImageError as exc:
+                rows.append(_row(item.display, "failed", str(exc)))
+                continue
+            pending.append((item.display, stem, image))
             if len(pending) >= predictor.batch_size:
                 flush()
         flush()
+        for item, stem in zip(listing.volumes, stems):
+            bar.update()
+            rows.append(_predict_volume(predictor, item, stem, out_dir, missing_sequences))
     finally:
+        bar.close()
         reader.close()
-    order = {source.display: index for index, source in enumerate(listing.sources)}
+    displays = [source.display for source in listing.sources] + [item.display for item in (*listing.slices, *listing.volumes)]
+    order = {display: index for index, display in enumerate(displays)}
     rows.sort(key=lambda row: order.get(row["file"], -1))
     csv_path = out_dir / "predictions.csv"
     atomic_write_text(csv_path, _csv(rows))
@@ -238,3 +280,35 @@ def _csv(rows: Sequence[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
+
+
+def _predict_volume(predictor: Predictor, item: VolumeInput, stem: str, out_dir: Path, missing: str) -> dict[str, Any]:
+    """Segment one NIfTI case slice by slice; ``<stem>_seg.nii.gz`` on the first volume's grid."""
+    sequences = predictor.sequences
+    try:
+        absent = missing_sequences(item.files, sequences) if sequences else []
+        if absent and missing != "fill":
+            raise InputImageError(f"{item.display}: no {', '.join(absent)} volume (predict with zeros there: --missing-sequences fill)")
+        volumes = [load_volume(path) if path is not None else None for path in item.files]
+        grid = next(volume for volume in volumes if volume is not None)
+        for name, volume in zip(sequences or ("image",), volumes):
+            if volume is not None and volume.slices.shape != grid.slices.shape:
+                raise InputImageError(f"{item.display}: the {name} volume is {volume.slices.shape}, the others {grid.slices.shape}")
+        planes = [window_to_uint8(v.slices) if v is not None else np.zeros(grid.slices.shape, np.uint8) for v in volumes]
+    except InputImageError as exc:
+        return _row(item.display, "failed", str(exc))
+    stacked = planes[0] if not sequences else np.stack(planes, axis=-1)  # (rows, columns, slices[, C])
+    slices = [np.ascontiguousarray(stacked[:, :, index]) for index in range(stacked.shape[2])]
+    results = predictor.predict(slices)
+    masks = np.stack([result.mask for result in results], axis=2)
+    mask_name, overlay_name = f"{stem}_seg.nii.gz", f"{stem}_overlay.png"
+    write_segmentation(out_dir / mask_name, masks, grid)
+    busiest = int(np.argmax([result.area_px for result in results]))
+    atomic_write_png(out_dir / overlay_name, overlay_outline(np.ascontiguousarray(planes[0][:, :, busiest]), results[busiest].mask))
+    voxels = sum(result.area_px for result in results)
+    confidence = sum(result.mean_confidence * result.area_px for result in results) / voxels if voxels else 0.0
+    summary = Prediction(
+        probability=np.zeros(0, np.float32), mask=masks, tumour_present=voxels > 0, area_px=voxels,
+        area_pct=100.0 * voxels / masks.size, mean_confidence=confidence,
+    )
+    return _row(item.display, "ok", "", summary, mask_name, overlay_name)

@@ -17,6 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from tumorseg.errors import SequenceMismatch
 from tumorseg.images import to_gray_uint8
 from tumorseg.inference.backends import Backend, as_backend, load_backend
 
@@ -90,8 +91,9 @@ def summarise(probability: np.ndarray, threshold: float, min_component_px: int =
 
 
 def resize_to_input(image: np.ndarray, size: int) -> np.ndarray:
-    """Area interpolation when shrinking (no aliasing), linear when enlarging - as in prepare."""
-    if image.shape == (size, size):
+    """Area interpolation when shrinking (no aliasing), linear when enlarging - as in prepare
+    (a multi-sequence ``(H, W, C)`` stack plane by plane)."""
+    if image.shape[:2] == (size, size):
         return image
     shrinking = image.shape[0] > size or image.shape[1] > size
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
@@ -149,6 +151,11 @@ class Predictor:
         if not models:
             raise ValueError("a predictor needs at least one model")
         self.members: list[Backend] = [as_backend(m) for m in models]
+        declared = {tuple(getattr(member, "sequences", ())) for member in self.members}
+        if len(declared) > 1:
+            described = " vs ".join(", ".join(seqs) or "one grayscale image" for seqs in sorted(declared))
+            raise ValueError(f"the models of an ensemble must take the same input: {described}")
+        self.sequences: tuple[str, ...] = declared.pop()  # () = one grayscale image
         self.tta = bool(tta)
         self.batch_size = int(batch_size)
 
@@ -194,8 +201,12 @@ class Predictor:
         """The model's input side; for an ensemble the largest of its members'."""
         return max(member.input_size for member in self.members)
 
+    @property
+    def channels(self) -> int:
+        return max(1, len(self.sequences))
+
     def model_probabilities(self, backend: Backend, batch: np.ndarray) -> np.ndarray:
-        """Model-size probabilities ``(N, S, S)`` of one back-end for a float32 ``(N, S, S, 1)``
+        """Model-size probabilities ``(N, S, S)`` of one back-end for a float32 ``(N, S, S, C)``
         raw-pixel batch at its input size, with flip TTA when asked."""
         if not self.tta:
             return backend(batch)[..., 0]
@@ -205,22 +216,33 @@ class Predictor:
 
     def _member_maps(self, backend: Backend, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         size = backend.input_size
-        batch = np.stack([resize_to_input(image, size) for image in images]).astype(np.float32)[..., None]
-        return [resize_probability(p, image.shape) for p, image in zip(self.model_probabilities(backend, batch), images)]
+        batch = np.stack([resize_to_input(image, size) for image in images]).astype(np.float32)
+        if batch.ndim == 3:  # one grayscale channel
+            batch = batch[..., None]
+        return [resize_probability(p, image.shape[:2]) for p, image in zip(self.model_probabilities(backend, batch), images)]
 
     def probability_maps(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Tumour probability ``(H, W)`` float32 for uint8 grayscale images of any sizes, each at
-        its image's size, before thresholding: what evaluation scores and tunes on."""
+        """Tumour probability ``(H, W)`` float32 for uint8 images of any sizes, each at its image's
+        size, before thresholding: what evaluation scores and tunes on. Images are grayscale
+        ``(H, W)``, or ``(H, W, C)`` with one channel per sequence of a multi-sequence model."""
         maps: list[np.ndarray] = []
         for start in range(0, len(images), self.batch_size):
-            chunk = [as_gray(image, start + i) for i, image in enumerate(images[start : start + self.batch_size])]
+            chunk = [self.as_input(image, start + i) for i, image in enumerate(images[start : start + self.batch_size])]
             per_member = [self._member_maps(member, chunk) for member in self.members]
             maps += per_member[0] if len(per_member) == 1 else average_maps(per_member)
         return maps
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
-        """Segment uint8 grayscale ``(H, W)`` images of any sizes; results at each image's size."""
+        """Segment uint8 images of any sizes (see :meth:`probability_maps`); results at each image's size."""
         return [self.post(probability) for probability in self.probability_maps(images)]
+
+    def as_input(self, image: np.ndarray, index: int = 0) -> np.ndarray:
+        """An image as the model takes it: uint8 ``(H, W)`` for a grayscale model (colour, 16-bit
+        and float converted as prepare converts them), uint8 ``(H, W, C)`` with one plane per
+        sequence for a multi-sequence model."""
+        if not self.sequences:
+            return as_gray(image, index)
+        return as_sequence_stack(image, self.sequences, index)
 
 
 def as_gray(image: np.ndarray, index: int = 0) -> np.ndarray:
@@ -235,3 +257,19 @@ def as_gray(image: np.ndarray, index: int = 0) -> np.ndarray:
     if min(image.shape) < 1:
         raise ValueError(f"image {index}: empty array of shape {image.shape}")
     return image
+
+
+def as_sequence_stack(image: np.ndarray, sequences: Sequence[str], index: int = 0) -> np.ndarray:
+    """A uint8 ``(H, W, C)`` stack with one plane per sequence (each plane converted as prepare
+    converts a grayscale image); anything else is refused naming the sequences the model expects."""
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != len(sequences):
+        got = "a single image" if image.ndim == 2 else f"shape {image.shape}"
+        raise SequenceMismatch(
+            f"image {index}: the model takes {len(sequences)} sequences ({', '.join(sequences)}) stacked as (H, W, {len(sequences)}), got {got}"
+        )
+    if min(image.shape[:2]) < 1:
+        raise ValueError(f"image {index}: empty array of shape {image.shape}")
+    if image.dtype == np.uint8:
+        return image
+    return np.stack([to_gray_uint8(image[:, :, channel]) for channel in range(image.shape[2])], axis=-1)

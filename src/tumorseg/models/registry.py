@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -11,6 +11,7 @@ import numpy as np
 from keras import layers
 
 from tumorseg.config import MODEL_NAMES
+from tumorseg.models.inputs import input_name
 from tumorseg.models.umobilenetv2 import build_umobilenetv2
 from tumorseg.models.unet import build_unet
 
@@ -36,14 +37,17 @@ def _builder(name: str) -> Callable[..., keras.Model]:
     return _BUILDERS[name]
 
 
-def build_model(name: str, input_shape: tuple[int, int, int], **params: Any) -> keras.Model:
+def build_model(name: str, input_shape: tuple[int, int, int], *, sequences: Sequence[str] = (), **params: Any) -> keras.Model:
     """Build model ``name`` (one of :data:`MODEL_NAMES`) for ``(H, W, C)`` raw-pixel inputs.
 
     ``params`` are the model's config section as keywords, e.g.
     ``build_model("unet", (256, 256, 1), **cfg.models.unet.model_dump())``; missing ones take the
-    defaults of ``params.yaml``. An unknown name, unknown parameter or invalid value raises
-    ``ValueError`` naming it.
+    defaults of ``params.yaml``. ``sequences``: the MRI sequence of each channel, recorded in the
+    input's name (:mod:`tumorseg.models.inputs`). An unknown name, unknown parameter or invalid
+    value raises ``ValueError`` naming it.
     """
+    if sequences and len(sequences) != input_shape[-1]:
+        raise ValueError(f"model {name!r}: {len(sequences)} sequences ({', '.join(sequences)}) for {input_shape[-1]} input channel(s)")
     builder = _builder(name)
     accepted = model_params(name)
     unknown = sorted(set(params) - set(accepted))
@@ -51,7 +55,7 @@ def build_model(name: str, input_shape: tuple[int, int, int], **params: Any) -> 
         raise ValueError(
             f"model {name!r}: unknown parameter(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
         )
-    return builder(input_shape, **params)
+    return builder(input_shape, input_name(sequences), **params)
 
 
 # --- statistics -------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from keras import layers
 
 from tumorseg.models._validate import check_bool, check_float, check_input_shape, check_int, check_int_list
 from tumorseg.models.blocks import attention_gate
+from tumorseg.models.inputs import INPUT_NAME
 
 ENCODER_NAME = "encoder"
 SKIP_LAYERS = ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu", "block_13_expand_relu")
@@ -138,6 +139,7 @@ def _decoder_stage(x, filters: int, name: str, bn_momentum: float, dropout: floa
 
 def build_umobilenetv2(
     input_shape: tuple[int, int, int],
+    input_name: str = INPUT_NAME,
     *,
     alpha: float = 1.0,
     encoder_weights: str | os.PathLike | None = "imagenet",
@@ -169,16 +171,19 @@ def build_umobilenetv2(
     if encoder_weights is not None and not isinstance(encoder_weights, (str, os.PathLike)):
         raise ValueError(f"umobilenetv2.encoder_weights must be imagenet, none or a path, got {encoder_weights!r}")
     height, width, channels = check_input_shape(input_shape, 32, "umobilenetv2")
-    if channels not in (1, 3):
-        raise ValueError(f"umobilenetv2: input must have 1 (grayscale) or 3 channels, got {channels}")
 
     encoder = build_encoder((height, width, 3), alpha, encoder_weights)
     for layer in encoder.layers:
         if isinstance(layer, layers.BatchNormalization):
             layer.momentum = bn_momentum
 
-    inputs = keras.Input((height, width, channels), name="image")
-    x = inputs if channels == 3 else layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs])
+    inputs = keras.Input((height, width, channels), name=input_name)
+    if channels == 3:  # three sequences (or an RGB image) feed the encoder's three input planes
+        x = inputs
+    elif channels == 1:
+        x = layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs])
+    else:  # another number of sequences: a learnt 1x1 mix to three planes, starting as their mean
+        x = layers.Conv2D(3, 1, use_bias=False, kernel_initializer=keras.initializers.Constant(1.0 / channels), name="sequences_to_rgb")(inputs)
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="mobilenetv2_preprocess")(x)
     *skips, x = encoder(x)
     for stage, filters in enumerate(decoder_filters, start=1):

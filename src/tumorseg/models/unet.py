@@ -21,6 +21,7 @@ from keras import layers
 
 from tumorseg.models._validate import check_bool, check_float, check_input_shape, check_int, check_int_list
 from tumorseg.models.blocks import CASPPBlock, HACBlock, attention_gate
+from tumorseg.models.inputs import INPUT_NAME
 
 
 def conv_block(x, filters: int, name: str, bn_momentum: float):
@@ -34,6 +35,7 @@ def conv_block(x, filters: int, name: str, bn_momentum: float):
 
 def build_unet(
     input_shape: tuple[int, int, int],
+    input_name: str = INPUT_NAME,
     *,
     base_filters: int = 32,
     depth: int = 4,
@@ -68,7 +70,7 @@ def build_unet(
             x = layers.Dropout(dropout, name=f"{name}_dropout")(x)
         return x
 
-    inputs = keras.Input((height, width, channels), name="image")
+    inputs = keras.Input((height, width, channels), name=input_name)
     x = layers.Rescaling(1.0 / 255.0, name="scale_0_1")(inputs)
     skips = []
     for level in range(depth):

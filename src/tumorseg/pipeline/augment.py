@@ -20,8 +20,9 @@ def augment_step(cfg: Config, prepared_dir: Path, out_dir: Path, preview_path: P
         copies_per_image=cfg.augment.copies_per_image,
         seed=cfg.seed,
         progress=progress,
+        channels=cfg.data.channels,
     )
-    grid = preview_grid(prepared_dir / "train", settings, rows=cfg.augment.preview_pairs, copies=4, seed=cfg.seed)
+    grid = preview_grid(prepared_dir / "train", settings, rows=cfg.augment.preview_pairs, copies=4, seed=cfg.seed, channels=cfg.data.channels)
     write_preview(preview_path, grid)
     log.info("augment: %d training pairs -> %d augmented copies in %s; preview %s", report.source_pairs, report.augmented_pairs, out_dir, preview_path)
     return report

@@ -25,6 +25,8 @@ def download_step(cfg: Config, out_dir: Path, progress: bool = True) -> SourceIn
         synthetic_count=d.synthetic_count,
         synthetic_size=d.synthetic_size,
         seed=cfg.seed,
+        sequences=d.sequences,
+        layout=d.layout,
         progress=progress,
     )
     log.info("download: %d images, %d masks -> %s [%s]", info.n_images, info.n_masks, out_dir, data_label(info))

@@ -52,6 +52,7 @@ def evaluate_step(
         manifest_path=prepared_dir / "manifest.csv",
         mask_threshold=cfg.prepare.mask_threshold,
         raw_dir=raw_dir,
+        channels=cfg.data.channels,
     )
     test = load(prepared_dir / "test")
     val = load(prepared_dir / "val") if settings.tune_on_val else None

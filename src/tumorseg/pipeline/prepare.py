@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 def prepare_step(
     cfg: Config,
-    images_dir: Path,
+    images_dir: Path | dict[str, Path],
     masks_dir: Path,
     out_dir: Path,
     progress: bool = True,
@@ -43,6 +43,7 @@ def prepare_step(
         workers=p.workers,
         progress=progress,
         report_extra=report_extra,
+        missing_sequences=p.missing_sequences,
     )
     rate = report.valid_pairs / report.seconds if report.seconds else 0.0
     log.info(
@@ -62,4 +63,8 @@ def prepare_step(
 def prepare_from_raw(cfg: Config, raw_dir: Path, out_dir: Path, progress: bool = True) -> PrepareReport:
     """The DVC stage: raw folder from the download stage -> prepared splits (+ data source record)."""
     extra = report_fields(read_source_info(raw_dir))
-    return prepare_step(cfg, raw_dir / "images", raw_dir / "masks", out_dir, progress, report_extra=extra)
+    if not cfg.data.sequences:
+        return prepare_step(cfg, raw_dir / "images", raw_dir / "masks", out_dir, progress, report_extra=extra)
+    # The download stage names every raw mask like its slice (layouts.py), whatever data.mask_suffix says.
+    sequences = {name: raw_dir / name for name in cfg.data.sequences}
+    return prepare_step(cfg, sequences, raw_dir / "masks", out_dir, progress, mask_suffix="", report_extra=extra)

@@ -100,6 +100,7 @@ def train_step(
             train=cfg.train,
             augment=cfg.augment,
             init_from=init_from,
+            sequences=cfg.data.sequences,
             lr=cfg.lr * cfg.train.lr_scale,
             epochs=cfg.epochs,
             batch_size=cfg.batch_size,
@@ -154,7 +155,7 @@ def train_step(
         import tumorseg.models  # noqa: F401 - registers custom objects for loading
 
         best = keras.models.load_model(model_path)
-        tracking.log_keras_model(best, np.zeros((1, cfg.image_size, cfg.image_size, 1), np.float32))
+        tracking.log_keras_model(best, np.zeros((1, cfg.image_size, cfg.image_size, len(cfg.data.channels)), np.float32))
     clear_state(state_dir)
     log.info("%s: best val Dice %.4f at epoch %d (%.0f ms/step) -> %s", name, result.best_val_dice, result.best_epoch, result.ms_per_step, model_path)
     return summary

@@ -14,19 +14,43 @@ async function loadHealth() {
     if (!r.ok) return;
     const h = await r.json();
     $("model-info").textContent = `Model ${h.model} (${h.backend}, ${h.input_size}×${h.input_size}), tumorseg ${h.version}.`;
+    if (h.sequences && h.sequences.length) showSequenceInputs(h.sequences);
   } catch (e) { /* the page still works without it */ }
+}
+
+// A multi-sequence model takes one image per sequence: one file input each, analysed once all are chosen.
+function showSequenceInputs(sequences) {
+  $("file").hidden = true;
+  document.querySelector('label[for="file"]').textContent = `One image per MRI sequence (${sequences.join(", ")}) of the same slice`;
+  const holder = $("sequence-inputs");
+  for (const name of sequences) {
+    const label = document.createElement("label");
+    label.textContent = name + " ";
+    const input = document.createElement("input");
+    input.type = "file";
+    input.id = "file-" + name;
+    input.name = name;
+    input.accept = $("file").accept;
+    input.addEventListener("change", () => {
+      const chosen = sequences.map((s) => $("file-" + s).files[0]);
+      if (chosen.every(Boolean)) upload(chosen[0], sequences.map((s, i) => [s, chosen[i]]));
+    });
+    label.appendChild(input);
+    holder.appendChild(label);
+  }
+  holder.hidden = false;
 }
 
 // Only the answer to the latest upload is shown: an older request that finishes later is ignored.
 let latest = 0;
 
-async function upload(file) {
+async function upload(file, parts = [["file", file]]) {
   const ticket = ++latest;
   $("error").hidden = true;
   $("result").hidden = true;
   $("status").textContent = `Analysing ${file.name} …`;
   const body = new FormData();
-  body.append("file", file, file.name);
+  for (const [field, part] of parts) body.append(field, part, part.name);
   let r;
   try {
     r = await fetch("predict", { method: "POST", body });
