@@ -74,7 +74,8 @@ def test_multi_sequence_pipeline(tmp_path: Path, monkeypatch):
     assert metrics["n_tumour_free_slices"] == 2 * metrics["n_patients"]  # the first and last slice of every case
     for key in ("dice", "patient_dice", "detection_sensitivity", "false_positive_rate"):
         assert 0.0 <= metrics[key] <= 1.0, key
-    assert set(metrics["patient_dice_by_patient"]) == {line.split(",")[1] for line in Path("reports/evaluate_umobilenetv2/per_image.csv").read_text().splitlines()[1:]}
+    rows = Path("reports/evaluate_umobilenetv2/per_image.csv").read_text().splitlines()[1:]
+    assert set(metrics["patient_dice_by_patient"]) == {row.split(",")[1] for row in rows}  # column 2: the slice's patient
     assert metrics["data_source"] == "synthetic"
 
     compare_step(["umobilenetv2"], metrics_dir=Path("metrics"), reports_dir=Path("reports"))
