@@ -97,6 +97,7 @@ def test_health_index_static_and_openapi(client):
         "gradcam_layer": "dec2",
         "max_upload_mb": MAX_UPLOAD_MB,
         "version": __version__,
+        "sequences": [],  # a grayscale model: one image in the field 'file'
     }
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
