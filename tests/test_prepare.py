@@ -297,3 +297,19 @@ def test_prepare_on_the_real_512_sample(tmp_path: Path):
     assert mask.shape == (256, 256) and set(np.unique(mask).tolist()) == {0, 255}
     # tumour area fraction survives the 512 -> 256 resize within a few percent
     assert abs(np.count_nonzero(mask) / mask.size - sample["area_fraction"]) < 0.2 * sample["area_fraction"] + 1e-3
+
+
+def test_blank_images_are_not_duplicates_but_identical_content_is(tmp_path: Path):
+    """A blank slice (a sequence outside the scanned range) carries nothing that could leak between
+    splits: two of them are both kept, while two copies of a real image are one image."""
+    root = tmp_path / "raw"
+    for index in range(8):
+        write_pair(root, f"{index}.png", *blob_pair(32, index))
+    image, mask = blob_pair(32, 0)
+    write_pair(root, "copy.png", image, mask)  # same pixels as 0.png
+    blank = np.zeros((32, 32), np.uint8)
+    write_pair(root, "blank_a.png", blank, mask)
+    write_pair(root, "blank_b.png", blank, mask)
+    report = run(root, tmp_path / "out", empty_masks="keep")
+    assert skipped_reasons(tmp_path / "out") == {"copy": "duplicate_image"}
+    assert report.valid_pairs == 10

@@ -249,8 +249,11 @@ def check_pair(
             outcome.detail = f"{role} is {image.shape[1]}x{image.shape[0]} but mask is {mask.shape[1]}x{mask.shape[0]}"
             return outcome
     outcome.height, outcome.width = mask.shape
-    pixels = b"".join(channels[c].tobytes() if c in channels else b"-" for c in paths)
-    outcome.pixel_hash = hashlib.sha256(pixels + str(mask.shape).encode()).hexdigest()
+    if any(int(image.min()) != int(image.max()) for image in channels.values()):
+        pixels = b"".join(channels[c].tobytes() if c in channels else b"-" for c in paths)
+        outcome.pixel_hash = hashlib.sha256(pixels + str(mask.shape).encode()).hexdigest()
+    # else a blank slice (e.g. a FLAIR slice outside the scanned range): no content that could leak
+    # between splits, so it is never a duplicate (dropping it would also change the split's groups)
     outcome.area_fraction = float(np.count_nonzero(mask)) / mask.size
     if outcome.area_fraction == 0.0 and empty_masks == "skip":
         outcome.reason, outcome.detail = EMPTY_MASK, "mask has no tumour pixels (set prepare.empty_masks: keep to use it)"
@@ -513,7 +516,7 @@ def _deduplicate(outcomes: list[PairOutcome], problems: list[PairOutcome]) -> tu
     for outcome in sorted(outcomes, key=lambda o: o.name):
         if outcome.reason:
             skipped.append(outcome)
-        elif outcome.pixel_hash in first_by_hash:
+        elif outcome.pixel_hash and outcome.pixel_hash in first_by_hash:
             outcome.reason = DUPLICATE_IMAGE
             outcome.detail = f"same pixels as {first_by_hash[outcome.pixel_hash]}"
             skipped.append(outcome)
