@@ -140,7 +140,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     listing = list_inputs(args.inputs, predictor.sequences)
     if not listing.count and not listing.problems:
         if predictor.sequences:
-            wanted = f"folders with {', '.join(f'{s}/' for s in predictor.sequences)} sub-folders, or <case>_<sequence>.nii.gz volumes"
+            wanted = f"slices (images in {', '.join(f'{s}/' for s in predictor.sequences)} sub-folders) or <case>_<sequence>.nii.gz volumes"
         else:
             wanted = "images (PNG, JPEG, BMP, TIFF) or NIfTI volumes"
         print(f"error: no {wanted} found in {' '.join(args.inputs)}", file=sys.stderr)
