@@ -30,6 +30,20 @@ def shared_dataset(name: str, expect: str = "images") -> Path:
     return path
 
 
+def train_stage_command(root: Path, model: str = "unet") -> list[str]:
+    """The train stage as a subprocess in workspace ``root`` (its params.yaml and data/prepared; no augmented copies)."""
+    import sys
+
+    return [
+        sys.executable,
+        str(PROJECT_ROOT / "stages" / "train.py"),
+        "--model", model,
+        "--params", str(root / "params.yaml"),
+        "--prepared", str(root / "data" / "prepared"),
+        "--augmented", str(root / "none"),
+    ]  # fmt: skip
+
+
 def write_pair(root: Path, name: str, image: np.ndarray, mask: np.ndarray) -> None:
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)

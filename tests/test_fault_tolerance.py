@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import PROJECT_ROOT
+from helpers import PROJECT_ROOT, train_stage_command
 from tumorseg.config import load_config
 from tumorseg.data.synthetic import write_synthetic_dataset
 from tumorseg.pipeline.prepare import prepare_step
@@ -49,17 +49,6 @@ def _env(root: Path) -> dict:
     return env
 
 
-def _train_command(root: Path) -> list[str]:
-    return [
-        sys.executable,
-        str(PROJECT_ROOT / "stages" / "train.py"),
-        "--model", "unet",
-        "--params", str(root / "params.yaml"),
-        "--prepared", str(root / "data" / "prepared"),
-        "--augmented", str(root / "none"),
-    ]  # fmt: skip
-
-
 def _epochs_in_history(root: Path) -> list[int]:
     path = root / "metrics" / "history_unet.csv"
     if not path.exists():
@@ -71,7 +60,7 @@ def _epochs_in_history(root: Path) -> list[int]:
 @pytest.mark.slow
 def test_sigkill_mid_training_then_rerun_resumes_without_repeating_epochs(project: Path):
     root = project
-    process = subprocess.Popen(_train_command(root), cwd=root, env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(train_stage_command(root), cwd=root, env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and len(_epochs_in_history(root)) < 2 and process.poll() is None:
         time.sleep(0.2)
@@ -82,7 +71,7 @@ def test_sigkill_mid_training_then_rerun_resumes_without_repeating_epochs(projec
     assert len(done_before) >= 2
     assert (root / "models" / ".state" / "unet").is_dir(), "resume state must survive the kill"
 
-    result = subprocess.run(_train_command(root), cwd=root, env=_env(root), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(train_stage_command(root), cwd=root, env=_env(root), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert _epochs_in_history(root) == [1, 2, 3, 4, 5], "every epoch exactly once"
     assert "resuming training" in result.stderr

@@ -16,7 +16,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import PROJECT_ROOT, blob_pair, write_pair
+from helpers import PROJECT_ROOT, blob_pair, train_stage_command, write_pair
 
 pytestmark = pytest.mark.slow
 
@@ -61,17 +60,6 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
-def _command(root: Path) -> list[str]:
-    return [
-        sys.executable,
-        str(PROJECT_ROOT / "stages" / "train.py"),
-        "--model", "unet",
-        "--params", str(root / "params.yaml"),
-        "--prepared", str(root / "data" / "prepared"),
-        "--augmented", str(root / "none"),
-    ]  # fmt: skip
-
-
 def _env(root: Path) -> dict[str, str]:
     return dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{root / 'mlflow.db'}", CI="true", TF_CPP_MIN_LOG_LEVEL="3", TUMORSEG_PROGRESS="0")
 
@@ -106,13 +94,13 @@ def _weights(root: Path) -> list[np.ndarray]:
 
 
 def _run_to_completion(root: Path) -> None:
-    result = subprocess.run(_command(root), cwd=root, env=_env(root), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(train_stage_command(root), cwd=root, env=_env(root), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 def _kill_when(root: Path, condition, *, then_wait: float = 0.0) -> dict:
     """Start the stage, SIGKILL it once ``condition(state)`` holds (after ``then_wait`` s); the state seen."""
-    process = subprocess.Popen(_command(root), cwd=root, env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(train_stage_command(root), cwd=root, env=_env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and process.poll() is None:
