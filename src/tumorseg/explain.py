@@ -219,6 +219,11 @@ def grad_cam(model, image: np.ndarray, layer: str | None = None, *, threshold: f
     return GradCam(model, layer, threshold=threshold)(image)
 
 
+def sequence_mean(image: np.ndarray) -> np.ndarray:
+    """The plane a heat map is drawn over: the image itself, or the mean of a slice's sequences."""
+    return image if image.ndim == 2 else np.rint(image.mean(axis=2)).astype(np.uint8)
+
+
 def heatmap_overlay(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.45, mask: np.ndarray | None = None) -> np.ndarray:
     """RGB uint8 ``(H, W, 3)``: the image blended with the heat map in OpenCV's JET colours
     (blue = no evidence, red = strongest), plus the mask outline in white when ``mask`` is given."""
@@ -253,7 +258,7 @@ def explanation_panel(image: np.ndarray, mask: np.ndarray, heat: np.ndarray, lab
     from tumorseg.overlays import caption, frame_tile, overlay_outline
 
     planes = [image] if image.ndim == 2 else [np.ascontiguousarray(image[..., c]) for c in range(image.shape[2])]
-    backdrop = image if image.ndim == 2 else np.rint(image.mean(axis=2)).astype(np.uint8)
+    backdrop = sequence_mean(image)
     tiles = [overlay_outline(plane, mask, (0, 255, 0)) for plane in planes]
     tiles.append(cv2.cvtColor(heatmap_overlay(backdrop, heat, mask=mask), cv2.COLOR_RGB2BGR))
     tiles = [frame_tile(tile, min_side=256) for tile in tiles]

@@ -249,12 +249,11 @@ class Analyser:
         with self._lock:
             prediction = self.predictor.predict([image])[0]
             heat = self.gradcam(image) if with_gradcam and self.gradcam is not None else None
-        backdrop = image if image.ndim == 2 else np.rint(image.mean(axis=2)).astype(np.uint8)  # several sequences: their mean
         gradcam_png = None
         if heat is not None:
-            from tumorseg.explain import heatmap_overlay
+            from tumorseg.explain import heatmap_overlay, sequence_mean
 
-            rgb = heatmap_overlay(backdrop, heat, mask=prediction.mask)
+            rgb = heatmap_overlay(sequence_mean(image), heat, mask=prediction.mask)
             gradcam_png = _b64_png(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         height, width = image.shape[:2]
         return {

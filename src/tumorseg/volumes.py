@@ -114,10 +114,12 @@ def write_segmentation(path: str | Path, mask_slices: np.ndarray, like: Volume) 
     out = image_type(np.ascontiguousarray(labels), like.image.affine, header)
     out.header.set_slope_inter(1.0, 0.0)
     out.header["descrip"] = b"tumorseg segmentation (1 = tumour)"
-    return atomic_write_bytes(path, out.to_bytes() if not str(path).endswith(".gz") else _gzip(out.to_bytes()))
+    return atomic_write_bytes(path, nifti_bytes(out, gzipped=str(path).endswith(".gz")))
 
 
-def _gzip(data: bytes) -> bytes:
+def nifti_bytes(image, *, gzipped: bool) -> bytes:
+    """A NIfTI image's file bytes; gzipped with mtime 0, so the same voxels always give the same bytes."""
     import gzip
 
-    return gzip.compress(data, compresslevel=6, mtime=0)  # mtime 0: the same mask gives the same bytes
+    data = image.to_bytes()
+    return gzip.compress(data, compresslevel=6, mtime=0) if gzipped else data

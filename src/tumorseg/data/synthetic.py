@@ -517,6 +517,8 @@ def write_sequence_volumes(
 
     import nibabel as nib
 
+    from tumorseg.volumes import nifti_bytes
+
     out_dir = Path(out_dir)
     with tempfile.TemporaryDirectory() as scratch:
         names = write_sequence_dataset(scratch, count, size, seed, sequences, progress=progress)
@@ -533,11 +535,6 @@ def write_sequence_volumes(
                     volume = (volume > 0).astype(np.uint8)
                 image = nib.Nifti1Image(volume, PHANTOM_AFFINE)
                 image.header.set_xyzt_units("mm")
-                atomic_write_bytes(out_dir / f"{case}_{tag}.nii.gz", _gzip(image.to_bytes()))
+                atomic_write_bytes(out_dir / f"{case}_{tag}.nii.gz", nifti_bytes(image, gzipped=True))
     return cases
 
-
-def _gzip(data: bytes) -> bytes:
-    import gzip
-
-    return gzip.compress(data, compresslevel=6, mtime=0)
