@@ -394,6 +394,26 @@ def test_missing_sequences_fill_writes_zeros(sequence_raw: Path, tmp_path: Path)
     assert json.loads((out / "report.json").read_text())["missing_sequences"] == "fill"
 
 
+def test_patient_split_does_not_depend_on_the_sequences_used(tmp_path: Path):
+    """A T1-CE-only study must test on the same patients as an all-sequence one (minus those
+    without T1-CE): the split is drawn over every slice with a mask, sequences aside."""
+    raw = tmp_path / "raw"
+    write_sequence_dataset(raw, count=160, size=32, seed=5, sequences=SEQS, progress=False)  # 20 cases; 5, 10, 15, 20 lack t1ce
+    options = dict(size=16, val_fraction=0.2, test_fraction=0.2)
+    every = prepare_seqs(raw, tmp_path / "all", missing_sequences="fill", **options)
+    only = prepare_seqs(raw, tmp_path / "t1ce", sequences=("t1ce",), missing_sequences="skip", **options)
+    filled = prepare_seqs(raw, tmp_path / "t1ce-fill", sequences=("t1ce",), missing_sequences="fill", **options)
+    assert every.valid_pairs == 160 and only.valid_pairs == filled.valid_pairs == 128
+    # nothing to fill a slice from when it has no sequence at all: skipped either way, never an orphan
+    assert only.skipped_by_reason == filled.skipped_by_reason == {MISSING_SEQUENCE: 32}
+    assert only.missing_by_case == {f"case{c:03d}": {"t1ce": 8} for c in (5, 10, 15, 20)}
+    assert all(s["detail"] == "no t1ce file" for s in filled.skipped)
+    split_of = {run: pd.read_csv(tmp_path / run / "manifest.csv").set_index("id")["split"] for run in ("all", "t1ce", "t1ce-fill")}
+    assert split_of["t1ce"].equals(split_of["all"].loc[split_of["t1ce"].index]) and split_of["t1ce-fill"].equals(split_of["t1ce"])
+    lacking = split_of["all"][split_of["all"].index.str.match(r"case0(05|10|15|20)_")]
+    assert lacking.nunique() > 1  # the cases without t1ce fall in several splits: dropping them first would move others
+
+
 def test_size_mismatch_names_the_sequence(sequence_raw: Path, tmp_path: Path):
     raw = tmp_path / "raw"
     for folder in (*SEQS, "masks"):

@@ -125,8 +125,10 @@ def pair_slices(
 ) -> tuple[list[tuple[str, dict[str, Path | None], Path]], list[PairOutcome]]:
     """Match each mask to its slice's file in every channel folder by file stem (``stem`` ↔
     ``stem + mask_suffix``, any image extension). A slice with some but not all channels is
-    returned with None for the missing ones (the caller skips or fills it); with none, or
-    without a mask, it is a problem."""
+    returned with None for the missing ones (the caller skips or fills it). Without a mask it is
+    a problem; so is a mask without an image, except with several channel folders or a named
+    sequence, where it is a slice lacking every sequence: still a slice of its patient, so the
+    patient split can be drawn the same whichever sequences a study uses."""
     by_channel: dict[str, dict[str, list[Path]]] = {}
     for channel, folder in channel_dirs.items():
         by_channel[channel] = {}
@@ -146,6 +148,7 @@ def pair_slices(
         masks.setdefault(stem, []).append(path)
 
     single = len(channel_dirs) == 1
+    sequences_named = SINGLE_CHANNEL not in channel_dirs
     where = next(iter(channel_dirs.values())) if single else "any of " + ", ".join(f"{c}/" for c in channel_dirs)
     stems = set(masks).union(*(set(files) for files in by_channel.values()))
     pairs, problems = [], []
@@ -161,7 +164,7 @@ def pair_slices(
             problems.append(PairOutcome(display, str(first), "", AMBIGUOUS_NAME, f"several files share the name {display!r}: {names}"))
         elif not mask_list:
             problems.append(PairOutcome(display, str(present[0]), "", ORPHAN_IMAGE, f"no mask named {display}{mask_suffix}.* in {masks_dir}"))
-        elif not present:
+        elif not present and single and not sequences_named:
             problems.append(PairOutcome(display, "", str(mask_list[0]), ORPHAN_MASK, f"no image named {display}.* in {where}"))
         else:
             pairs.append((display, {channel: (paths[0] if paths else None) for channel, paths in files.items()}, mask_list[0]))
@@ -212,12 +215,21 @@ def check_pair(
     resized PNGs to ``staging/all/<channel>/`` and ``staging/all/masks/``. A channel without a file
     is a skip (``missing="skip"``) or stored as zeros (``"fill"``)."""
     paths = image_path if isinstance(image_path, dict) else {SINGLE_CHANNEL: image_path}
-    first = next(path for path in paths.values() if path is not None)
+    first = next((path for path in paths.values() if path is not None), "")
     outcome = PairOutcome(name, str(first), str(mask_path), channel_paths={c: str(p or "") for c, p in paths.items()})
     absent = tuple(channel for channel, path in paths.items() if path is None)
-    if absent and missing == "skip":
+    if absent and (missing == "skip" or len(absent) == len(paths)):
+        # Skipped, but its mask is still read: the split is drawn over every slice of every patient
+        # (prepare_dataset), so it does not depend on which sequences a study uses.
+        data, decoded, reason, detail = _read(mask_path)
+        if reason:
+            outcome.reason, outcome.detail = reason, f"mask: {detail}"
+            return outcome
+        mask, _ = binarise_mask(decoded, threshold)
+        outcome.area_fraction = float(np.count_nonzero(mask)) / mask.size
         outcome.reason = MISSING_SEQUENCE
-        outcome.detail = f"no {', '.join(absent)} file (set prepare.missing_sequences: fill to use the slice with zeros there)"
+        hint = "" if len(absent) == len(paths) else " (set prepare.missing_sequences: fill to use the slice with zeros there)"
+        outcome.detail = f"no {', '.join(absent)} file{hint}"
         return outcome
     outcome.filled = absent
 
@@ -430,15 +442,21 @@ def prepare_dataset(
                 f"no valid image/mask pairs in {inputs_text} and {masks_dir} "
                 f"({len(slices)} name matches, {len(skipped)} skipped: {dict(Counter(s.reason for s in skipped))})"
             )
-        splits, groups = assign_splits(
-            [o.name for o in kept],
-            [o.area_fraction for o in kept],
+        # The patient split is drawn over the kept slices plus those skipped only for a missing
+        # sequence: a T1-CE-only study then tests on the same patients as an all-sequence one
+        # (minus the patients without T1-CE), and single-image data splits exactly as before.
+        lacking = [o for o in skipped if o.reason == MISSING_SEQUENCE and (o.area_fraction > 0 or empty_masks == "keep")]
+        pool = kept + lacking
+        pool_splits, pool_groups = assign_splits(
+            [o.name for o in pool],
+            [o.area_fraction for o in pool],
             group_by=group_by,
             n_strata=n_strata,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
             seed=seed,
         )
+        splits, groups = pool_splits[: len(kept)], pool_groups[: len(kept)]
         folders = (*channel_dirs, "masks")
         for split in SPLITS:
             for kind in folders:
