@@ -132,11 +132,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tumorseg.inference import Predictor, list_inputs, predict_files
     from tumorseg.io import check_separate
 
-    if not 0.0 <= args.threshold < 1.0 or args.batch_size < 1 or args.max_pixels < 1 or args.min_component_px < 0:
-        print("error: --threshold must be in [0, 1), --batch-size and --max-pixels at least 1, --min-component-px at least 0", file=sys.stderr)
+    if args.batch_size < 1 or args.max_pixels < 1:
+        print("error: --batch-size and --max-pixels must be at least 1", file=sys.stderr)
         return 2
+    settings = _inference_settings(args, args.model)
     check_separate(args.out, args.inputs, what="--out")  # masks written among the inputs could overwrite them
-    predictor = Predictor.load(args.model, threshold=args.threshold, tta=args.tta, batch_size=args.batch_size, min_component_px=args.min_component_px)
+    predictor = Predictor.load(
+        args.model, threshold=settings.threshold, tta=settings.tta, batch_size=args.batch_size, min_component_px=settings.min_component_px
+    )
     listing = list_inputs(args.inputs, predictor.sequences)
     if not listing.count and not listing.problems:
         if predictor.sequences:
@@ -145,7 +148,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             wanted = "images (PNG, JPEG, BMP, TIFF) or NIfTI volumes"
         print(f"error: no {wanted} found in {' '.join(args.inputs)}", file=sys.stderr)
         return 2
-    report = predict_files(predictor, listing, Path(args.out), max_pixels=args.max_pixels, missing_sequences=args.missing_sequences, progress=show_progress())
+    report = predict_files(
+        predictor, listing, Path(args.out), max_pixels=args.max_pixels, missing_sequences=settings.missing_sequences, progress=show_progress()
+    )
     tumours = sum(1 for row in report.rows if row["tumour_present"] is True)
     ignored = f"; {report.ignored} non-image file(s) ignored" if report.ignored else ""
     print(f"{report.succeeded} image(s) segmented, {tumours} with a tumour -> {args.out} ({report.csv_path.name}){ignored}")
@@ -161,6 +166,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"error: {len(failed)} of {len(report.rows)} inputs could not be read and were skipped (reasons in {report.csv_path})", file=sys.stderr)
         return 1
     return 0
+
+
+def _inference_settings(args: argparse.Namespace, models: str | list[str]):
+    """Threshold, blob filter, TTA and missing-sequence handling: each flag given on the command
+    line, else the model card's value (``<model>.card.json``), else the default."""
+    from tumorseg.inference.cards import merge, settings_for
+
+    card, note = settings_for(models if isinstance(models, list) else [models])
+    given = {key: getattr(args, key, None) for key in ("threshold", "tta", "min_component_px", "missing_sequences")}
+    try:
+        chosen = merge(card, **given)
+    except ValueError as exc:
+        raise UsageError(f"--{str(exc).replace('_', '-')}") from None
+    if note:
+        overridden = [f"--{key.replace('_', '-')}" for key, value in given.items() if value is not None]
+        print(note + (f" ({', '.join(overridden)} from the command line)" if overridden else ""), file=sys.stderr)
+    return chosen
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -202,16 +224,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from tumorseg.inference import Predictor
     from tumorseg.io import check_separate
 
-    if not 0.0 <= args.threshold < 1.0:
-        print("error: --threshold must be in [0, 1)", file=sys.stderr)
-        return 2
+    settings = _inference_settings(args, args.model)
     check_separate(args.out, args.inputs, what="--out")
-    predictor = Predictor.load(args.model, threshold=args.threshold, tta=args.tta)
+    predictor = Predictor.load(args.model, threshold=settings.threshold, tta=settings.tta, min_component_px=settings.min_component_px)
     if predictor.model is None:
         print(f"error: {args.model}: Grad-CAM needs the Keras model (.keras or an MLflow URI), not an exported file", file=sys.stderr)
         return 1
     try:
-        report = explain_files(args.inputs, predictor, Path(args.out), layer=args.layer, missing_sequences=args.missing_sequences, progress=show_progress())
+        report = explain_files(args.inputs, predictor, Path(args.out), layer=args.layer, missing_sequences=settings.missing_sequences, progress=show_progress())
     except LayerNotFoundError as exc:
         print(f"error: --layer: {exc}", file=sys.stderr)
         return 1
@@ -233,17 +253,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tumorseg.serve import create_app, run_server
 
     if (
-        not 0.0 <= args.threshold < 1.0
-        or args.max_upload_mb <= 0
+        args.max_upload_mb <= 0
         or not 0 < args.port < 65536
         or min(args.workers, args.retry_after, args.max_pixels) < 1
         or args.queue_limit < 0
     ):
         raise UsageError(
-            "--threshold must be in [0, 1), --max-upload-mb positive, --port in 1..65535, "
+            "--max-upload-mb must be positive, --port in 1..65535, "
             "--workers, --retry-after and --max-pixels at least 1, --queue-limit at least 0"
         )
-    predictor = Predictor.load(args.model, threshold=args.threshold, tta=args.tta)  # once, shared by all requests
+    settings = _inference_settings(args, args.model)
+    predictor = Predictor.load(args.model, threshold=settings.threshold, tta=settings.tta, min_component_px=settings.min_component_px)  # once, for all requests
     try:
         app = create_app(
             predictor, model_name=Path(args.model).name, gradcam_layer=args.layer, max_upload_mb=args.max_upload_mb,
@@ -262,6 +282,9 @@ def cmd_config(args: argparse.Namespace) -> int:
     for key, value in cfg.flat().items():
         print(f"{key} = {value}")
     return 0
+
+
+CARD_DEFAULT = " (default: the model card's, weights/<name>.card.json, else %s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,16 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="a .keras/.tflite/.onnx file, runs:/<run id>/model or models:/<name>/<version>; give --model twice or more to average the models (an ensemble)",
     )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--threshold", type=float, default=0.5, help="tumour where probability > threshold (default: %(default)s)")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation (mean of image and mirror)")
-    p.add_argument("--min-component-px", type=int, default=0, help="drop predicted blobs smaller than this many pixels (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=None, help=f"tumour where probability > threshold{CARD_DEFAULT % 0.5}")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help=f"flip test-time augmentation (image and mirror){CARD_DEFAULT % 'off'}")
+    p.add_argument("--min-component-px", type=int, default=None, help=f"drop predicted blobs smaller than this many pixels{CARD_DEFAULT % 0}")
     p.add_argument("--batch-size", type=int, default=8, help="images per model call (default: %(default)s)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images (default: %(default)s)")
     p.add_argument(
         "--missing-sequences",
         choices=("skip", "fill"),
-        default="skip",
-        help="multi-sequence models: a slice or case without one of the model's sequences is skipped, or predicted with zeros there (default: %(default)s)",
+        default=None,
+        help=f"multi-sequence models: a slice or case without one of the model's sequences is skipped, or predicted with zeros there{CARD_DEFAULT % 'skip'}",
     )
 
     p = add("export", cmd_export, "export a .keras model to TFLite or ONNX and check it against the Keras model", params=False)
@@ -370,9 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a .keras file, runs:/<run id>/model or models:/<name>/<version>")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--layer", default=None, help="layer to explain (default: the stride-2 decoder stage, see tumorseg.explain); a wrong name lists the choices")
-    p.add_argument("--threshold", type=float, default=0.5, help="tumour where probability > threshold (default: %(default)s)")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation for the mask")
-    p.add_argument("--missing-sequences", choices=("skip", "fill"), default="skip", help="as for predict (default: %(default)s)")
+    p.add_argument("--threshold", type=float, default=None, help=f"tumour where probability > threshold{CARD_DEFAULT % 0.5}")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help=f"flip test-time augmentation for the mask{CARD_DEFAULT % 'off'}")
+    p.add_argument("--min-component-px", type=int, default=None, help=f"as for predict{CARD_DEFAULT % 0}")
+    p.add_argument("--missing-sequences", choices=("skip", "fill"), default=None, help=f"as for predict{CARD_DEFAULT % 'skip'}")
 
     p = add("serve", cmd_serve, "web app and JSON API: upload a slice, see the outline, Grad-CAM, area and confidence", params=False)
     p.add_argument("--model", required=True, help="a .keras/.tflite/.onnx file, runs:/<run id>/model or models:/<name>/<version>")
@@ -380,8 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get HTTP 413 (default: %(default)s)")
     p.add_argument("--layer", default=None, help="Grad-CAM layer (default: the stride-2 decoder stage, see tumorseg.explain)")
-    p.add_argument("--threshold", type=float, default=0.5, help="tumour where probability > threshold (default: %(default)s)")
-    p.add_argument("--tta", action="store_true", help="flip test-time augmentation")
+    p.add_argument("--threshold", type=float, default=None, help=f"tumour where probability > threshold{CARD_DEFAULT % 0.5}")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None, help=f"flip test-time augmentation{CARD_DEFAULT % 'off'}")
+    p.add_argument("--min-component-px", type=int, default=None, help=f"as for predict{CARD_DEFAULT % 0}")
     p.add_argument("--workers", type=int, default=1, help="uploads analysed at once (default: %(default)s)")
     p.add_argument("--queue-limit", type=int, default=8, help="uploads waiting beyond those; more get HTTP 503 with Retry-After (default: %(default)s)")
     p.add_argument("--retry-after", type=int, default=5, help="seconds a 503 asks the client to wait (default: %(default)s)")

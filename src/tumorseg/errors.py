@@ -59,6 +59,10 @@ class SequenceMismatch(UsageError):
     """The input's MRI sequences are not the ones the model was trained on (names or order)."""
 
 
+class ModelCardError(UsageError):
+    """A model's ``<model>.card.json`` cannot be read or holds a bad setting: names the file."""
+
+
 class ModelLoadError(ValueError):
     """A model file or URI cannot be loaded; the message names it and the reason."""
 
