@@ -9,6 +9,7 @@ import csv
 import gzip
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from helpers import blob_pair, shared_dataset, write_pair
 from tumorseg.config import AugmentConfig, DataConfig, PrepareConfig, TrainConfig
 from tumorseg.data.layouts import detect_layout, import_dataset
-from tumorseg.data.pairs import drop_one_sequence, load_pairs, make_dataset
+from tumorseg.data.pairs import drop_sequences, load_pairs, make_dataset
 from tumorseg.data.prepare import MISSING_SEQUENCE, SIZE_MISMATCH, prepare_dataset
 from tumorseg.data.sources import download, read_source_info, write_synthetic_source
 from tumorseg.data.synthetic import write_sequence_dataset, write_sequence_volumes
@@ -508,25 +509,48 @@ def test_load_pairs_stacks_channels_in_order(tmp_path: Path):
         load_pairs(tmp_path / "train", 32, channels=SEQS)
 
 
-def test_drop_one_sequence():
+def test_drop_sequences_blanks_one_by_default():
     image = np.zeros((8, 8, 3), np.uint8)
     image[..., 0], image[..., 1] = 5, 7  # channel 2 is a missing (blank) sequence
     dropped = set()
     for seed in range(60):
-        out = drop_one_sequence(image, np.random.default_rng(seed), 1.0)
+        out = drop_sequences(image, np.random.default_rng(seed), 1.0)
         present = [c for c in range(3) if out[..., c].any()]
         assert len(present) == 1, "exactly one of the two non-blank channels is blanked"
         dropped.add({0, 1}.difference(present).pop())
-        np.testing.assert_array_equal(out, drop_one_sequence(image, np.random.default_rng(seed), 1.0))
+        np.testing.assert_array_equal(out, drop_sequences(image, np.random.default_rng(seed), 1.0))
     assert dropped == {0, 1}
     assert image[..., 0].all() and image[..., 1].all(), "the input is not modified"
-    assert drop_one_sequence(image, np.random.default_rng(0), 0.0) is image
+    assert drop_sequences(image, np.random.default_rng(0), 0.0) is image
     last = image.copy()
     last[..., 1] = 0
     for seed in range(20):  # the last non-blank channel is never blanked
-        np.testing.assert_array_equal(drop_one_sequence(last, np.random.default_rng(seed), 1.0), last)
-    kept = sum(drop_one_sequence(image, np.random.default_rng(s), 0.3) is image for s in range(400))
+        np.testing.assert_array_equal(drop_sequences(last, np.random.default_rng(seed), 1.0), last)
+    kept = sum(drop_sequences(image, np.random.default_rng(s), 0.3) is image for s in range(400))
     assert 220 < kept < 340  # about 70% untouched
+
+
+def test_drop_sequences_up_to_most_never_all():
+    image = np.full((8, 8, 3), 9, np.uint8)
+    counts = Counter()
+    for seed in range(300):
+        out = drop_sequences(image, np.random.default_rng(seed), 1.0, most=2)
+        blanked = [c for c in range(3) if not out[..., c].any()]
+        assert 1 <= len(blanked) <= 2  # never every sequence
+        counts[tuple(blanked)] += 1
+        np.testing.assert_array_equal(out, drop_sequences(image, np.random.default_rng(seed), 1.0, most=2))
+    assert set(counts) == {(0,), (1,), (2,), (0, 1), (0, 2), (1, 2)}  # FLAIR alone (1) is among what it teaches
+    assert 100 < sum(v for k, v in counts.items() if len(k) == 2) < 200  # one or two: about half each
+    two_present = image.copy()
+    two_present[..., 2] = 0
+    for seed in range(40):  # with two present, at most one can go, whatever `most` says
+        out = drop_sequences(two_present, np.random.default_rng(seed), 1.0, most=7)
+        assert sum(out[..., c].any() for c in range(3)) == 1
+    for seed in range(40):  # most=1 draws exactly what the one-sequence version drew (recorded runs reproduce)
+        rng, expected = np.random.default_rng(seed), image.copy()
+        if rng.random() < 0.5:
+            expected[..., int(rng.integers(3))] = 0
+        np.testing.assert_array_equal(drop_sequences(image, np.random.default_rng(seed), 0.5, most=1), expected)
 
 
 def collect(dataset) -> list[tuple[np.ndarray, np.ndarray]]:

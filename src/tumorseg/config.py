@@ -321,6 +321,9 @@ class TrainConfig(_Strict):
     # Multi-sequence data: the probability that a training slice has one of its sequences blanked
     # (zeros, as prepare.missing_sequences=fill stores a missing one), so a model copes without it.
     sequence_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    # How many sequences one dropout may blank at once (1..this, never every one): 2 of 3 also
+    # teaches FLAIR-only segmentation, as some patients come (6 of lgg-256's 89).
+    sequence_dropout_max: int = Field(1, ge=1, le=MAX_SEQUENCES - 1)
     threads: int = Field(0, ge=0, le=512)  # TensorFlow intra-op threads; 0 = all cores
     deterministic: bool = True  # op determinism: same seed -> same weights (slightly slower)
     jit_compile: bool = False  # XLA; measured 3.7x slower per step on 2 CPU cores

@@ -253,6 +253,7 @@ def train_model(
             seed=seed,
             augment=online,
             sequence_dropout=train.sequence_dropout,
+            sequence_dropout_max=train.sequence_dropout_max,
             drop_remainder=split_evenly,
             epochs=(initial_epoch, stop),
         )

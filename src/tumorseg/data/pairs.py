@@ -58,6 +58,7 @@ def make_dataset(
     seed: int,
     augment=None,
     sequence_dropout: float = 0.0,
+    sequence_dropout_max: int = 1,
     drop_remainder: bool = False,
     epochs: tuple[int, int] = (0, 1),
 ):
@@ -69,8 +70,8 @@ def make_dataset(
     epochs follow each other in one dataset, so ``fit`` needs ``steps_per_epoch``
     (:func:`batches_per_epoch`). ``augment`` (an albumentations Compose) runs in a ``numpy_function``
     before batching, so image and mask go through it together; then, with probability
-    ``sequence_dropout``, one channel of a multi-channel slice is blanked (as a missing sequence is
-    stored), drawn from the same per-pair seed.
+    ``sequence_dropout``, 1 to ``sequence_dropout_max`` channels of a multi-channel slice are blanked
+    (as a missing sequence is stored), drawn from the same per-pair seed.
     """
     import tensorflow as tf
 
@@ -92,7 +93,7 @@ def make_dataset(
                 num_parallel_calls=1,
                 deterministic=True,
             )
-            pairs = pairs.map(_online_augmentation(augment, seed, dropout), num_parallel_calls=1, deterministic=True)
+            pairs = pairs.map(_online_augmentation(augment, seed, dropout, sequence_dropout_max), num_parallel_calls=1, deterministic=True)
         # Several replicas need equal shares of every batch: drop the ragged last batch.
         return pairs.batch(batch_size, drop_remainder=drop_remainder)
 
@@ -103,8 +104,8 @@ def batches_per_epoch(pairs: int, batch_size: int, *, drop_remainder: bool = Fal
     return pairs // batch_size if drop_remainder else -(-pairs // batch_size)
 
 
-def _online_augmentation(augment, seed: int, sequence_dropout: float = 0.0):
-    """A tf.data map function augmenting one pair (and maybe blanking one of its sequences),
+def _online_augmentation(augment, seed: int, sequence_dropout: float = 0.0, sequence_dropout_max: int = 1):
+    """A tf.data map function augmenting one pair (and maybe blanking some of its sequences),
     reseeded from (seed, epoch, position)."""
     import tensorflow as tf
 
@@ -117,7 +118,7 @@ def _online_augmentation(augment, seed: int, sequence_dropout: float = 0.0):
             out_image, out_mask = apply(augment, image if image.shape[-1] > 1 else image[..., 0], mask[..., 0] * 255)
             image, mask = out_image.reshape(image.shape), (out_mask > 127).astype(np.uint8)[..., None]
         if sequence_dropout:
-            image = drop_one_sequence(image, np.random.default_rng(pair_seed), sequence_dropout)
+            image = drop_sequences(image, np.random.default_rng(pair_seed), sequence_dropout, sequence_dropout_max)
         return image, mask
 
     def map_pair(image, mask, epoch, position):
@@ -129,16 +130,21 @@ def _online_augmentation(augment, seed: int, sequence_dropout: float = 0.0):
     return map_pair
 
 
-def drop_one_sequence(image: np.ndarray, rng: np.random.Generator, probability: float) -> np.ndarray:
-    """With ``probability``, a copy of ``(H, W, C)`` with one of its non-blank channels set to zero
-    (never the last non-blank one): the model learns to segment without any single sequence."""
+def drop_sequences(image: np.ndarray, rng: np.random.Generator, probability: float, most: int = 1) -> np.ndarray:
+    """With ``probability``, a copy of ``(H, W, C)`` with 1 to ``most`` of its non-blank channels
+    (drawn uniformly, never every one) set to zero: the model learns to segment without them, as
+    a missing sequence is stored. ``most=1`` draws exactly what the one-channel version did."""
     if rng.random() >= probability:
         return image
     present = [channel for channel in range(image.shape[-1]) if image[..., channel].any()]
     if len(present) < 2:
         return image
+    count = 1 if min(most, len(present) - 1) == 1 else int(rng.integers(1, min(most, len(present) - 1) + 1))
     out = image.copy()
-    out[..., present[int(rng.integers(len(present)))]] = 0
+    if count == 1:
+        out[..., present[int(rng.integers(len(present)))]] = 0
+    else:
+        out[..., rng.choice(present, size=count, replace=False)] = 0
     return out
 
 
