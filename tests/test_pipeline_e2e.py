@@ -125,6 +125,7 @@ def test_mlflow_holds_one_tagged_run_per_model_with_test_metrics(project):
             assert tags.get(key), key
         assert tags["data_source"] == "synthetic"
         assert (tags["seed"], tags["train_seed"]) == ("42", "7"), "the split seed and the training seed are recorded apart"
+        assert tags["sequences"] == "image", "a grayscale model says so"
         assert r.data.params["lr"] == "0.0001" and r.data.params["epochs"] == "2"
         assert {"val_dice", "best_val_dice", "test_dice", "test_hd95", "ms_per_step"} <= r.data.metrics.keys()
         assert len(client.get_metric_history(r.info.run_id, "val_dice")) == 2

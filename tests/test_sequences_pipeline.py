@@ -63,6 +63,10 @@ def test_multi_sequence_pipeline(tmp_path: Path, monkeypatch):
     train_step(cfg, "umobilenetv2", **kwargs, params_path=params, progress=False)
     model_file = Path("models/umobilenetv2.keras")
     assert Predictor.load(model_file).sequences == tuple(SEQUENCES)  # the file carries its sequences
+    import mlflow
+
+    (run,) = mlflow.search_runs(experiment_names=["tumorseg"], output_format="list")
+    assert run.data.tags["sequences"] == "+".join(SEQUENCES) and run.data.tags["data_source"] == "synthetic"
 
     results = evaluate_step(
         cfg, ["umobilenetv2"], prepared_dir=Path("data/prepared"), models_dir=Path("models"), metrics_dir=Path("metrics"), reports_dir=Path("reports")

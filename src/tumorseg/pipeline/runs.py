@@ -24,6 +24,7 @@ def run_tags(cfg: Config, name: str, record: dict, params_path: Path) -> dict[st
         "data_source": record["data_source"],
         "data_origin": record["data_origin"],
         "data_hash": record["data_hash"],
+        "sequences": "+".join(cfg.data.sequences) or "image",  # the model's input: MRI sequences in channel order, or one grayscale image
         "git_commit": tracking.git_commit(root),
         "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
         "pipeline": tracking.pipeline_id(root, params_text, record["data_hash"]),
