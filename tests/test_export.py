@@ -109,13 +109,22 @@ def test_registry_round_trip(tmp_path: Path, unet_path: Path, monkeypatch, capsy
     assert main(["register", "--model", str(unet_path), "--name", "tiny-unet"]) == 0
     out = capsys.readouterr().out
     assert "version 1" in out and "models:/tiny-unet/1" in out
-    run_id = out.split("runs:/")[1].split("/")[0]
+    model_id = out.split("registered models:/")[1].split(" ")[0]  # a LoggedModel: the experiment's Models tab lists it
+    import mlflow
+
+    logged = mlflow.get_logged_model(model_id)
+    run_id = logged.source_run_id
+    assert str(logged.status).endswith("READY") and logged.name == "model" and run_id
     assert main(["register", "--run-id", run_id, "--name", "tiny-unet"]) == 0
     assert "version 2" in capsys.readouterr().out
+    # the same logged model again, with an alias: no new version, the alias points at it
+    assert main(["register", "--model-id", model_id, "--name", "tiny-unet", "--alias", "champion"]) == 0
+    out = capsys.readouterr().out
+    assert "version 3" not in out and "models:/tiny-unet@champion" in out
 
     images = [blob_pair(40, seed=s)[0] for s in range(3)]
     expected = Predictor.load(str(unet_path)).predict(images)
-    for uri in ("models:/tiny-unet/1", "models:/tiny-unet/2", f"runs:/{run_id}/model"):
+    for uri in ("models:/tiny-unet/1", "models:/tiny-unet/2", f"runs:/{run_id}/model", f"models:/{model_id}", "models:/tiny-unet@champion"):
         for a, b in zip(expected, Predictor.load(uri).predict(images)):
             np.testing.assert_array_equal(a.mask, b.mask)
     assert main(["register", "--run-id", "0" * 32, "--name", "tiny-unet"]) == 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
 
 from tumorseg.config import load_config
@@ -49,6 +51,7 @@ def test_multi_sequence_pipeline(tmp_path: Path, monkeypatch):
             "train.sequence_dropout": 0.3,
             "train.threads": 1,
             "evaluate.tune_on_val": True,
+            "registry.register_best": True,
         },
     )
     download_step(cfg, Path("data/raw"), progress=False)
@@ -63,8 +66,6 @@ def test_multi_sequence_pipeline(tmp_path: Path, monkeypatch):
     train_step(cfg, "umobilenetv2", **kwargs, params_path=params, progress=False)
     model_file = Path("models/umobilenetv2.keras")
     assert Predictor.load(model_file).sequences == tuple(SEQUENCES)  # the file carries its sequences
-    import mlflow
-
     (run,) = mlflow.search_runs(experiment_names=["tumorseg"], output_format="list")
     assert run.data.tags["sequences"] == "+".join(SEQUENCES) and run.data.tags["data_source"] == "synthetic"
 
@@ -73,6 +74,23 @@ def test_multi_sequence_pipeline(tmp_path: Path, monkeypatch):
     )
     metrics = json.loads(Path("metrics/evaluate_umobilenetv2.json").read_text())
     assert metrics["dice"] == pytest.approx(results["umobilenetv2"]["dice"])
+
+    # MLflow: the model is a LoggedModel of its run with the test metrics beside it, the splits are
+    # dataset inputs, and register_best put the best-on-validation model behind the alias
+    (run,) = mlflow.search_runs(experiment_names=["tumorseg"], output_format="list")
+    (logged,) = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert logged.source_run_id == run.info.run_id and logged.tags["sequences"] == "+".join(SEQUENCES)
+    linked = {m.key: m.value for m in logged.metrics}
+    assert linked["test_dice"] == pytest.approx(metrics["dice"]) and "best_val_dice" in linked
+    inputs = {d.dataset.name: {t.key: t.value for t in d.tags} for d in mlflow.get_run(run.info.run_id).inputs.dataset_inputs}
+    assert {name.split(":")[1]: tags["mlflow.data.context"] for name, tags in inputs.items()} == {"train": "training", "val": "validation", "test": "test"}
+    assert all(tags["kind"] == "synthetic" for tags in inputs.values())
+    registered = json.loads(Path("reports/registered.json").read_text())
+    assert registered["model"] == "umobilenetv2" and registered["alias_uri"] == "models:/tumorseg@candidate"
+    assert mlflow.MlflowClient().get_model_version_by_alias("tumorseg", "candidate").source == f"models:/{logged.model_id}"
+    probe = np.zeros((1, 32, 32, len(SEQUENCES)), np.float32)
+    from_registry = Predictor.load("models:/tumorseg@candidate").model.predict(probe, verbose=0)
+    np.testing.assert_allclose(from_registry, Predictor.load(model_file).model.predict(probe, verbose=0), atol=1e-6)
     test_slices = len(list(Path("data/prepared/test/masks").iterdir()))
     assert metrics["n_images"] == test_slices == metrics["n_tumour_slices"] + metrics["n_tumour_free_slices"]
     assert metrics["n_tumour_free_slices"] == 2 * metrics["n_patients"]  # the first and last slice of every case

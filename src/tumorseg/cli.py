@@ -214,8 +214,9 @@ def cmd_register(args: argparse.Namespace) -> int:
         from tumorseg.inference import open_keras_model
 
         model = open_keras_model(args.model)
-    info = tracking.register_model(args.name, run_id=args.run_id, model=model, uri=args.tracking_uri)
-    print(f"registered {info['source']} as {info['name']} version {info['version']}: use --model {info['model_uri']}")
+    info = tracking.register_model(args.name, run_id=args.run_id, model_id=args.model_id, model=model, uri=args.tracking_uri, alias=args.alias)
+    use = info.get("alias_uri", info["model_uri"])
+    print(f"registered {info['source']} as {info['name']} version {info['version']}: use --model {use}")
     return 0
 
 
@@ -382,8 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("register", cmd_register, "register a model version in the MLflow model registry", params=False)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--run-id", default=None, help="a training run whose logged model (runs:/<id>/model) to register")
+    source.add_argument("--model-id", default=None, help="a logged model (models:/<id>, the Models tab's id) to register")
     source.add_argument("--model", default=None, help="a .keras file: logged into a new run, then registered")
     p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--alias", default=None, help="point this alias (e.g. champion) at the version: --model models:/<name>@<alias>")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
 
     p = add("explain", cmd_explain, "Seg-Grad-CAM: <stem>_gradcam.png = prediction overlay beside the Grad-CAM heat map", params=False)

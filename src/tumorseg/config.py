@@ -365,6 +365,16 @@ class EvaluateConfig(_Strict):
     labels: str = "auto"
 
 
+class RegistryConfig(_Strict):
+    """The MLflow model registry: whether evaluate registers the pipeline's best model."""
+
+    # true: after scoring, the model with the best VALIDATION Dice (never test) becomes a new
+    # version of ``name`` with ``alias`` pointing at it (``models:/<name>@<alias>`` loads it).
+    register_best: bool = False
+    name: str = Field("tumorseg", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+    alias: str = Field("candidate", pattern=r"^[A-Za-z][A-Za-z0-9_\-]{0,62}$")
+
+
 class CIConfig(_Strict):
     """The metric gate run by `tumorseg check-metrics` (and CI)."""
 
@@ -416,6 +426,7 @@ class Config(_Strict):
     train: TrainConfig = TrainConfig()
     pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegistryConfig = RegistryConfig()
     ci: CIConfig = CIConfig()
 
     @field_validator("image_size")

@@ -185,10 +185,12 @@ def record_param_changes(changes: Sequence[Mapping[str, Any]]) -> None:
     _mlflow().set_tags({PARAMS_CHANGED_TAG: described[:5000], PARAMS_IN_EFFECT_TAG: json.dumps(in_effect)[:5000]})
 
 
-def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+def log_metrics(metrics: Mapping[str, float], step: int | None = None, *, model_id: str | None = None) -> None:
+    """Log numbers into the active run (NaN and None left out); ``model_id`` also links them to
+    that logged model, so the experiment's Models tab shows them beside it."""
     clean = {k: float(v) for k, v in metrics.items() if v is not None and v == v}
     if clean:
-        _mlflow().log_metrics(clean, step=step)
+        _mlflow().log_metrics(clean, step=step, model_id=model_id)
 
 
 def log_missing_epochs(history: Mapping[str | int, Mapping[str, float]]) -> int:
@@ -213,11 +215,12 @@ def log_missing_epochs(history: Mapping[str | int, Mapping[str, float]]) -> int:
     return repaired
 
 
-def log_metrics_once(metrics: Mapping[str, float]) -> None:
-    """Log run-level metrics that the active run does not hold yet (a resumed run logs them once)."""
+def log_metrics_once(metrics: Mapping[str, float], *, model_id: str | None = None) -> None:
+    """Log run-level metrics that the active run does not hold yet (a resumed run logs them once);
+    ``model_id``: linked to that logged model too."""
     mlflow = _mlflow()
     existing = mlflow.get_run(mlflow.active_run().info.run_id).data.metrics
-    log_metrics({k: v for k, v in metrics.items() if k not in existing})
+    log_metrics({k: v for k, v in metrics.items() if k not in existing}, model_id=model_id)
 
 
 def set_tags(tags: Mapping[str, str]) -> None:
@@ -230,32 +233,77 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
         _mlflow().log_artifact(str(path), artifact_path=artifact_path)
 
 
-def log_keras_model(model, input_example) -> None:
-    """Log the model in MLflow's Keras flavour (signature + input example) as ``runs:/<id>/model``.
+def log_keras_model(model, input_example, *, name: str = "model", params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None) -> str:
+    """Log ``model`` as an MLflow LoggedModel of the active run, in the Keras flavour with its
+    signature and input example: it shows in the experiment's Models tab, and ``runs:/<run id>/model``
+    and ``models:/<model id>`` load it. Returns the model id.
 
-    Saved locally and uploaded as artifacts: ``mlflow.keras.log_model`` with an input example
-    writes the example before creating its folder (FileNotFoundError in MLflow 3.17).
+    Idempotent for a resumed run: a READY model of this run with the same name and the same
+    ``sha256`` tag is returned, not logged twice. Saved locally first and then uploaded:
+    ``mlflow.keras.log_model`` with an input example writes the example before creating its
+    folder (FileNotFoundError in MLflow 3.17).
     """
     import tempfile
 
     import keras
     import tensorflow as tf
+    from mlflow.entities import LoggedModelStatus
     from mlflow.models import infer_signature
 
     mlflow = _mlflow()
-    prediction = model.predict(input_example, verbose=0)
-    with tempfile.TemporaryDirectory() as scratch:
-        target = Path(scratch) / "model"
-        target.mkdir()
-        mlflow.keras.save_model(
-            model,
-            path=str(target),
-            signature=infer_signature(input_example, prediction),
-            input_example=input_example,
-            # Explicit requirements: inferring them costs ~9 s per model.
-            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", "tumorseg"],
-        )
-        mlflow.log_artifacts(str(target), artifact_path="model")
+    run_id = active_run_id()
+    tags = {k: str(v) for k, v in (tags or {}).items()}
+    if run_id and "sha256" in tags:
+        for existing in mlflow.search_logged_models(filter_string=f"name = '{name}' AND source_run_id = '{run_id}'", output_format="list"):
+            if existing.status == LoggedModelStatus.READY and existing.tags.get("sha256") == tags["sha256"]:
+                return existing.model_id
+    model_params = {k: str(v)[:6000] for k, v in (params or {}).items()} or None
+    logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id, model_type="keras-segmentation", params=model_params, tags=tags or None)
+    try:
+        prediction = model.predict(input_example, verbose=0)
+        with tempfile.TemporaryDirectory() as scratch:
+            target = Path(scratch) / "model"
+            target.mkdir()
+            mlflow.keras.save_model(
+                model,
+                path=str(target),
+                signature=infer_signature(input_example, prediction),
+                input_example=input_example,
+                # Explicit requirements: inferring them costs ~9 s per model.
+                pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", "tumorseg"],
+            )
+            mlflow.MlflowClient().log_model_artifacts(logged.model_id, str(target))
+    except BaseException:
+        mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return logged.model_id
+
+
+def log_dataset(frame, *, name: str, origin: str, context: str, tags: Mapping[str, str] | None = None) -> None:
+    """Record the rows a run trained / validated / was tested on as an MLflow dataset input (the
+    Dataset column of the runs table). ``frame``: the manifest rows (slice ids, file hashes), so
+    MLflow's digest changes exactly when the data does; ``origin``: a folder, Kaggle slug or
+    description; ``tags``: e.g. the data's kind (real / synthetic) and content hash. Logging
+    the same rows again (a resumed run) adds nothing."""
+    import warnings
+
+    mlflow = _mlflow()
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+    from mlflow.data.pandas_dataset import PandasDataset
+
+    if origin.startswith("kaggle:"):
+        origin = f"https://www.kaggle.com/datasets/{origin.removeprefix('kaggle:')}"
+    if origin.startswith(("http://", "https://")):
+        dataset = PandasDataset(frame, source=HTTPDatasetSource(origin), name=name)
+    elif Path(origin).is_absolute():
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": two local artifact sources, the same class
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=origin, name=name)
+    else:  # a Kaggle slug, synthetic phantoms: said in words
+        dataset = PandasDataset(frame, source=CodeDatasetSource({"origin": origin}), name=name)
+    mlflow.log_input(dataset, context=context, tags=dict(tags or {}) or None)
 
 
 def active_run_id() -> str | None:
@@ -284,40 +332,57 @@ def register_model(
     name: str,
     *,
     run_id: str | None = None,
+    model_id: str | None = None,
     model=None,
     uri: str | None = None,
     artifact_path: str = "model",
+    alias: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Register a model version under ``name`` in the MLflow model registry.
 
-    Either an already logged model (``run_id``: ``runs:/<run_id>/<artifact_path>``), or a Keras
-    ``model`` that is first logged into a new run of the tumorseg experiment (so every version
-    points at a run with its files). Returns name, version, source URI, run id and the
-    ``models:/name/version`` URI to load it with.
+    Exactly one source: a logged model (``model_id``: ``models:/<model_id>``), a run's logged
+    model (``run_id``: ``runs:/<run_id>/<artifact_path>``), or a Keras ``model`` that is first
+    logged into a new run of the tumorseg experiment (so every version points at a run with its
+    files). A version of ``name`` from the same source is reused, not registered twice. ``alias``
+    (e.g. ``champion``) is then moved to the version. Returns name, version, source URI, run id
+    and the ``models:/name/version`` URI to load it with (``models:/name@alias`` too).
     """
-    if (run_id is None) == (model is None):
-        raise ValueError("give exactly one of run_id or model")
+    if sum(x is not None for x in (run_id, model_id, model)) != 1:
+        raise ValueError("give exactly one of run_id, model_id or model")
     mlflow = _mlflow()
     store = uri or tracking_uri()
     check_tracking(store)
     mlflow.set_registry_uri(store)
+    client = mlflow.MlflowClient()
     if model is not None:
         side = model.input_shape[1] or 256
         with run(store, run_id=None, run_name=f"register-{name}", tags={"registered_as": name, **dict(tags or {})}) as active:
-            log_keras_model(model, _zeros_example(side, model.input_shape[-1] or 1))
+            model_id = log_keras_model(model, _zeros_example(side, model.input_shape[-1] or 1))
             run_id = active.info.run_id
+    if model_id is not None:
+        try:
+            run_id = mlflow.get_logged_model(model_id).source_run_id
+        except Exception:
+            raise TrackingError(f"no logged model {model_id!r} in {store!r}") from None
+        source = f"models:/{model_id}"
     else:
         try:
             mlflow.get_run(run_id)
         except Exception:
             raise TrackingError(f"no MLflow run {run_id!r} in {store!r}; list runs with `mlflow ui --backend-store-uri {store}`") from None
-    source = f"runs:/{run_id}/{artifact_path}"
+        source = f"runs:/{run_id}/{artifact_path}"
+    version = None
     try:
-        version = mlflow.register_model(source, name, tags=dict(tags or {}) or None)
+        found = client.search_model_versions(f"name = '{name}'") if client.search_registered_models(f"name = '{name}'") else []
+        version = next((v for v in found if model_id and model_id in (getattr(v, "model_id", None), v.source.removeprefix("models:/"))), None)
+        version = version or mlflow.register_model(source, name, tags=dict(tags or {}) or None)
+        if alias:
+            client.set_registered_model_alias(name, alias, str(version.version))
     except Exception as exc:
         raise TrackingError(f"cannot register {source} as {name!r} in {store!r} ({type(exc).__name__}: {str(exc)[:300]})") from None
-    return {"name": name, "version": str(version.version), "source": source, "run_id": run_id, "model_uri": f"models:/{name}/{version.version}"}
+    info = {"name": name, "version": str(version.version), "source": source, "run_id": run_id or "", "model_uri": f"models:/{name}/{version.version}"}
+    return info | ({"alias": alias, "alias_uri": f"models:/{name}@{alias}"} if alias else {})
 
 
 def _zeros_example(side: int, channels: int):

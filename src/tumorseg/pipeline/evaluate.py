@@ -10,7 +10,7 @@ from pathlib import Path
 from tumorseg import tracking
 from tumorseg.config import Config
 from tumorseg.io import read_json, sha256_file
-from tumorseg.pipeline.runs import data_record, run_tags
+from tumorseg.pipeline.runs import data_record, log_split_inputs, run_tags
 from tumorseg.reporting import ENSEMBLE
 
 log = logging.getLogger(__name__)
@@ -104,10 +104,12 @@ def evaluate_step(
             run_ids[name] = active.info.run_id
             if own_run:
                 tracking.log_params(cfg.flat() | {"model": name})
+            log_split_inputs(prepared_dir, record, ("test",) if val is None else ("val", "test"))  # val: where the threshold was chosen
             numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             for group in ("dice_by_class", "dice_by_size"):  # nested: one MLflow metric per class / size band
                 numbers.update({f"{group}_{key}": value for key, value in (metrics.get(group) or {}).items()})
-            tracking.log_metrics({f"test_{k}": v for k, v in numbers.items()})
+            model_id = None if name == ENSEMBLE else _training_summary(metrics_dir, name).get("mlflow_model_id")
+            tracking.log_metrics({f"test_{k}": v for k, v in numbers.items()}, model_id=model_id)  # beside the model in the Models tab
             for path in (metrics_path, out_dir / "per_image.csv", out_dir / "overlays.png"):
                 tracking.log_artifact(path, "evaluation")
         results[name] = metrics
@@ -121,7 +123,39 @@ def evaluate_step(
             metrics["n_images"],
             record["data_source"],
         )
+    if cfg.registry.register_best:
+        _register_best(cfg, names, results, metrics_dir, reports_dir, uri)
     return results
+
+
+def _register_best(cfg: Config, names: list[str], results: dict[str, dict], metrics_dir: Path, reports_dir: Path, uri: str) -> None:
+    """Register the model with the best validation Dice (the tuned one when evaluate tuned on
+    validation, else training's best epoch; never the test Dice) and move the alias to it."""
+    from tumorseg.io import atomic_write_json
+
+    def validation_dice(name: str) -> float:
+        tuned = results[name].get("val_dice_tuned")
+        return float(tuned) if tuned is not None else float(_training_summary(metrics_dir, name).get("best_val_dice", float("-inf")))
+
+    candidates = [name for name in names if _training_summary(metrics_dir, name).get("mlflow_model_id")]
+    if not candidates:
+        log.warning("registry.register_best: no model of this pipeline was logged to MLflow (trained elsewhere): nothing registered")
+        return
+    best = max(candidates, key=validation_dice)
+    info = tracking.register_model(
+        cfg.registry.name,
+        model_id=_training_summary(metrics_dir, best)["mlflow_model_id"],
+        uri=uri,
+        alias=cfg.registry.alias,
+        tags={
+            "model": best,
+            "validation_dice": f"{validation_dice(best):.4f}",
+            "test_dice": f"{results[best]['dice']:.4f}",
+            "data_source": str(results[best].get("data_source", "")),
+        },
+    )
+    atomic_write_json(reports_dir / "registered.json", info | {"model": best, "validation_dice": validation_dice(best)})
+    log.info("registered %s (validation Dice %.4f) as %s version %s: %s", best, validation_dice(best), info["name"], info["version"], info["alias_uri"])
 
 
 def _evaluation_run(

@@ -33,3 +33,25 @@ def run_tags(cfg: Config, name: str, record: dict, params_path: Path) -> dict[st
         "train_seed": str(cfg.train.effective_seed(cfg.seed)),
         **tracking.environment_tags(),
     }
+
+
+# MLflow's dataset contexts for the splits a run used.
+SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+
+
+def log_split_inputs(prepared_dir: Path, record: dict, splits: tuple[str, ...]) -> None:
+    """Log each split's manifest rows (slice id, group, file hash, tumour area) as an MLflow dataset
+    input of the active run, named ``<data>:<split>`` and tagged with the data's kind and hash."""
+    import pandas as pd
+
+    manifest_path = prepared_dir / "manifest.csv"
+    if not manifest_path.exists():
+        return
+    manifest = pd.read_csv(manifest_path, keep_default_na=False)
+    columns = [c for c in ("id", "group", "sha256", "area_fraction", "filled") if c in manifest.columns]
+    origin = str(record.get("data_origin", "unknown"))
+    label = Path(origin).name if Path(origin).is_absolute() else origin.split("/")[-1].split(" ")[0]
+    for split in splits:
+        rows = manifest.loc[manifest["split"] == split, columns].reset_index(drop=True)
+        tags = {"kind": str(record.get("data_source", "unknown")), "data_hash": str(record.get("data_hash", "unknown")), "slices": str(len(rows))}
+        tracking.log_dataset(rows, name=f"{label}:{split}", origin=origin, context=SPLIT_CONTEXTS[split], tags=tags)

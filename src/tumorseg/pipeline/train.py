@@ -13,7 +13,7 @@ import pandas as pd
 from tumorseg import tracking
 from tumorseg.config import Config
 from tumorseg.io import atomic_write_json, sha256_file
-from tumorseg.pipeline.runs import data_record, run_tags
+from tumorseg.pipeline.runs import data_record, log_split_inputs, run_tags
 from tumorseg.resume import ResumeState, clear_state, read_state, remember_run_id, sweep_temporaries, update_state
 from tumorseg.training import initial_weights_file, train_model
 
@@ -90,6 +90,7 @@ def train_step(
         if active.info.run_id != previous_run:
             remember_run_id(state_dir, active.info.run_id)
         param_changes = _note_param_changes(name, state_dir, tracking.log_params(cfg.flat() | {"model": name}))
+        log_split_inputs(prepared_dir, record, ("train", "val"))
         repaired = tracking.log_missing_epochs(state.get("history", {}))
         if repaired:
             log.info("%s: logged %d completed epoch(s) that MLflow had missed", name, repaired)
@@ -114,6 +115,17 @@ def train_step(
             on_epoch=lambda epoch, row: tracking.log_metrics(row, step=epoch),
             progress=progress,
         )
+        import keras
+
+        import tumorseg.models  # noqa: F401 - registers custom objects for loading
+
+        best = keras.models.load_model(model_path)
+        model_id = tracking.log_keras_model(
+            best,
+            np.zeros((1, cfg.image_size, cfg.image_size, len(cfg.data.channels)), np.float32),
+            params={f"models.{name}.{k}": v for k, v in getattr(cfg.models, name).model_dump().items()} | {"image_size": cfg.image_size},
+            tags={"model": name, "sha256": sha256_file(model_path), "sequences": tags["sequences"], "data_source": record["data_source"]},
+        )
         summary = {
             "model": name,
             "best_epoch": result.best_epoch,
@@ -129,6 +141,7 @@ def train_step(
             "batch_size": cfg.batch_size,
             "effective_lr": cfg.lr * cfg.train.lr_scale,
             "mlflow_run_id": active.info.run_id,
+            "mlflow_model_id": model_id,  # models:/<id> loads it; evaluate links the test metrics to it
             **record,
         }
         metrics_path = metrics_dir / f"train_{name}.json"
@@ -140,7 +153,8 @@ def train_step(
                 "ms_per_step": result.ms_per_step,
                 "seconds_per_epoch": result.seconds_per_epoch,
                 "params_total": result.params_total,
-            }
+            },
+            model_id=model_id,
         )
         tracking.log_artifact(history_path, "history")
         from tumorseg.reporting import learning_curves_chart
@@ -150,12 +164,6 @@ def train_step(
             learning_curves_chart({name: pd.read_csv(history_path)}, chart, f"{name} on {record['data_source']} data")
             tracking.log_artifact(chart, "history")
         tracking.log_artifact(metrics_path, "metrics")
-        import keras
-
-        import tumorseg.models  # noqa: F401 - registers custom objects for loading
-
-        best = keras.models.load_model(model_path)
-        tracking.log_keras_model(best, np.zeros((1, cfg.image_size, cfg.image_size, len(cfg.data.channels)), np.float32))
     clear_state(state_dir)
     log.info("%s: best val Dice %.4f at epoch %d (%.0f ms/step) -> %s", name, result.best_val_dice, result.best_epoch, result.ms_per_step, model_path)
     return summary
