@@ -67,6 +67,12 @@ PER_EPOCH_METRICS = ("loss", "dice", "val_loss", "val_dice", "lr", "epoch_second
 # --------------------------------------------------------------------------------------------
 
 
+def _read_metrics(path: Path) -> dict:
+    from tumorseg.io import read_metrics  # run ids live in the metric file's .info.json sibling
+
+    return read_metrics(path)
+
+
 def make_project(root: Path, *, epochs: int, size: int, count: int) -> None:
     """Synthetic data, prepared splits and a params.yaml for a tiny, fast U-Net."""
     from tumorseg.config import load_config
@@ -345,7 +351,7 @@ def check_project(root: Path, *, final: bool, epochs: int) -> dict[str, object]:
         summary_path = root / "metrics" / f"train_{MODEL}.json"
         if not summary_path.exists():
             failures.append(f"{summary_path.name} is missing")
-        elif runs and json.loads(summary_path.read_text()).get("mlflow_run_id") != runs[0][1].info.run_id:
+        elif runs and _read_metrics(summary_path).get("mlflow_run_id") != runs[0][1].info.run_id:
             failures.append(f"{summary_path.name} names another MLflow run than the one in the store")
         failures += final_model_loads(root / "models" / f"{MODEL}.keras")
         result["mlflow_steps"] = {k: len(v) for k, v in steps_by_metric.items()}

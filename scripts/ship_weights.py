@@ -74,7 +74,7 @@ def build_card(target: Path, workspace: Path, licence: str, attribution: str) ->
     from tumorseg.config import MODEL_NAMES, load_config
     from tumorseg.inference import Predictor
     from tumorseg.inference.cards import CARD_SCHEMA, InferenceSettings
-    from tumorseg.io import sha256_file
+    from tumorseg.io import read_metrics, sha256_file
 
     cfg = load_config(workspace / "params.yaml")
     predictor = Predictor.load(target)
@@ -82,7 +82,7 @@ def build_card(target: Path, workspace: Path, licence: str, attribution: str) ->
     name = next((n for n in MODEL_NAMES if target.stem.startswith(n)), None)
     if name is None:
         raise SystemExit(f"{target.name}: the file name must start with a model name ({', '.join(MODEL_NAMES)})")
-    scores = json.loads((workspace / "metrics" / f"evaluate_{name}.json").read_text())
+    scores = read_metrics(workspace / "metrics" / f"evaluate_{name}.json")  # numbers + their .info.json
     source = json.loads((workspace / "data" / "raw" / "SOURCE.json").read_text())
     if scores.get("data_hash") != source.get("data_hash"):
         raise SystemExit(f"{workspace}: metrics/evaluate_{name}.json was scored on other data than data/raw/SOURCE.json describes")

@@ -136,3 +136,21 @@ def test_report_numbers_keep_the_digits_that_mean_something():
     assert format_number(5_400_321) == "5,400,321"  # parameter count
     assert format_number(12345.6) == "12,346"
     assert format_number(None) == "—" and format_number(float("nan")) == "—"
+
+
+def test_metric_files_hold_numbers_and_their_info_sibling_the_rest(tmp_path: Path):
+    from tumorseg.io import info_path, read_metrics
+    from tumorseg.io import write_metrics as write_metric_file
+
+    values = {
+        "dice": 0.8, "hd95": None, "n_images": 10, "tta": True, "model": "unet", "members": ["a", "b"],
+        "dice_by_class": {"glioma": 0.6, "meningioma": 0.9}, "patient_dice_by_patient": {"p1": 0.7, "p2": 0.9},
+    }
+    path = tmp_path / "evaluate_unet.json"
+    assert write_metric_file(path, values, detail=("patient_dice_by_patient",)) is values
+    assert info_path(path) == tmp_path / "evaluate_unet.info.json"
+    assert json.loads(path.read_text()) == {"dice": 0.8, "hd95": None, "n_images": 10, "dice_by_class": {"glioma": 0.6, "meningioma": 0.9}}
+    assert json.loads(info_path(path).read_text()) == {"tta": True, "model": "unet", "members": ["a", "b"], "patient_dice_by_patient": {"p1": 0.7, "p2": 0.9}}
+    assert read_metrics(path) == values
+    info_path(path).unlink()  # a file written before the split reads as it is
+    assert read_metrics(path) == json.loads(path.read_text())

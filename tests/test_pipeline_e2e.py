@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from helpers import PROJECT_ROOT
+from tumorseg.io import is_metric, read_metrics
 
 TINY = {
     "epochs": 2,
@@ -70,6 +71,7 @@ def test_every_stage_writes_its_documented_outputs(project):
         "data/raw/SOURCE.json",
         "data/prepared/report.json",
         "data/prepared/manifest.csv",
+        "metrics/prepare.json",
         "data/augmented/report.json",
         "reports/augment_preview.png",
         "models/unet.keras",
@@ -83,17 +85,22 @@ def test_every_stage_writes_its_documented_outputs(project):
         "dvc.lock",
     ]:
         assert (root / path).exists(), path
+    metric_files = sorted((root / "metrics").glob("*.json"))
+    for path in metric_files:  # metric files hold numbers only: `dvc metrics show` stays a table of numbers
+        if not path.name.endswith(".info.json"):
+            assert all(is_metric(value) for value in json.loads(path.read_text()).values()), path.name
     for model in ("unet", "umobilenetv2"):
-        train = json.loads((root / f"metrics/train_{model}.json").read_text())
+        train = read_metrics(root / f"metrics/train_{model}.json")
         assert {"best_epoch", "best_val_dice", "seconds_per_epoch", "ms_per_step", "params_total", "data_source", "mlflow_run_id"} <= train.keys()
         assert train["data_source"] == "synthetic" and train["epochs_run"] == train["epochs_planned"] == 2
         assert train["init_from"] == "none" and train["params_changed_on_resume"] == []
-        evaluation = json.loads((root / f"metrics/evaluate_{model}.json").read_text())
+        assert "data_source" not in json.loads((root / f"metrics/train_{model}.json").read_text())  # in train_<model>.info.json
+        evaluation = read_metrics(root / f"metrics/evaluate_{model}.json")
         expected = {"dice", "iou", "precision", "recall", "specificity", "accuracy", "loss", "hd95", "ms_per_image", "data_source", "n_images", "global_dice"}
         assert expected <= evaluation.keys()
         assert evaluation["data_source"] == "synthetic"
         assert not (root / "models" / ".state" / model).exists(), "resume state left after a completed run"
-    ensemble = json.loads((root / "metrics/evaluate_ensemble.json").read_text())
+    ensemble = read_metrics(root / "metrics/evaluate_ensemble.json")
     assert ensemble["members"] == ["unet", "umobilenetv2"] and ensemble["data_source"] == "synthetic"
     assert 0.0 <= ensemble["dice"] <= 1.0 and (root / "reports/evaluate_ensemble/per_image.csv").exists()
     comparison = json.loads((root / "reports/comparison.json").read_text())

@@ -7,7 +7,6 @@ slices (skipped without ../shared).
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 from helpers import PROJECT_ROOT, blob_pair, shared_dataset, write_pair
 from tumorseg.cli import main as tumorseg
 from tumorseg.config import load_config
+from tumorseg.io import read_metrics
 from tumorseg.metrics import dice
 from tumorseg.pipeline.evaluate import evaluate_step
 from tumorseg.pipeline.prepare import prepare_step
@@ -65,7 +65,7 @@ def _assert_scored_equals_predicted(tmp_path: Path, cfg, names: list[str], model
     work = tmp_path / "work"
     evaluate_step(cfg, names, prepared_dir=prepared, models_dir=models_dir, metrics_dir=work / "metrics", reports_dir=work / "reports", raw_dir=raw)
     for name in [*names, "ensemble"] if len(names) > 1 else names:
-        metrics = json.loads((work / "metrics" / f"evaluate_{name}.json").read_text())
+        metrics = read_metrics(work / "metrics" / f"evaluate_{name}.json")
         per_image = pd.read_csv(work / "reports" / f"evaluate_{name}" / "per_image.csv", dtype={"file": str})
         files = [raw / "images" / file for file in per_image["file"]]  # the split's order: the same batches
         models = [models_dir / f"{m}.keras" for m in (names if name == "ensemble" else [name])]

@@ -14,6 +14,7 @@ import pytest
 
 from tumorseg.config import load_config
 from tumorseg.inference import Predictor
+from tumorseg.io import read_metrics
 from tumorseg.pipeline.augment import augment_step
 from tumorseg.pipeline.compare import compare_step
 from tumorseg.pipeline.download import download_step
@@ -72,7 +73,7 @@ def test_multi_sequence_pipeline(tmp_path: Path, monkeypatch):
     results = evaluate_step(
         cfg, ["umobilenetv2"], prepared_dir=Path("data/prepared"), models_dir=Path("models"), metrics_dir=Path("metrics"), reports_dir=Path("reports")
     )
-    metrics = json.loads(Path("metrics/evaluate_umobilenetv2.json").read_text())
+    metrics = read_metrics(Path("metrics/evaluate_umobilenetv2.json"))
     assert metrics["dice"] == pytest.approx(results["umobilenetv2"]["dice"])
 
     # MLflow: the model is a LoggedModel of its run with the test metrics beside it, the splits are

@@ -30,7 +30,7 @@ from tumorseg.config import SINGLE_CHANNEL
 from tumorseg.data.pairs import load_pairs
 from tumorseg.images import read_image, to_gray_uint8
 from tumorseg.inference import PostProcessing, PredictedSplit
-from tumorseg.io import atomic_write_json, atomic_write_png, atomic_write_text
+from tumorseg.io import atomic_write_png, atomic_write_text, write_metrics
 from tumorseg.metrics import SCORE_NAMES, dice, evaluate_masks
 from tumorseg.overlays import caption, fit_tile, frame_tile, overlay_outline
 from tumorseg.reporting import SIZE_BANDS, finite
@@ -334,9 +334,11 @@ def overlay_grid(evaluation: Evaluation, count: int = 4) -> np.ndarray:
 
 
 def write_evaluation(out_metrics: Path, out_dir: Path, evaluation: Evaluation, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``out_metrics`` (JSON; NaN as null), ``out_dir/per_image.csv`` and ``out_dir/overlays.png``."""
+    """``out_metrics`` (numbers only; NaN as null) with what describes them in its ``.info.json``
+    sibling (:func:`tumorseg.io.write_metrics`), ``out_dir/per_image.csv`` and ``out_dir/overlays.png``.
+    Returns both merged."""
     metrics = finite(evaluation.metrics | (extra or {}))
-    atomic_write_json(out_metrics, metrics)
+    write_metrics(out_metrics, metrics, detail=("patient_dice_by_patient",))
     atomic_write_text(out_dir / "per_image.csv", evaluation.per_image.to_csv(index=False, float_format="%.6g"))
     atomic_write_png(out_dir / "overlays.png", overlay_grid(evaluation))
     return metrics

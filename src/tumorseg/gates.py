@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from tumorseg.io import read_json
+from tumorseg.io import read_metrics
 
 GATED_METRICS = ("dice", "iou")  # higher is better; compared against the baseline
 
@@ -37,7 +37,7 @@ def check_metrics(
         if not path.exists():
             checks.append(Check(model, "metrics file", None, None, False, f"{path} missing: run `dvc repro evaluate`"))
             continue
-        current = read_json(path)
+        current = read_metrics(path)
         dice = current.get("dice")
         if model in thresholds:
             ok = isinstance(dice, (int, float)) and math.isfinite(dice) and dice >= thresholds[model]
@@ -49,7 +49,7 @@ def check_metrics(
             if not base_path.exists():
                 checks.append(Check(model, "baseline", None, None, False, f"{base_path} missing"))
                 continue
-            baseline = read_json(base_path)
+            baseline = read_metrics(base_path)
             for key in GATED_METRICS:
                 value, reference = current.get(key), baseline.get(key)
                 if not isinstance(reference, (int, float)):

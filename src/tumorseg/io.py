@@ -287,3 +287,41 @@ def hash_tree(root: str | Path, files: Iterable[Path] | None = None) -> str:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# Metric files hold numbers only, so `dvc metrics show` / `dvc exp show` stay readable tables;
+# what describes the numbers (data source and hash, model, settings, run ids, per-patient detail)
+# goes to the sibling ``<stem>.info.json`` (a plain output, not a metric). read_metrics merges both.
+INFO_SUFFIX = ".info.json"
+
+
+def info_path(metrics_path: str | Path) -> Path:
+    """``metrics/evaluate_unet.json`` -> ``metrics/evaluate_unet.info.json``."""
+    path = Path(metrics_path)
+    return path.with_name(path.name.removesuffix(".json") + INFO_SUFFIX)
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def is_metric(value: Any) -> bool:
+    """A number (None = not measurable, e.g. HD95 without a tumour), or one level of them by name."""
+    return _is_number(value) or (isinstance(value, dict) and bool(value) and all(isinstance(k, str) and _is_number(v) for k, v in value.items()))
+
+
+def write_metrics(path: str | Path, values: dict[str, Any], *, detail: Iterable[str] = ()) -> dict[str, Any]:
+    """Write the numbers of ``values`` to ``path`` and everything else (plus the ``detail`` keys,
+    e.g. a number per patient) to its :func:`info_path` sibling. Returns ``values``."""
+    detail = set(detail)
+    numbers = {key: value for key, value in values.items() if key not in detail and is_metric(value)}
+    atomic_write_json(path, numbers)
+    atomic_write_json(info_path(path), {key: value for key, value in values.items() if key not in numbers})
+    return values
+
+
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """A metric file with its ``.info.json`` sibling merged in (files written before the split: as they are)."""
+    values = read_json(path)
+    extra = info_path(path)
+    return values | read_json(extra) if extra.exists() else values

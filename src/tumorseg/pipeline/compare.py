@@ -6,18 +6,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from tumorseg.io import atomic_write_json, atomic_write_text, read_json
+from tumorseg.io import atomic_write_json, atomic_write_text, read_metrics
 from tumorseg.reporting import ENSEMBLE, compare_models, comparison_chart, learning_curves_chart
 
 
 def compare_step(names: list[str], *, metrics_dir: Path, reports_dir: Path) -> dict:
     results, training = {}, {}
     for name in names:
-        training[name] = train = read_json(metrics_dir / f"train_{name}.json")
-        results[name] = read_json(metrics_dir / f"evaluate_{name}.json") | {k: train[k] for k in ("params_total", "ms_per_step", "best_val_dice", "best_epoch")}
+        training[name] = train = read_metrics(metrics_dir / f"train_{name}.json")
+        facts = {k: train[k] for k in ("params_total", "ms_per_step", "best_val_dice", "best_epoch")}
+        results[name] = read_metrics(metrics_dir / f"evaluate_{name}.json") | facts
     ensemble_path = metrics_dir / f"evaluate_{ENSEMBLE}.json"
     if len(names) >= 2 and ensemble_path.is_file():
-        ensemble = read_json(ensemble_path)
+        ensemble = read_metrics(ensemble_path)
         if ensemble.get("members") == list(names):  # not a stale file from another set of models
             results[ENSEMBLE] = ensemble | {"params_total": sum(results[n]["params_total"] for n in names)}
     sources = {r["data_source"] for r in results.values()}

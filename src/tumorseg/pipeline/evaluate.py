@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tumorseg import tracking
 from tumorseg.config import Config
-from tumorseg.io import read_json, sha256_file
+from tumorseg.io import read_metrics, sha256_file
 from tumorseg.pipeline.runs import data_record, log_split_inputs, run_tags
 from tumorseg.reporting import ENSEMBLE
 
@@ -191,6 +191,6 @@ def _evaluation_run(
 
 
 def _training_summary(metrics_dir: Path, name: str) -> dict:
-    """``metrics/train_<name>.json``, or {} for a model that was not trained by this pipeline."""
+    """``metrics/train_<name>.json`` with its ``.info.json``, or {} for a model that was not trained by this pipeline."""
     path = metrics_dir / f"train_{name}.json"
-    return read_json(path) if path.is_file() else {}
+    return read_metrics(path) if path.is_file() else {}

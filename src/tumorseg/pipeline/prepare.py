@@ -68,3 +68,20 @@ def prepare_from_raw(cfg: Config, raw_dir: Path, out_dir: Path, progress: bool =
     # The download stage names every raw mask like its slice (layouts.py), whatever data.mask_suffix says.
     sequences = {name: raw_dir / name for name in cfg.data.sequences}
     return prepare_step(cfg, sequences, raw_dir / "masks", out_dir, progress, mask_suffix="", report_extra=extra)
+
+
+def write_prepare_metrics(report: PrepareReport, path: Path) -> dict:
+    """The stage's numbers for ``dvc metrics show``: pairs kept and skipped (by reason), slices and
+    groups per split. The full report (skipped files, settings, data source) stays in report.json."""
+    from tumorseg.io import atomic_write_json
+
+    numbers = {
+        "valid_pairs": report.valid_pairs,
+        "skipped": len(report.skipped),
+        "skipped_by_reason": report.skipped_by_reason,
+        "masks_binarised": report.masks_binarised,
+        "splits": report.splits,
+        "groups": report.groups,
+    }
+    atomic_write_json(path, {key: value for key, value in numbers.items() if value != {}})
+    return numbers

@@ -12,7 +12,7 @@ import pandas as pd
 
 from tumorseg import tracking
 from tumorseg.config import Config
-from tumorseg.io import atomic_write_json, sha256_file
+from tumorseg.io import info_path, sha256_file, write_metrics
 from tumorseg.pipeline.runs import data_record, log_split_inputs, run_tags
 from tumorseg.resume import ResumeState, clear_state, read_state, remember_run_id, sweep_temporaries, update_state
 from tumorseg.training import initial_weights_file, train_model
@@ -145,7 +145,7 @@ def train_step(
             **record,
         }
         metrics_path = metrics_dir / f"train_{name}.json"
-        atomic_write_json(metrics_path, summary)
+        write_metrics(metrics_path, summary)  # numbers; the rest (run ids, data) in train_<name>.info.json
         tracking.log_metrics_once(
             {
                 "best_val_dice": result.best_val_dice,
@@ -164,6 +164,7 @@ def train_step(
             learning_curves_chart({name: pd.read_csv(history_path)}, chart, f"{name} on {record['data_source']} data")
             tracking.log_artifact(chart, "history")
         tracking.log_artifact(metrics_path, "metrics")
+        tracking.log_artifact(info_path(metrics_path), "metrics")
     clear_state(state_dir)
     log.info("%s: best val Dice %.4f at epoch %d (%.0f ms/step) -> %s", name, result.best_val_dice, result.best_epoch, result.ms_per_step, model_path)
     return summary
