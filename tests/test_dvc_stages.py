@@ -377,3 +377,29 @@ def test_stage_scripts_take_the_model_list_from_the_package():
         if isinstance(node, ast.Constant) and node.value in names
     ]
     assert not literal, "model names written out in stage scripts (use MODEL_NAMES):\n" + "\n".join(literal)
+
+
+# --------------------------------------------------------------------------------------------
+# 4. DVC's model registry names every trained and every shipped model
+# --------------------------------------------------------------------------------------------
+
+
+def test_artifacts_name_every_trained_and_shipped_model(stages):
+    from dvc.repo import Repo
+
+    from tumorseg.config import MODEL_NAMES
+
+    root = PROJECT_ROOT
+    repo = Repo(str(root), uninitialized=True)
+    try:
+        artifacts = repo.artifacts.read()["dvc.yaml"]  # DVC's own parser: names and fields it accepts
+    finally:
+        repo.close()
+    for name, artifact in artifacts.items():
+        assert artifact.type == "model" and artifact.desc and artifact.labels, name
+    trained_outs = {str(PurePosixPath(out.def_path)) for stage in stages.values() for out in stage.outs}
+    for model in MODEL_NAMES:
+        assert artifacts[model].path == f"models/{model}.keras" in trained_outs, model
+    shipped = {path.stem: f"weights/{path.name}" for path in (root / "weights").glob("*.keras")}
+    assert {name: artifacts[name].path for name in shipped if name in artifacts} == shipped, "every weights/*.keras is an artifact of its own name"
+    assert set(artifacts) == set(MODEL_NAMES) | set(shipped)
