@@ -21,13 +21,14 @@ export GIT_COMMITTER_EMAIL ?= $(GIT_AUTHOR_EMAIL)
 
 PROFILE ?= quick
 
-.PHONY: install run repro test test-fast lint dag clean help
+.PHONY: install run repro show test test-fast lint dag clean help
 
 help:
 	@echo "make run    - set up and run the whole pipeline on the '$(PROFILE)' profile (PROFILE=full for the reference settings)"
 	@echo "make test   - set up and run the tests"
 	@echo "make test-fast - the edit-test loop: the tests not marked slow (no training, no TFLite/ONNX conversion, no pipeline runs)"
 	@echo "make lint   - ruff (pyflakes, pycodestyle with 160-column lines, isort, bugbear, pyupgrade) and the import-linter layer contracts"
+	@echo "make show   - the DVC experiments as one table: changed params, each model's test Dice/IoU/HD95, data source"
 	@echo "make dag    - show the DVC pipeline graph"
 
 $(STAMP): pyproject.toml
@@ -45,7 +46,13 @@ install: $(STAMP)
 # The quick profile is applied as a DVC experiment parameter, so `dvc exp show` records it.
 run: $(STAMP) .dvc/config
 	dvc exp run --set-param profile=$(PROFILE)
-	@echo "done: outputs under data/, reports/ (profile=$(PROFILE)); 'dvc exp show' lists the run"
+	@$(VENV)/bin/tumorseg results
+	@echo "done (profile=$(PROFILE)): metrics in metrics/ (dvc metrics show), report in reports/comparison.md, data in data/;"
+	@echo "      runs and models: .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db, then http://127.0.0.1:5000"
+
+# The experiments as one readable table (dvc exp show has every param and metric as a column).
+show: $(STAMP) .dvc/config
+	@$(VENV)/bin/tumorseg results
 
 # Plain `dvc repro` with params.yaml exactly as it is.
 repro: $(STAMP) .dvc/config

@@ -95,6 +95,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    from tumorseg.experiments import experiment_rows, format_table
+
+    print(format_table(experiment_rows(Path(args.repo), args.models, include_all=args.all_commits)))
+    return 0
+
+
 def cmd_check_metrics(args: argparse.Namespace) -> int:
     from tumorseg.gates import check_metrics, format_checks
 
@@ -338,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-dir", default="metrics", help="folder with evaluate_<model>.json (default: %(default)s)")
     p.add_argument("--models", nargs="+", default=list(MODEL_NAMES))
     p.add_argument("--baseline", default=None, help="baseline folder with evaluate_<model>.json (default: ci.baseline_dir)")
+
+    p = add("results", cmd_results, "DVC experiments as one table: changed params, each model's test Dice/IoU/HD95, data source", params=False)
+    p.add_argument("--repo", default=".", help="the project folder (default: %(default)s)")
+    p.add_argument("--models", nargs="+", default=[*MODEL_NAMES, "ensemble"], help="(default: %(default)s)")
+    p.add_argument("--all-commits", action="store_true", help="experiments of every commit, not only HEAD's")
 
     p = add("study", cmd_study, "all tracked runs: validation-Dice curves on one chart and an ablation table", params=False)
     p.add_argument("--out", default="reports/study", help="output folder (default: %(default)s)")
