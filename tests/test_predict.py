@@ -273,7 +273,7 @@ def test_predict_command_writes_masks_overlays_and_a_csv(tmp_path: Path, model_p
     assert dice(big_truth > 0, mask > 0) > 0.8
     overlay = cv2.imread(str(out / "slice_overlay.png"), cv2.IMREAD_UNCHANGED)
     assert overlay.shape == (96, 96, 3)
-    outline = np.all(overlay == (0, 255, 0), axis=2)
+    outline = np.all(overlay == (0, 0, 255), axis=2)  # predictions are outlined in red (BGR)
     assert outline.any() and (mask[outline] > 0).all()  # outline drawn on the mask's boundary
     assert cv2.imread(str(out / "slice_2_mask.png"), cv2.IMREAD_UNCHANGED).shape == (32, 32)
     rows = _read_csv(out / "predictions.csv")

@@ -64,8 +64,8 @@ def test_good_upload_returns_measurements_and_images(client):
     assert int((mask == 255).sum()) == answer["area_px"]
     overlay = decode_b64_png(answer["overlay_png"])
     assert overlay.shape == (56, 80, 3)
-    green = (overlay[..., 1] == 255) & (overlay[..., 0] == 0) & (overlay[..., 2] == 0)
-    assert green.any() and not green[mask == 0].any()  # the outline lies on the predicted mask's edge
+    red = (overlay[..., 2] == 255) & (overlay[..., 1] == 0) & (overlay[..., 0] == 0)  # BGR (cv2): predictions are red
+    assert red.any() and not red[mask == 0].any()  # the outline lies on the predicted mask's edge
     gradcam = decode_b64_png(answer["gradcam_png"])
     assert gradcam.shape == (56, 80, 3)
 

@@ -32,7 +32,7 @@ from tumorseg.images import read_image, to_gray_uint8
 from tumorseg.inference import PostProcessing, PredictedSplit
 from tumorseg.io import atomic_write_png, atomic_write_text, write_metrics
 from tumorseg.metrics import SCORE_NAMES, dice, evaluate_masks
-from tumorseg.overlays import caption, fit_tile, frame_tile, overlay_outline
+from tumorseg.overlays import PREDICTION_BGR, TRUTH_BGR, caption, fit_tile, frame_tile, overlay_outline
 from tumorseg.reporting import SIZE_BANDS, finite
 
 log = logging.getLogger(__name__)
@@ -323,8 +323,8 @@ def overlay_grid(evaluation: Evaluation, count: int = 4) -> np.ndarray:
         tiles = []
         for index in indices:
             image = scored.images[index] if scored.images[index].ndim == 2 else np.ascontiguousarray(scored.images[index][..., 0])
-            tile = overlay_outline(image, scored.truths[index].astype(np.uint8) * 255, (0, 255, 0))
-            tile = overlay_outline(tile, evaluation.masks[index].astype(np.uint8) * 255, (0, 0, 255))
+            tile = overlay_outline(image, scored.truths[index].astype(np.uint8) * 255, TRUTH_BGR)
+            tile = overlay_outline(tile, evaluation.masks[index].astype(np.uint8) * 255, PREDICTION_BGR)
             tiles.append(frame_tile(fit_tile(tile, side), min_side=side))
         while len(tiles) < count:
             tiles.append(np.full_like(tiles[0], 255))

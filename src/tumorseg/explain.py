@@ -255,11 +255,11 @@ def explanation_panel(image: np.ndarray, mask: np.ndarray, heat: np.ndarray, lab
     (white outline); small images are enlarged so both stay readable. A multi-sequence ``(H, W, C)``
     slice gets one prediction overlay per sequence, and the Grad-CAM overlay on their mean;
     ``labels`` caption the tiles (the sequences, then the Grad-CAM)."""
-    from tumorseg.overlays import caption, frame_tile, overlay_outline
+    from tumorseg.overlays import PREDICTION_BGR, caption, frame_tile, overlay_outline
 
     planes = [image] if image.ndim == 2 else [np.ascontiguousarray(image[..., c]) for c in range(image.shape[2])]
     backdrop = sequence_mean(image)
-    tiles = [overlay_outline(plane, mask, (0, 255, 0)) for plane in planes]
+    tiles = [overlay_outline(plane, mask, PREDICTION_BGR) for plane in planes]
     tiles.append(cv2.cvtColor(heatmap_overlay(backdrop, heat, mask=mask), cv2.COLOR_RGB2BGR))
     tiles = [frame_tile(tile, min_side=256) for tile in tiles]
     if labels:  # name each multi-sequence tile

@@ -17,8 +17,14 @@ def outline(mask: np.ndarray) -> np.ndarray:
     return (binary - cv2.erode(binary, np.ones((3, 3), np.uint8))).astype(bool)
 
 
-def overlay_outline(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = (0, 255, 0)) -> np.ndarray:
-    """Grayscale image as BGR with the mask outline drawn in ``colour``."""
+# One colour code everywhere (predict, serve, explain, the evaluation grid, the augment preview):
+# what a model predicted is red, the ground truth green.
+PREDICTION_BGR = (0, 0, 255)
+TRUTH_BGR = (0, 255, 0)
+
+
+def overlay_outline(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int] = PREDICTION_BGR) -> np.ndarray:
+    """Grayscale image as BGR with the mask outline drawn in ``colour`` (default: a prediction's red)."""
     canvas = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR) if image.ndim == 2 else image.copy()
     canvas[outline(mask)] = colour
     return canvas

@@ -53,7 +53,7 @@ from tumorseg import __version__
 from tumorseg.images import DEFAULT_MAX_PIXELS, MAX_DECODE_BYTES, InputImageError, decode_image, to_gray_uint8
 from tumorseg.inference import Predictor
 from tumorseg.io import encode_png
-from tumorseg.overlays import overlay_outline
+from tumorseg.overlays import PREDICTION_BGR, overlay_outline
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ DEFAULT_MAX_UPLOAD_MB = 20.0
 # Browsers send image/* for known image files and application/octet-stream for unknown ones
 # (e.g. some .tif); the bytes are checked by decode_image either way.
 ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream")
-OUTLINE_BGR = (0, 255, 0)  # predicted outline: green
+OUTLINE_BGR = PREDICTION_BGR  # predicted outline: red, as in every picture tumorseg draws
 DEFAULT_WORKERS = 1  # one analysis at a time already uses every CPU core (see the module doc)
 DEFAULT_QUEUE_LIMIT = 8  # uploads waiting for a worker; each holds its bytes (<= max_upload_mb)
 DEFAULT_RETRY_AFTER_S = 5

@@ -21,7 +21,7 @@ from tqdm import tqdm  # noqa: E402
 
 from tumorseg.config import SINGLE_CHANNEL, AugmentConfig  # noqa: E402
 from tumorseg.io import atomic_directory, atomic_write_json, atomic_write_png, write_staged_png  # noqa: E402
-from tumorseg.overlays import frame_tile, overlay_outline  # noqa: E402
+from tumorseg.overlays import TRUTH_BGR, frame_tile, overlay_outline  # noqa: E402
 from tumorseg.processes import default_workers, worker_pool  # noqa: E402
 
 
@@ -178,10 +178,10 @@ def preview_grid(
     for index in chosen:
         image = _read_slice(train_dir, names[index], channels)
         mask = _read_gray(train_dir / "masks" / names[index])
-        tiles = [overlay_outline(first_channel(image), mask, (0, 0, 255))]
+        tiles = [overlay_outline(first_channel(image), mask, TRUTH_BGR)]
         for _ in range(copies):
             aug_image, aug_mask = apply(pipeline, image, mask)
-            tiles.append(overlay_outline(first_channel(aug_image), aug_mask))
+            tiles.append(overlay_outline(first_channel(aug_image), aug_mask, TRUTH_BGR))
         lines.append(np.concatenate([frame_tile(t) for t in tiles], axis=1))
     return np.concatenate(lines, axis=0)
 
