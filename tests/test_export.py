@@ -92,10 +92,13 @@ def test_int8_export_calibrates_on_given_images(tmp_path: Path, bright_path: Pat
     assert "QUANTIZE" in ops  # activations really are int8 inside (float in and out)
 
 
-def test_an_export_failing_its_check_is_not_put_in_place(tmp_path: Path, bright_path: Path, capsys):
+def test_an_export_failing_its_check_is_not_put_in_place(tmp_path: Path, bright_path: Path, capsys, caplog):
     out = tmp_path / "bright.tflite"
-    with pytest.raises(ExportError, match="does not match the Keras model"):
+    with caplog.at_level("INFO", logger="tumorseg.export"), pytest.raises(ExportError, match="does not match the Keras model"):
         export_model(str(bright_path), "tflite", out, min_dice=1.01, sample_count=4, timing_repeats=1)
+    progress = [r.getMessage() for r in caplog.records if r.name == "tumorseg.export"]  # a long conversion says what it is doing
+    assert progress[0].startswith(f"export: converting {bright_path}") and "to tflite" in progress[0]
+    assert progress[1].startswith("export: converted in") and "checking it against the Keras model on 4 images" in progress[1]
     assert not out.exists() and not list(tmp_path.glob("*.staged*")) and not list(tmp_path.glob(".*staged*"))
     check = json.loads((tmp_path / "bright.tflite.check.json").read_text())
     assert check["passed"] is False and check["dice_mean"] >= 0.99

@@ -288,9 +288,14 @@ def export_model(
 
     started = time.perf_counter()
     convert = to_tflite if fmt == "tflite" else to_onnx
+    params = reference.model.count_params()
+    log.info(
+        "export: converting %s (%s parameters) to %s, quantize %s: a minute or two for a few million parameters on 2 cores ...", source, f"{params:,}", fmt, quantize
+    )
     with quiet_converter_logs():
         data = convert(reference.model, quantize, calibration)
     convert_seconds = time.perf_counter() - started
+    log.info("export: converted in %.0f s (%.1f MB); checking it against the Keras model on %d images ...", convert_seconds, len(data) / 2**20, len(images))
 
     check_path = out.with_name(out.name + ".check.json")
     staged = atomic_write_bytes(out.with_name(f".{out.name}.staged{out.suffix}"), data)
