@@ -290,7 +290,11 @@ def export_model(
     convert = to_tflite if fmt == "tflite" else to_onnx
     params = reference.model.count_params()
     log.info(
-        "export: converting %s (%s parameters) to %s, quantize %s: a minute or two for a few million parameters on 2 cores ...", source, f"{params:,}", fmt, quantize
+        "export: converting %s (%s parameters) to %s, quantize %s: a minute or two for a few million parameters on 2 cores ...",
+        source,
+        f"{params:,}",
+        fmt,
+        quantize,
     )
     with quiet_converter_logs():
         data = convert(reference.model, quantize, calibration)
