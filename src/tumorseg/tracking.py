@@ -295,15 +295,20 @@ def log_dataset(frame, *, name: str, origin: str, context: str, tags: Mapping[st
 
     if origin.startswith("kaggle:"):
         origin = f"https://www.kaggle.com/datasets/{origin.removeprefix('kaggle:')}"
-    if origin.startswith(("http://", "https://")):
-        dataset = PandasDataset(frame, source=HTTPDatasetSource(origin), name=name)
-    elif Path(origin).is_absolute():
-        with warnings.catch_warnings():  # "can be interpreted in multiple ways": two local artifact sources, the same class
-            warnings.simplefilter("ignore", UserWarning)
+    # MLflow infers a schema and a digest from the rows and warns about integer columns and future
+    # pandas keywords, and about a local path it can read "in multiple ways" (two names, one class):
+    # nothing a user can act on
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if origin.startswith(("http://", "https://")):
+            dataset = PandasDataset(frame, source=HTTPDatasetSource(origin), name=name)
+        elif Path(origin).is_absolute():
             dataset = mlflow.data.from_pandas(frame, source=origin, name=name)
-    else:  # a Kaggle slug, synthetic phantoms: said in words
-        dataset = PandasDataset(frame, source=CodeDatasetSource({"origin": origin}), name=name)
-    mlflow.log_input(dataset, context=context, tags=dict(tags or {}) or None)
+        else:  # a Kaggle slug, synthetic phantoms: said in words
+            dataset = PandasDataset(frame, source=CodeDatasetSource({"origin": origin}), name=name)
+        mlflow.log_input(dataset, context=context, tags=dict(tags or {}) or None)
 
 
 def active_run_id() -> str | None:

@@ -47,7 +47,7 @@ def log_split_inputs(prepared_dir: Path, record: dict, splits: tuple[str, ...]) 
     manifest_path = prepared_dir / "manifest.csv"
     if not manifest_path.exists():
         return
-    manifest = pd.read_csv(manifest_path, keep_default_na=False)
+    manifest = pd.read_csv(manifest_path, keep_default_na=False, dtype={"id": str, "group": str, "sha256": str})
     columns = [c for c in ("id", "group", "sha256", "area_fraction", "filled") if c in manifest.columns]
     origin = str(record.get("data_origin", "unknown"))
     label = Path(origin).name if Path(origin).is_absolute() else origin.split("/")[-1].split(" ")[0]
