@@ -37,3 +37,28 @@ def test_ensemble_member_runs_the_same_weights_at_another_input_size():
     reference.set_weights(model.get_weights())
     images = np.random.default_rng(1).uniform(0, 255, (2, 96, 96, 1)).astype("float32")
     np.testing.assert_allclose(np.asarray(larger(images, training=False)), np.asarray(reference(images, training=False)), atol=1e-6)
+
+
+def test_lgg_study_table_compares_runs_per_institution_and_on_common_patients(tmp_path):
+    import json
+
+    lgg_study = _script("lgg_study")
+    cases = tmp_path / "cases.csv"
+    cases.write_text("case,institution,slices,tumour_slices,sequences\nA_1,DU,3,1,t1;flair\nB_2,HT,3,1,flair\nC_3,DU,3,1,t1;flair\n")
+    runs = {"all": ({"A_1": 0.8, "B_2": 0.2, "C_3": 0.9}, ["t1", "flair"]), "t1": ({"A_1": 0.7, "C_3": 0.5}, ["t1"])}
+    for name, (by_patient, sequences) in runs.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        mean = float(np.mean(list(by_patient.values())))
+        (folder / "evaluate_umobilenetv2.json").write_text(json.dumps({"patient_dice": mean, "n_patients": len(by_patient), "dice": 0.6, "hd95": 12.0}))
+        (folder / "evaluate_umobilenetv2.info.json").write_text(json.dumps({"patient_dice_by_patient": by_patient, "data_source": "real"}))
+        (folder / "train_umobilenetv2.json").write_text(json.dumps({"best_epoch": 5, "epochs_run": 8, "best_val_dice": 0.81}))
+        (folder / "params.yaml").write_text(f"image_size: 128\ndata:\n  sequences: [{', '.join(sequences)}]\n")
+    out = tmp_path / "study.json"
+    text = lgg_study.table([tmp_path / "all", tmp_path / "t1"], cases, out)
+    lines = text.splitlines()
+    assert "the 2 patients all runs saw" in lines[0] and len(lines) == 4
+    assert "| T1, FLAIR | 128², 8 (best 5) | 0.810 | 3 | **0.633** | 0.850 |" in lines[2]  # common patients A_1, C_3
+    assert "DU 0.85 (2), HT 0.20 (1)" in lines[2] and "| **0.600** | 0.600 |" in lines[3]
+    saved = json.loads(out.read_text())
+    assert saved["common_patients"] == ["A_1", "C_3"] and saved["runs"][1]["patient_dice_by_institution"] == {"DU": {"patients": 2, "patient_dice": 0.6}}
