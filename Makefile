@@ -21,7 +21,7 @@ export GIT_COMMITTER_EMAIL ?= $(GIT_AUTHOR_EMAIL)
 
 PROFILE ?= quick
 
-.PHONY: install run repro show test test-fast lint dag clean help
+.PHONY: install run repro show test test-fast lint dag clean help server server-stop server-status
 
 help:
 	@echo "make run    - set up and run the whole pipeline on the '$(PROFILE)' profile (PROFILE=full for the reference settings)"
@@ -30,6 +30,8 @@ help:
 	@echo "make lint   - ruff (pyflakes, pycodestyle with 160-column lines, isort, bugbear, pyupgrade) and the import-linter layer contracts"
 	@echo "make show   - the DVC experiments as one table: changed params, each model's test Dice/IoU/HD95, data source"
 	@echo "make dag    - show the DVC pipeline graph"
+	@echo "make server - start a team MLflow tracking server on PostgreSQL in .mlflow-server/ and print the MLFLOW_TRACKING_URI to export"
+	@echo "make server-stop - stop it (every process it started); make server-status - running or not, URI and ports"
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -60,6 +62,18 @@ repro: $(STAMP) .dvc/config
 
 dag: $(STAMP) .dvc/config
 	dvc dag
+
+# A team MLflow tracking server: PostgreSQL (Debian's `postgresql` package) and `mlflow server` with
+# served artifacts, state in .mlflow-server/ (README, "Scaling out"). SERVER_ARGS goes on to
+# `tumorseg server start` (--host, --port, --workers). Stopping needs no up-to-date install.
+server: $(STAMP)
+	@$(VENV)/bin/tumorseg server start $(SERVER_ARGS)
+
+server-stop: | $(STAMP)
+	@$(VENV)/bin/tumorseg server stop
+
+server-status: | $(STAMP)
+	@$(VENV)/bin/tumorseg server status
 
 # pytest exits 5 when it collects no tests: for this suite that is a failure, said plainly.
 test: $(STAMP)

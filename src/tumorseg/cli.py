@@ -285,6 +285,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    from tumorseg import server
+
+    root = Path(args.dir)
+    if args.action == "start":
+        if (args.port is not None and not 0 < args.port < 65536) or args.workers < 1 or args.timeout <= 0:
+            raise UsageError("--port must be in 1..65535, --workers at least 1, --timeout positive")
+        warning = server.exposure_warning(args.host)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
+        try:
+            started = server.start(root, host=args.host, port=args.port, workers=args.workers, timeout=args.timeout)
+        except server.ServerError as exc:
+            for line in getattr(exc, "details", []):  # the log's last lines, before the one-line error
+                print(f"  | {line}", file=sys.stderr)
+            raise
+        for note in started.notes:
+            print(note, file=sys.stderr)
+        found = started.status
+        where = server.layout(root)
+        print(
+            f"MLflow tracking server {'already running' if started.already_running else 'started'}: {started.uri} (pid {found.mlflow_pid}), "
+            f"backend PostgreSQL on {server.LOOPBACK}:{found.postgres_port} (pid {found.postgres_pid}, data in {where.pgdata}), "
+            f"artifacts in {where.artifacts}, logs in {where.logs}; stop it with: tumorseg server stop",
+            file=sys.stderr,
+        )
+        if args.host in ("0.0.0.0", "::") and not started.already_running:
+            print(f"on other machines: export MLFLOW_TRACKING_URI={server.tracking_uri_for(server.host_name(), found.mlflow_port)}", file=sys.stderr)
+        print(f"export MLFLOW_TRACKING_URI={started.uri}")  # stdout alone: eval "$(tumorseg server start)"
+        return 0
+    if args.action == "stop":
+        stopped = server.stop(root)
+        print(f"stopped {' and '.join(stopped.stopped)}; no process of theirs is left" if stopped.stopped else f"not running (nothing to stop in {root})")
+        return 0
+    found = server.status(root)
+    if found.running:
+        print(f"running: {found.uri} (MLflow pid {found.mlflow_pid}; PostgreSQL pid {found.postgres_pid} on {server.LOOPBACK}:{found.postgres_port})")
+        print(f"export MLFLOW_TRACKING_URI={found.uri}")
+        return 0
+    last = f"; last URI {found.uri}" if found.uri else ""
+    print(f"not running ({'; '.join(found.problems)}){last}: tumorseg server start")
+    return 3
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = args.config
     for key, value in cfg.flat().items():
@@ -426,6 +470,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-limit", type=int, default=8, help="uploads waiting beyond those; more get HTTP 503 with Retry-After (default: %(default)s)")
     p.add_argument("--retry-after", type=int, default=5, help="seconds a 503 asks the client to wait (default: %(default)s)")
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images (default: %(default)s)")
+
+    p = add("server", cmd_server, "a team MLflow tracking server on PostgreSQL in a project folder: start | stop | status", params=False)
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    folder = argparse.ArgumentParser(add_help=False)
+    folder.add_argument("--dir", default=".mlflow-server", help="state folder: pgdata/, artifacts/, logs/, server.json (default: %(default)s)")
+    s = actions.add_parser(
+        "start", parents=[folder], help="start PostgreSQL and mlflow server (if not running); print the MLFLOW_TRACKING_URI to export",
+        description="Start PostgreSQL (loopback, a free port) and mlflow server with it as backend store and DIR/artifacts as served "
+        "artifact store; wait for /health; print `export MLFLOW_TRACKING_URI=...` on stdout (eval \"$(tumorseg server start)\").",
+    )  # fmt: skip
+    s.add_argument("--host", default="127.0.0.1", help="address the MLflow server binds to (default: %(default)s; it has no authentication)")
+    s.add_argument("--port", type=int, default=None, help="the MLflow server's port (default: the previous one if free, else a free one)")
+    s.add_argument("--workers", type=int, default=2, help="MLflow server worker processes (default: %(default)s)")
+    s.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for /health (default: %(default)s)")
+    actions.add_parser("stop", parents=[folder], help="stop the MLflow server's process group and PostgreSQL; check nothing is left")
+    actions.add_parser("status", parents=[folder], help="running or not, URI and ports (exit code 3 when not running)")
 
     add("config", cmd_config, "validate params.yaml and print the resolved settings (profile applied)")
     return parser

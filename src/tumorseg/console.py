@@ -22,6 +22,7 @@ from tumorseg.errors import (
     NoValidPairs,
     OutputError,
     PrepareError,
+    ServerError,
     SourceError,
     TrackingError,
     UnsafeOutputError,
@@ -44,6 +45,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ModelLoadError,
     ExportError,
     TrackingError,
+    ServerError,
 )
 # Raw OSErrors that mean "the disk or folder refuses the write", wherever they come from (a
 # library writing its own file): one line naming the path and the cause, like OutputError.

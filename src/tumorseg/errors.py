@@ -73,3 +73,8 @@ class ExportError(RuntimeError):
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; raised before any training starts."""
+
+
+class ServerError(RuntimeError):
+    """The local MLflow tracking server (``tumorseg server``) cannot be started or stopped as asked:
+    PostgreSQL missing, a port in use, a process that does not start or stop; names what to do."""
