@@ -37,7 +37,7 @@ import numpy as np
 
 MAX_BYTES = 25 * 1024 * 1024
 SAME = 1e-6  # the stripped file against its source: the same graph and weights
-CONVERTED = 1e-5  # a legacy source against its stock-layer conversion (eager: the same arithmetic, 0 in practice)
+CONVERTED = 1e-5  # a legacy source against its stock-layer conversion (eager: float rounding only; 0 on unet-figshare)
 
 # Run by a separate `python -I` in an empty folder, where importing tumorseg fails even when it is
 # installed (an import hook refuses it): nothing but Keras can load the file.
