@@ -88,3 +88,84 @@ def brightness_model(size: int = 32):
     kernel[1, 0] = kernel[1, 1] = 1.0 / 16.0
     conv.set_weights([kernel, np.array([-128.0 / 8.0], np.float32)])
     return model
+
+
+def legacy_unet(input_shape: tuple[int, int, int], **params):
+    """A U-Net built as before issue 23, from the legacy ``HACBlock``/``CASPPBlock`` layer classes
+    (what older ``models/unet.keras`` files, MLflow models and checkpoints hold): ``build_unet``
+    itself, with its block functions swapped for the legacy layers."""
+    from unittest import mock
+
+    from tumorseg.models import CASPPBlock, HACBlock, build_model
+    from tumorseg.models import unet as unet_module
+
+    def hac(x, filters, name, **options):
+        return HACBlock(filters, name=name, **options)(x)
+
+    def caspp(x, filters, name, **options):
+        return CASPPBlock(filters, name=name, **options)(x)
+
+    with mock.patch.object(unet_module, "hac_block", hac), mock.patch.object(unet_module, "caspp_block", caspp):
+        return build_model("unet", input_shape, **params)
+
+
+def randomise_batchnorm(model, seed: int = 0) -> None:
+    """Give every BatchNormalization non-default statistics and affine weights, so that they matter."""
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        leaf = variable.path.rsplit("/", 1)[-1]
+        if leaf == "moving_variance":
+            variable.assign(rng.uniform(0.5, 2.0, variable.shape).astype("float32"))
+        elif leaf in ("moving_mean", "beta"):
+            variable.assign(rng.normal(0.0, 0.3, variable.shape).astype("float32"))
+        elif leaf == "gamma":
+            variable.assign(rng.uniform(0.5, 1.5, variable.shape).astype("float32"))
+
+
+# Run by `python -I` in an empty folder, where an import hook refuses tumorseg even when it is
+# installed (editable installs included): only Keras can load the files.
+_WITHOUT_TUMORSEG = """
+import importlib.abc, json, sys
+
+class NoTumorseg(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "tumorseg":
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+
+sys.meta_path.insert(0, NoTumorseg())
+try:
+    import tumorseg
+except ImportError:
+    pass
+else:
+    raise SystemExit("tumorseg is importable: the check would prove nothing")
+import numpy as np, keras
+folder, paths = sys.argv[1], sys.argv[2:]
+errors = {}
+for index, path in enumerate(paths):
+    try:
+        model = keras.models.load_model(path)  # safe mode, no custom objects
+        np.save(f"{folder}/out{index}.npy", model.predict(np.load(f"{folder}/in{index}.npy"), verbose=0))
+    except Exception as exc:
+        errors[index] = f"{type(exc).__name__}: {exc}"
+with open(f"{folder}/errors.json", "w") as handle:
+    json.dump(errors, handle)
+"""
+
+
+def predict_without_tumorseg(runs, scratch: Path) -> list:
+    """For each ``(model file, input batch)`` in ``runs``, the file's predictions on the batch by
+    plain ``keras.models.load_model`` in a separate Python that cannot import tumorseg; for a file
+    that does not load there, the error text instead of an array. One interpreter for all runs."""
+    import json
+    import subprocess
+    import sys
+
+    scratch.mkdir(parents=True, exist_ok=True)
+    for index, (_, batch) in enumerate(runs):
+        np.save(scratch / f"in{index}.npy", batch)
+    paths = [str(Path(path).resolve()) for path, _ in runs]
+    result = subprocess.run([sys.executable, "-I", "-c", _WITHOUT_TUMORSEG, str(scratch), *paths], cwd=scratch, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads((scratch / "errors.json").read_text())
+    return [errors[str(i)] if str(i) in errors else np.load(scratch / f"out{i}.npy") for i in range(len(runs))]

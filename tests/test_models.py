@@ -14,12 +14,12 @@ from tumorseg.losses import CombinedLoss, combined_loss
 from tumorseg.metrics import segmentation_metrics
 from tumorseg.models import (
     MODEL_NAMES,
-    CASPPBlock,
     EncoderWeightsError,
-    HACBlock,
+    blocks_in,
     build_model,
     count_flops,
     get_encoder,
+    hac_block,
     model_params,
     model_summary_stats,
     set_encoder_trainable,
@@ -138,53 +138,86 @@ def test_input_scaling_is_inside_the_model(unet128, mobile128):
 # --- architecture switches ----------------------------------------------------------------------------
 
 
-def _layer_types(model):
-    return {type(layer) for layer in model.layers}
-
-
 @pytest.mark.parametrize("use_hac", [True, False])
 @pytest.mark.parametrize("use_caspp", [True, False])
 def test_hac_and_caspp_switches(use_hac, use_caspp):
     model = build_model("unet", (64, 64, 1), base_filters=8, depth=3, use_hac=use_hac, use_caspp=use_caspp)
-    types = _layer_types(model)
-    hac_blocks = [layer for layer in model.layers if isinstance(layer, HACBlock)]
-    assert (HACBlock in types) is use_hac
-    assert (CASPPBlock in types) is use_caspp
+    blocks = blocks_in(model)
+    hac_blocks = [name for name, kind in blocks.items() if kind == "hac"]
+    assert ("caspp" in blocks.values()) is use_caspp
     # HAC in every encoder and decoder block (+ the bottleneck when CASPP is off)
     assert len(hac_blocks) == (0 if not use_hac else 2 * 3 + (0 if use_caspp else 1))
     plain_convs = [layer.name for layer in model.layers if layer.name.endswith("_conv1")]
     assert bool(plain_convs) is (not use_hac)  # the plain double-conv blocks
     if use_hac:
-        assert isinstance(model.get_layer("enc1"), HACBlock) and isinstance(model.get_layer("dec1"), HACBlock)
+        assert {"enc1", "enc2", "enc3", "dec3", "dec2", "dec1"} <= set(hac_blocks)
+        for name in hac_blocks:  # channel and spatial attention in each
+            assert isinstance(model.get_layer(f"{name}_ca_mlp_hidden"), keras.layers.Dense)
+            assert model.get_layer(f"{name}_sa_conv").activation.__name__ == "sigmoid"
     else:
         assert {"enc1_conv1", "dec1_conv1"} <= set(plain_convs)
+    assert ("bottleneck" in hac_blocks) is (use_hac and not use_caspp)
+    # stock Keras layers only: nothing that needs tumorseg (or safe_mode=False) to load
+    assert all(type(layer).__module__.startswith("keras.") for layer in model.layers)
     if use_caspp:
-        caspp = model.get_layer("caspp")
-        assert caspp.rates == (1, 2, 4, 6) and caspp.filters == 8 * 2**3
-        dilations = sorted(conv.dilation_rate[0] for conv in caspp.branch_convs)
-        assert dilations == [1, 2, 4, 6]
-        assert [conv.kernel_size for conv in caspp.branch_convs][0] == (1, 1)  # rate 1 -> 1x1
+        assert blocks["caspp"] == "caspp" and model.get_layer("caspp").output.shape[-1] == 8 * 2**3
+        branches = [layer for layer in model.layers if layer.name.startswith("caspp_branch") and isinstance(layer, keras.layers.Conv2D)]
+        assert sorted(conv.dilation_rate[0] for conv in branches) == [1, 2, 4, 6]
+        assert model.get_layer("caspp_branch1_rate1").kernel_size == (1, 1)  # rate 1 -> 1x1
+        assert all(conv.kernel_size == (3, 3) for conv in branches if conv.dilation_rate[0] > 1)
+        assert isinstance(model.get_layer("caspp_image_pool"), keras.layers.GlobalAveragePooling2D)  # the image-level branch
 
 
 def test_caspp_rates_and_dropout_reach_the_block():
     model = build_model("unet", (64, 64, 1), base_filters=8, depth=2, caspp_rates=[1, 3], dropout=0.25)
-    caspp = model.get_layer("caspp")
-    assert caspp.rates == (1, 3) and caspp.dropout == 0.25
-    assert [conv.dilation_rate[0] for conv in caspp.branch_convs] == [1, 3]
+    assert [layer.dilation_rate[0] for layer in model.layers if layer.name.startswith("caspp_branch") and isinstance(layer, keras.layers.Conv2D)] == [1, 3]
+    assert model.get_layer("caspp_dropout").rate == 0.25
     assert model.get_layer("enc1_dropout").rate == 0.25
     no_dropout = build_model("unet", (64, 64, 1), base_filters=8, depth=2, dropout=0.0)
     assert not any(isinstance(layer, keras.layers.Dropout) for layer in no_dropout.layers)
 
 
+def _hac_model(in_channels: int, filters: int, scales: int, size: int = 8) -> keras.Model:
+    inputs = keras.Input((size, size, in_channels))
+    return keras.Model(inputs, hac_block(inputs, filters, "hac", scales=scales))
+
+
 def test_hac_block_structure():
-    block = HACBlock(16, scales=4, name="hac")
-    out = block(np.zeros((1, 8, 8, 3), "float32"))
-    assert tuple(out.shape) == (1, 8, 8, 16)
-    assert len(block.branch_convs) == 4 and block.width == 4
-    assert block.shortcut is not None  # 3 -> 16 channels needs a projection
-    same = HACBlock(3, scales=3)
+    model = _hac_model(3, 16, scales=4)
+    out = model(np.zeros((1, 8, 8, 3), "float32"))
+    assert tuple(out.shape) == (1, 8, 8, 16) and model.layers[-1].name == "hac"
+    names = {layer.name for layer in model.layers}
+    assert {f"hac_branch{i}" for i in range(1, 5)} <= names and "hac_branch5" not in names
+    assert all(model.get_layer(f"hac_project{i}").filters == 4 for i in range(1, 5))  # width = ceil(16 / 4)
+    # hierarchy: branch i adds the previous branch's output to its own group
+    for i in range(2, 5):
+        inbound = model.get_layer(f"hac_branch{i}_in")._inbound_nodes[0].input_tensors
+        assert {t._keras_history.operation.name for t in inbound} == {f"hac_project{i}_relu", f"hac_branch{i - 1}_relu"}
+    assert "hac_shortcut" in names  # 3 -> 16 channels needs a projection
+    same = _hac_model(3, 3, scales=3)
     same(np.zeros((1, 8, 8, 3), "float32"))
-    assert same.shortcut is None  # identity residual
+    assert not any("shortcut" in layer.name for layer in same.layers)  # identity residual
+    residual = same.get_layer("hac_residual")._inbound_nodes[0].input_tensors
+    assert any(tensor is same.input for tensor in residual)
+
+
+def _receptive_field(tensor) -> int:
+    """Receptive field (pixels per side) of a graph tensor: every conv on the longest path back to the input widens it."""
+    layer, node_index, _ = tensor._keras_history
+    if isinstance(layer, keras.layers.InputLayer):
+        return 1
+    grow = (layer.kernel_size[0] - 1) * layer.dilation_rate[0] if isinstance(layer, keras.layers.Conv2D) else 0
+    return grow + max(_receptive_field(t) for t in layer._inbound_nodes[node_index].input_tensors)
+
+
+def test_hac_branch_receptive_fields_grow_by_two():
+    model = _hac_model(2, 8, scales=4, size=16)
+    assert [_receptive_field(model.get_layer(f"hac_branch{i}_relu").output) for i in range(1, 5)] == [3, 5, 7, 9]
+    assert _receptive_field(model.get_layer("hac_fuse").output) == 9
+    caspp = build_model("unet", (64, 64, 1), base_filters=4, depth=2, use_hac=False, caspp_rates=[1, 2, 6])
+    pool = caspp.get_layer("pool2").output
+    widths = [_receptive_field(caspp.get_layer(f"caspp_branch{i}_rate{r}").output) - _receptive_field(pool) for i, r in enumerate([1, 2, 6], 1)]
+    assert widths == [0, 4, 12]  # 1x1, then 3x3 dilated 2 and 6
 
 
 # --- training, saving -----------------------------------------------------------------------------------
@@ -227,7 +260,7 @@ def test_keras_round_trip(fixture, request, tmp_path):
     model.compile(optimizer="adam", loss=combined_loss(dice_weight=0.5), metrics=segmentation_metrics())
     path = tmp_path / "model.keras"
     model.save(path)
-    loaded = keras.models.load_model(path)  # no custom_objects: the layers are registered
+    loaded = keras.models.load_model(path)  # no custom_objects: stock layers (the loss and metrics are registered)
     images = _images(2, 128, seed=1)
     np.testing.assert_array_equal(
         np.asarray(model(images, training=False)), np.asarray(loaded(images, training=False))
@@ -382,13 +415,21 @@ def test_flops_by_hand():
 
 
 def test_flops_count_layers_inside_hac():
-    inputs = keras.Input((16, 16, 8))
-    model = keras.Model(inputs, HACBlock(8, scales=4)(inputs))
-    # 256 pixels: project 1x1 8->8, four 3x3 2->2 branches, fuse 1x1 8->8, channel-attention MLP
-    # (8->4->8, avg and max: 2 * 64), spatial-attention 7x7 2->1; identity shortcut
+    model = _hac_model(8, 8, scales=4, size=16)
+    # 256 pixels: project 1x1 8->8 (four 8->2 convs), four 3x3 2->2 branches, fuse 1x1 8->8,
+    # channel-attention MLP (8->4->8, called on avg and max: 2 * 64), spatial-attention 7x7 2->1;
+    # identity shortcut; the reshapes and channel poolings cost nothing
     macs = 256 * 64 + 4 * 256 * 9 * 4 + 256 * 64 + 2 * 64 + 256 * 49 * 2
     assert count_flops(model) == 2 * macs
-    assert "call" not in model.layers[1].project.__dict__  # the counting hooks are removed
+    assert "call" not in model.get_layer("hac_project1").__dict__  # the counting hooks are removed
+    assert "call" not in model.get_layer("hac_ca_mlp_hidden").__dict__
+
+
+def test_flops_of_the_unet_are_those_of_the_legacy_layers():
+    from helpers import legacy_unet
+
+    params = {"base_filters": 8, "depth": 3, "attention_gates": True}
+    assert count_flops(build_model("unet", (64, 64, 1), **params)) == count_flops(legacy_unet((64, 64, 1), **params)) > 0
 
 
 def test_model_summary_stats(unet128, mobile128):

@@ -105,20 +105,21 @@ def publish_without_optimizer(checkpoint: Path, target: Path) -> None:
     A checkpoint keeps Adam's two slots per weight for a resume: three times the size of what
     prediction, evaluation, export and ``train.init_from`` read (65 MB instead of 22 MB for
     UMobileNetV2). Loading draws layer seeds from Python's ``random``; its state is restored, so
-    publishing mid-run leaves the rest of the run as it would have been.
+    publishing mid-run leaves the rest of the run as it would have been. A checkpoint written
+    before issue 23 (legacy HAC/CASPP layers) is published as the stock-layer graph.
     """
     import random
 
     import keras
 
-    from tumorseg.models import inference_model  # the import registers the custom layers for loading
+    from tumorseg.models import inference_model, to_portable  # the import registers the custom layers for loading
 
     rng = random.getstate()
     try:
-        model = keras.models.load_model(checkpoint, compile=False)
+        model = to_portable(inference_model(keras.models.load_model(checkpoint, compile=False)))  # deep supervision's heads stay behind
     finally:
         random.setstate(rng)
-    save_model_atomically(inference_model(model), target)  # deep supervision's heads stay behind
+    save_model_atomically(model, target)
 
 
 def _remove_quietly(path: Path) -> None:
@@ -261,9 +262,13 @@ def restore_checkpoint(model, state: ResumeState, phase: str) -> None:
         return
     if checkpoint is None or not checkpoint.exists():
         raise FileNotFoundError(f"{state.dir / STATE_FILE} refers to {checkpoint}, which is missing: delete {state.dir} to start training afresh")
+    same_phase = state.data.get("checkpoint_phase", phase) == phase
     try:
-        if state.data.get("checkpoint_phase", phase) == phase:
+        if same_phase:
             model.optimizer.build(model.trainable_variables)  # its variables must exist to be loaded
+        if _legacy_checkpoint(checkpoint):
+            _restore_legacy_checkpoint(model, checkpoint, optimizer=same_phase)
+        elif same_phase:
             model.load_weights(checkpoint)
         else:  # the next phase starts with a new optimizer
             model.load_weights(checkpoint, objects_to_skip=[model.optimizer])
@@ -274,6 +279,34 @@ def restore_checkpoint(model, state: ResumeState, phase: str) -> None:
             f"set them back, or delete {state.dir} to train afresh"
         ) from exc
     log.info("resuming after epoch %d from %s", state.epochs_done, checkpoint)
+
+
+def _legacy_checkpoint(checkpoint: Path) -> bool:
+    from tumorseg.models.legacy import saved_with_legacy_layers
+
+    return saved_with_legacy_layers(checkpoint)
+
+
+def _restore_legacy_checkpoint(model, checkpoint: Path, *, optimizer: bool) -> None:
+    """Resume a run begun before issue 23: its checkpoint holds the legacy HAC/CASPP layers, the
+    model built now the stock-layer graph. The checkpoint is loaded as it is (with its optimizer)
+    and its weights, and with ``optimizer`` Adam's moments, EMA averages and step count, are
+    copied across, the projection of each HAC block sliced into its groups."""
+    import random
+
+    import keras
+
+    from tumorseg.models.legacy import copy_legacy_state
+
+    rng = random.getstate()  # loading draws layer seeds from Python's random: leave the run's stream alone
+    try:
+        saved = keras.models.load_model(checkpoint, compile=optimizer)
+    finally:
+        random.setstate(rng)
+    if optimizer and (saved.optimizer is None or not saved.optimizer.built):
+        raise ValueError(f"{checkpoint} holds no optimizer state to resume from")
+    copy_legacy_state(saved, model, optimizer=optimizer)
+    log.warning("resumed from %s, a checkpoint with the legacy HAC/CASPP layers: its weights were copied into the stock-layer U-Net", checkpoint)
 
 
 def read_state(state_dir: Path) -> dict[str, Any]:

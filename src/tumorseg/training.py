@@ -312,11 +312,26 @@ def initial_weights_file(value: str, *, key: str) -> Path | None:
 
 def load_initial_weights(model, path: Path, *, key: str) -> None:
     """Warm-start ``model`` from a saved model of the same architecture (any input size); ``path``
-    as :func:`initial_weights_file` resolved it."""
+    as :func:`initial_weights_file` resolved it. A file saved before issue 23 (a U-Net with the
+    legacy HAC/CASPP layers) is loaded as it is and its weights copied into the stock-layer graph."""
+    import random
+
+    import keras
+
+    from tumorseg.models.legacy import copy_legacy_state, saved_with_legacy_layers
+
     try:
-        with warnings.catch_warnings():  # Keras 3.15 warns about weightless op containers of our blocks
+        with warnings.catch_warnings():  # Keras 3.15 warns about weightless op containers of the legacy blocks
             warnings.filterwarnings("ignore", message="Skipping nested container")
-            model.load_weights(path)
+            if saved_with_legacy_layers(path):
+                rng = random.getstate()  # loading draws layer seeds from Python's random: keep the run's stream
+                try:
+                    saved = keras.models.load_model(path, compile=False)
+                finally:
+                    random.setstate(rng)
+                copy_legacy_state(saved, model)
+            else:
+                model.load_weights(path)
     except Exception as exc:  # Keras raises ValueError/KeyError/OSError for unfit or unreadable files
         raise ValueError(
             f"{key}: {path} does not fit the {model.name} model built from params.yaml ({type(exc).__name__}: {exc}); "

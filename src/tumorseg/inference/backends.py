@@ -153,11 +153,13 @@ def is_uri(source: str | Path) -> bool:
 
 def open_keras_model(source: str | Path):
     """A Keras model from a ``.keras``/``.h5`` file or an MLflow URI (``runs:/``, ``models:/``),
-    with every problem said in one line naming the file."""
+    with every problem said in one line naming the file. A U-Net saved before issue 23 (custom
+    HAC/CASPP layer classes) comes back as the stock-layer graph with the same weights."""
     if is_uri(source):
         from tumorseg import tracking
+        from tumorseg.models import to_portable
 
-        return tracking.load_keras_model(str(source))
+        return to_portable(tracking.load_keras_model(str(source)))  # a model logged before issue 23: the stock-layer graph
     path = Path(source)
     if path.is_dir():
         raise ModelLoadError(f"{path} is a folder, not a model file ({MODEL_HINT})")
@@ -169,13 +171,14 @@ def open_keras_model(source: str | Path):
 
     import keras
 
-    import tumorseg.models  # noqa: F401 - registers the custom layers, losses and metrics
+    from tumorseg.models import to_portable  # the import registers the legacy layers of older files
 
     try:
-        return keras.models.load_model(path, compile=False)
+        model = keras.models.load_model(path, compile=False)
     except Exception as exc:  # Keras raises ValueError/OSError/zipfile errors for a bad file
         detail = " ".join(str(exc).split())[:200]
         raise ModelLoadError(f"{path}: not a loadable Keras model ({type(exc).__name__}: {detail})") from None
+    return to_portable(model)  # a U-Net saved before issue 23 (HACBlock/CASPPBlock layers): the same model as stock layers
 
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"

@@ -1,38 +1,53 @@
-"""The two building blocks of the hybrid U-Net: HAC and CASPP, as serialisable Keras layers.
+"""The two building blocks of the hybrid U-Net, HAC and CASPP, as functional sub-graphs of stock Keras layers.
 
 The reference work names the blocks and their purpose only; the designs below are ours and are
 documented here and in the README (section "Models").
 
-HAC - hierarchical attention convolution (:class:`HACBlock`)
+Every block is a function ``block(x, ..., name=...)`` that adds plain Keras layers (Conv2D,
+BatchNormalization, ReLU, Add, Concatenate, Dense, global pooling, Reshape, UpSampling2D,
+Multiply) to the graph: no custom layer class and no Lambda. A saved model therefore loads with
+plain ``keras.models.load_model(path)`` (safe mode, no ``custom_objects``) in a Python that has
+never heard of tumorseg. Each sub-layer is named ``<block>_<part>`` (``enc1_branch2_bn``) and the
+block's output layer carries the block's name (``enc1``, ``dec2``, ``caspp``), so a block's
+layers are the ones named ``<block>`` or ``<block>_*`` (:func:`blocks_in` finds the blocks).
+
+Until issue 23 the blocks were custom layer classes (``HACBlock``, ``CASPPBlock``); they live on in
+:mod:`tumorseg.models.legacy` so older files load, and :func:`tumorseg.models.to_portable`
+rebuilds such a model as the graph below with the same weights (same math: the projection that
+was one conv + BN to ``scales * width`` channels split into groups is ``scales`` convs + BNs of
+``width`` channels, the same numbers since both are per output channel).
+
+HAC - hierarchical attention convolution (:func:`hac_block`)
     Replaces the plain "conv-BN-ReLU x2" block of the U-Net encoder and decoder.
 
-    1. *Projection*: 1x1 conv-BN-ReLU to ``scales * width`` channels (``width = ceil(filters /
-       scales)``), split into ``scales`` groups x_1 ... x_s.
+    1. *Projection*: 1x1 conv-BN-ReLU to ``scales`` groups x_1 ... x_s of ``width = ceil(filters /
+       scales)`` channels each (``<block>_project<i>``).
     2. *Hierarchical branches* (Res2Net style): y_1 = K_1(x_1), y_i = K_i(x_i + y_{i-1}) where every
-       K_i is a 3x3 conv-BN-ReLU. Each branch sees the previous branch's output, so branch i has a
-       receptive field of (2i + 1) x (2i + 1): 3, 5, 7, 9 pixels for the default 4 scales, at the
-       cost of one narrow 3x3 conv per branch.
-    3. *Fusion*: concatenate y_1 ... y_s, 1x1 conv-BN to ``filters`` channels.
-    4. *Channel attention* (:class:`ChannelAttention`, squeeze-excitation / CBAM): global average
-       and max pooled descriptors pass through one shared bottleneck MLP (ratio ``reduction``), are
-       summed and squashed by a sigmoid into one weight per channel.
-    5. *Spatial attention* (:class:`SpatialAttention`, CBAM): channel-wise mean and max maps are
-       stacked and convolved (``spatial_kernel`` x ``spatial_kernel``, sigmoid) into one weight per
-       pixel.
+       K_i is a 3x3 conv-BN-ReLU (``<block>_branch<i>``). Each branch sees the previous branch's
+       output, so branch i has a receptive field of (2i + 1) x (2i + 1): 3, 5, 7, 9 pixels for the
+       default 4 scales, at the cost of one narrow 3x3 conv per branch.
+    3. *Fusion*: concatenate y_1 ... y_s, 1x1 conv-BN to ``filters`` channels (``<block>_fuse``).
+    4. *Channel attention* (:func:`channel_attention`, squeeze-excitation / CBAM, ``<block>_ca``):
+       global average and max pooled descriptors pass through one shared bottleneck MLP (ratio
+       ``reduction``), are summed and squashed by a sigmoid into one weight per channel.
+    5. *Spatial attention* (:func:`spatial_attention`, CBAM, ``<block>_sa``): channel-wise mean and
+       max maps are stacked and convolved (``spatial_kernel`` x ``spatial_kernel``, sigmoid) into
+       one weight per pixel.
     6. *Residual*: out = ReLU(attended + shortcut(x)); the shortcut is the identity when the
-       channel counts match, else a 1x1 conv-BN projection.
+       channel counts match, else a 1x1 conv-BN projection (``<block>_shortcut``).
 
-CASPP - context-aggregation spatial pyramid pooling (:class:`CASPPBlock`)
+CASPP - context-aggregation spatial pyramid pooling (:func:`caspp_block`)
     Replaces the plain conv block at the U-Net bottleneck.
 
     Parallel branches on the same input, each ``branch_filters`` wide: for every rate r in
-    ``rates`` a 3x3 atrous conv-BN-ReLU with dilation r (r = 1: a 1x1 conv-BN-ReLU, as in ASPP),
-    plus an image-level branch (global average pool -> 1x1 conv + ReLU -> broadcast back to H x W)
-    that carries whole-image context. The branches are concatenated and projected by a 1x1
-    conv-BN-ReLU to ``filters`` channels, followed by dropout.
+    ``rates`` a 3x3 atrous conv-BN-ReLU with dilation r (r = 1: a 1x1 conv-BN-ReLU, as in ASPP;
+    ``<block>_branch<i>_rate<r>``), plus an image-level branch (global average pool -> 1x1 conv +
+    ReLU -> repeated back to H x W; ``<block>_image_pool``) that carries whole-image context. The
+    branches are concatenated and projected by a 1x1 conv-BN-ReLU to ``filters`` channels (the
+    output, named ``<block>``), followed by dropout (``<block>_dropout``).
 
-All layers here are registered under the ``tumorseg`` package, so a saved ``.keras`` model loads
-with plain ``keras.models.load_model`` once ``tumorseg.models`` is imported.
+The spatial sizes must be static (the U-Net has a fixed input size): the channel-wise mean/max
+reshape to ``(H*W, C)`` and the image-level branch repeats its 1x1 map H x W times.
 """
 
 from __future__ import annotations
@@ -41,11 +56,9 @@ import math
 from collections.abc import Sequence
 
 import keras
-from keras import layers, ops
+from keras import layers
 
-__all__ = ["CASPPBlock", "ChannelAttention", "HACBlock", "SpatialAttention"]
-
-_PACKAGE = "tumorseg"
+__all__ = ["attention_gate", "blocks_in", "caspp_block", "channel_attention", "hac_block", "spatial_attention"]
 
 
 def _conv(filters: int, kernel: int, name: str, dilation: int = 1, use_bias: bool = False) -> layers.Conv2D:
@@ -64,81 +77,71 @@ def _bn(momentum: float, name: str) -> layers.BatchNormalization:
     return layers.BatchNormalization(momentum=momentum, name=name)
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class ChannelAttention(layers.Layer):
+def _static_hw(x, what: str) -> tuple[int, int]:
+    height, width = x.shape[1], x.shape[2]
+    if height is None or width is None:
+        raise ValueError(f"{what} needs a static height and width, got {tuple(x.shape)}")
+    return int(height), int(width)
+
+
+def channel_hidden_units(channels: int, reduction: int) -> int:
+    """Width of the channel-attention MLP: ``max(1, min(channels, max(4, channels // reduction)))``."""
+    return max(1, min(channels, max(4, channels // reduction)))
+
+
+def channel_attention(x, name: str, reduction: int = 8):
     """CBAM channel attention: ``x * sigmoid(MLP(avgpool(x)) + MLP(maxpool(x)))``.
 
-    The MLP (Dense ``hidden`` + ReLU, Dense ``channels``) is shared by both pooled descriptors;
-    ``hidden = max(1, min(channels, max(4, channels // reduction)))``.
+    The MLP (Dense ``hidden`` + ReLU, Dense ``channels``; ``<name>_mlp_hidden``, ``<name>_mlp_out``)
+    is ONE pair of layers called on both pooled descriptors (shared weights). The per-channel
+    weights ``(N, 1, 1, C)`` broadcast over ``(N, H, W, C)`` in the closing Multiply (``<name>``).
     """
-
-    def __init__(self, reduction: int = 8, **kwargs):
-        super().__init__(**kwargs)
-        if int(reduction) < 1:
-            raise ValueError(f"reduction must be >= 1, got {reduction}")
-        self.reduction = int(reduction)
-        self.hidden_dense = None
-        self.output_dense = None
-
-    def build(self, input_shape):
-        channels = int(input_shape[-1])
-        hidden = max(1, min(channels, max(4, channels // self.reduction)))
-        self.hidden_dense = layers.Dense(hidden, activation="relu", name="mlp_hidden")
-        self.output_dense = layers.Dense(channels, name="mlp_out")
-        self.hidden_dense.build((None, channels))
-        self.output_dense.build((None, hidden))
-        super().build(input_shape)
-
-    def call(self, inputs):
-        avg = ops.mean(inputs, axis=(1, 2))
-        mx = ops.max(inputs, axis=(1, 2))
-        logits = self.output_dense(self.hidden_dense(avg)) + self.output_dense(self.hidden_dense(mx))
-        weights = ops.sigmoid(logits)[:, None, None, :]
-        return inputs * ops.cast(weights, inputs.dtype)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "reduction": self.reduction}
+    if int(reduction) < 1:
+        raise ValueError(f"reduction must be >= 1, got {reduction}")
+    channels = int(x.shape[-1])
+    hidden = layers.Dense(channel_hidden_units(channels, int(reduction)), activation="relu", name=f"{name}_mlp_hidden")
+    output = layers.Dense(channels, name=f"{name}_mlp_out")
+    average = layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_avg")(x)
+    maximum = layers.GlobalMaxPooling2D(keepdims=True, name=f"{name}_max")(x)
+    logits = layers.Add(name=f"{name}_add")([output(hidden(average)), output(hidden(maximum))])
+    weights = layers.Activation("sigmoid", name=f"{name}_sigmoid")(logits)
+    return layers.Multiply(name=name)([x, weights])
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class SpatialAttention(layers.Layer):
-    """CBAM spatial attention: ``x * sigmoid(conv_kxk([mean_c(x), max_c(x)]))``."""
+def spatial_attention(x, name: str, kernel_size: int = 7):
+    """CBAM spatial attention: ``x * sigmoid(conv_kxk([mean_c(x), max_c(x)]))``.
 
-    def __init__(self, kernel_size: int = 7, **kwargs):
-        super().__init__(**kwargs)
-        if int(kernel_size) < 1:
-            raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
-        self.kernel_size = int(kernel_size)
-        self.conv = None
-
-    def build(self, input_shape):
-        self.conv = layers.Conv2D(
-            1, self.kernel_size, padding="same", activation="sigmoid", name="attention_conv"
-        )
-        self.conv.build((*input_shape[:-1], 2))
-        super().build(input_shape)
-
-    def call(self, inputs):
-        pooled = ops.concatenate(
-            [ops.mean(inputs, axis=-1, keepdims=True), ops.max(inputs, axis=-1, keepdims=True)], axis=-1
-        )
-        return inputs * ops.cast(self.conv(pooled), inputs.dtype)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), "kernel_size": self.kernel_size}
+    Keras has no "reduce over channels" layer: ``x`` is reshaped to ``(H*W, C)`` and the
+    channels-first global 1-D poolings reduce its last axis (a plain mean and max over channels,
+    no Lambda); the two ``(H*W, 1)`` maps are stacked and reshaped back to ``(H, W, 2)``.
+    """
+    if int(kernel_size) < 1:
+        raise ValueError(f"kernel_size must be >= 1, got {kernel_size}")
+    height, width = _static_hw(x, f"spatial attention {name!r}")
+    channels = int(x.shape[-1])
+    flat = layers.Reshape((height * width, channels), name=f"{name}_flatten")(x)
+    mean = layers.GlobalAveragePooling1D(data_format="channels_first", keepdims=True, name=f"{name}_mean")(flat)
+    maximum = layers.GlobalMaxPooling1D(data_format="channels_first", keepdims=True, name=f"{name}_max")(flat)
+    pooled = layers.Concatenate(name=f"{name}_concat")([mean, maximum])
+    pooled = layers.Reshape((height, width, 2), name=f"{name}_maps")(pooled)
+    weights = layers.Conv2D(1, int(kernel_size), padding="same", activation="sigmoid", name=f"{name}_conv")(pooled)
+    return layers.Multiply(name=name)([x, weights])
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class HACBlock(layers.Layer):
+def hac_block(
+    x,
+    filters: int,
+    name: str,
+    *,
+    scales: int = 4,
+    reduction: int = 8,
+    spatial_kernel: int = 7,
+    bn_momentum: float = 0.99,
+):
     """Hierarchical attention convolution: Res2Net-style multi-scale 3x3 branches + CBAM + residual.
 
-    ``(N, H, W, C_in) -> (N, H, W, filters)``. See the module docstring for the full design.
+    ``(N, H, W, C_in) -> (N, H, W, filters)``; the output layer is named ``name``. See the module
+    docstring for the design.
 
     Args:
         filters: output channels.
@@ -147,96 +150,53 @@ class HACBlock(layers.Layer):
         spatial_kernel: kernel size of the spatial-attention conv.
         bn_momentum: momentum of every BatchNormalization inside the block.
     """
-
-    def __init__(
-        self,
-        filters: int,
-        scales: int = 4,
-        reduction: int = 8,
-        spatial_kernel: int = 7,
-        bn_momentum: float = 0.99,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        if int(filters) < 1 or int(scales) < 1:
-            raise ValueError(f"filters and scales must be >= 1, got filters={filters}, scales={scales}")
-        self.filters = int(filters)
-        self.scales = int(scales)
-        self.reduction = int(reduction)
-        self.spatial_kernel = int(spatial_kernel)
-        self.bn_momentum = float(bn_momentum)
-        self.width = math.ceil(self.filters / self.scales)
-
-        self.project = _conv(self.scales * self.width, 1, "project")
-        self.project_bn = _bn(self.bn_momentum, "project_bn")
-        self.branch_convs = [_conv(self.width, 3, f"branch{i + 1}") for i in range(self.scales)]
-        self.branch_bns = [_bn(self.bn_momentum, f"branch{i + 1}_bn") for i in range(self.scales)]
-        self.fuse = _conv(self.filters, 1, "fuse")
-        self.fuse_bn = _bn(self.bn_momentum, "fuse_bn")
-        self.channel_attention = ChannelAttention(self.reduction, name="channel_attention")
-        self.spatial_attention = SpatialAttention(self.spatial_kernel, name="spatial_attention")
-        self.shortcut = None
-        self.shortcut_bn = None
-
-    def build(self, input_shape):
-        batch_hw = tuple(input_shape[:-1])
-        in_channels = int(input_shape[-1])
-        self.project.build(input_shape)
-        self.project_bn.build((*batch_hw, self.scales * self.width))
-        for conv, bn in zip(self.branch_convs, self.branch_bns):
-            conv.build((*batch_hw, self.width))
-            bn.build((*batch_hw, self.width))
-        self.fuse.build((*batch_hw, self.scales * self.width))
-        out_shape = (*batch_hw, self.filters)
-        self.fuse_bn.build(out_shape)
-        self.channel_attention.build(out_shape)
-        self.spatial_attention.build(out_shape)
-        if in_channels != self.filters:
-            self.shortcut = _conv(self.filters, 1, "shortcut")
-            self.shortcut_bn = _bn(self.bn_momentum, "shortcut_bn")
-            self.shortcut.build(input_shape)
-            self.shortcut_bn.build(out_shape)
-        super().build(input_shape)
-
-    def call(self, inputs, training=None):
-        x = ops.relu(self.project_bn(self.project(inputs), training=training))
-        splits = ops.split(x, self.scales, axis=-1)
-        outputs, previous = [], None
-        for part, conv, bn in zip(splits, self.branch_convs, self.branch_bns):
-            branch_in = part if previous is None else part + previous
-            previous = ops.relu(bn(conv(branch_in), training=training))
-            outputs.append(previous)
-        fused = outputs[0] if self.scales == 1 else ops.concatenate(outputs, axis=-1)
-        fused = self.fuse_bn(self.fuse(fused), training=training)
-        attended = self.spatial_attention(self.channel_attention(fused))
-        if self.shortcut is None:
-            shortcut = inputs
-        else:
-            shortcut = self.shortcut_bn(self.shortcut(inputs), training=training)
-        return ops.relu(attended + shortcut)
-
-    def compute_output_shape(self, input_shape):
-        return (*input_shape[:-1], self.filters)
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "filters": self.filters,
-            "scales": self.scales,
-            "reduction": self.reduction,
-            "spatial_kernel": self.spatial_kernel,
-            "bn_momentum": self.bn_momentum,
-        }
+    if int(filters) < 1 or int(scales) < 1:
+        raise ValueError(f"filters and scales must be >= 1, got filters={filters}, scales={scales}")
+    filters, scales = int(filters), int(scales)
+    width = math.ceil(filters / scales)
+    outputs, previous = [], None
+    for i in range(1, scales + 1):
+        part = _conv(width, 1, f"{name}_project{i}")(x)
+        part = _bn(bn_momentum, f"{name}_project{i}_bn")(part)
+        part = layers.ReLU(name=f"{name}_project{i}_relu")(part)
+        if previous is not None:
+            part = layers.Add(name=f"{name}_branch{i}_in")([part, previous])
+        branch = _conv(width, 3, f"{name}_branch{i}")(part)
+        branch = _bn(bn_momentum, f"{name}_branch{i}_bn")(branch)
+        previous = layers.ReLU(name=f"{name}_branch{i}_relu")(branch)
+        outputs.append(previous)
+    fused = outputs[0] if scales == 1 else layers.Concatenate(name=f"{name}_concat")(outputs)
+    fused = _conv(filters, 1, f"{name}_fuse")(fused)
+    fused = _bn(bn_momentum, f"{name}_fuse_bn")(fused)
+    attended = channel_attention(fused, f"{name}_ca", reduction)
+    attended = spatial_attention(attended, f"{name}_sa", spatial_kernel)
+    if int(x.shape[-1]) == filters:
+        shortcut = x
+    else:
+        shortcut = _conv(filters, 1, f"{name}_shortcut")(x)
+        shortcut = _bn(bn_momentum, f"{name}_shortcut_bn")(shortcut)
+    residual = layers.Add(name=f"{name}_residual")([attended, shortcut])
+    return layers.ReLU(name=name)(residual)
 
 
-@keras.saving.register_keras_serializable(package=_PACKAGE)
-class CASPPBlock(layers.Layer):
+def caspp_block(
+    x,
+    filters: int,
+    name: str,
+    *,
+    rates: Sequence[int] = (1, 2, 4, 6),
+    branch_filters: int | None = None,
+    dropout: float = 0.0,
+    bn_momentum: float = 0.99,
+):
     """Context-aggregation spatial pyramid pooling (ASPP-style) for the U-Net bottleneck.
 
     ``(N, H, W, C_in) -> (N, H, W, filters)``. Branches: one per rate (rate 1 -> 1x1 conv, else
     3x3 conv with that dilation; each conv-BN-ReLU, ``branch_filters`` wide) and an image-level
     branch (global average pool -> 1x1 conv + ReLU, no BN since it sees one value per image ->
-    broadcast to H x W). Concatenation -> 1x1 conv-BN-ReLU to ``filters`` -> dropout.
+    nearest up-sampling by H x W, i.e. the value repeated over the map). Concatenation -> 1x1
+    conv-BN-ReLU to ``filters`` (the layer named ``name``) -> dropout (``<name>_dropout``, when
+    ``dropout`` > 0).
 
     Args:
         filters: output channels.
@@ -245,76 +205,54 @@ class CASPPBlock(layers.Layer):
         dropout: dropout rate after the projection (0 = none).
         bn_momentum: momentum of every BatchNormalization inside the block.
     """
+    rates = tuple(int(r) for r in rates)
+    if not rates or any(r < 1 for r in rates):
+        raise ValueError(f"rates must be one or more dilation rates >= 1, got {rates}")
+    if int(filters) < 1:
+        raise ValueError(f"filters must be >= 1, got {filters}")
+    if not 0.0 <= float(dropout) < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    filters = int(filters)
+    branch_filters = int(branch_filters) if branch_filters else max(1, filters // 2)
+    height, width = _static_hw(x, f"CASPP block {name!r}")
+    branches = []
+    for i, rate in enumerate(rates, start=1):
+        part = f"{name}_branch{i}_rate{rate}"
+        branch = _conv(branch_filters, 1 if rate == 1 else 3, part, dilation=rate)(x)
+        branch = _bn(bn_momentum, f"{part}_bn")(branch)
+        branches.append(layers.ReLU(name=f"{part}_relu")(branch))
+    pooled = layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_image_pool")(x)
+    pooled = layers.Conv2D(branch_filters, 1, activation="relu", kernel_initializer="he_normal", name=f"{name}_image_pool_conv")(pooled)
+    branches.append(layers.UpSampling2D((height, width), interpolation="nearest", name=f"{name}_image_pool_repeat")(pooled))
+    merged = layers.Concatenate(name=f"{name}_concat")(branches)
+    out = _conv(filters, 1, f"{name}_project")(merged)
+    out = _bn(bn_momentum, f"{name}_project_bn")(out)
+    out = layers.ReLU(name=name)(out)
+    if dropout > 0:
+        out = layers.Dropout(float(dropout), name=f"{name}_dropout")(out)
+    return out
 
-    def __init__(
-        self,
-        filters: int,
-        rates: Sequence[int] = (1, 2, 4, 6),
-        branch_filters: int | None = None,
-        dropout: float = 0.0,
-        bn_momentum: float = 0.99,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        rates = tuple(int(r) for r in rates)
-        if not rates or any(r < 1 for r in rates):
-            raise ValueError(f"rates must be one or more dilation rates >= 1, got {rates}")
-        if int(filters) < 1:
-            raise ValueError(f"filters must be >= 1, got {filters}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.filters = int(filters)
-        self.rates = rates
-        self.branch_filters = int(branch_filters) if branch_filters else max(1, self.filters // 2)
-        self.dropout = float(dropout)
-        self.bn_momentum = float(bn_momentum)
 
-        self.branch_convs = [
-            _conv(self.branch_filters, 1 if r == 1 else 3, f"rate{r}_{i}", dilation=r)
-            for i, r in enumerate(rates)
-        ]
-        self.branch_bns = [_bn(self.bn_momentum, f"rate{r}_{i}_bn") for i, r in enumerate(rates)]
-        self.pool_conv = layers.Conv2D(
-            self.branch_filters, 1, activation="relu", kernel_initializer="he_normal", name="image_pool_conv"
-        )
-        self.project = _conv(self.filters, 1, "project")
-        self.project_bn = _bn(self.bn_momentum, "project_bn")
-        self.dropout_layer = layers.Dropout(self.dropout, name="dropout") if self.dropout > 0 else None
+def blocks_in(model: keras.Model) -> dict[str, str]:
+    """``{block name: "hac" | "caspp"}`` for every HAC and CASPP block of ``model``, in layer order.
 
-    def build(self, input_shape):
-        batch_hw = tuple(input_shape[:-1])
-        branch_shape = (*batch_hw, self.branch_filters)
-        for conv, bn in zip(self.branch_convs, self.branch_bns):
-            conv.build(input_shape)
-            bn.build(branch_shape)
-        self.pool_conv.build((input_shape[0], 1, 1, input_shape[-1]))
-        self.project.build((*batch_hw, self.branch_filters * (len(self.rates) + 1)))
-        self.project_bn.build((*batch_hw, self.filters))
-        super().build(input_shape)
-
-    def call(self, inputs, training=None):
-        branches = [
-            ops.relu(bn(conv(inputs), training=training)) for conv, bn in zip(self.branch_convs, self.branch_bns)
-        ]
-        pooled = self.pool_conv(ops.mean(inputs, axis=(1, 2), keepdims=True))
-        branches.append(ops.broadcast_to(pooled, ops.shape(branches[0])))
-        x = ops.relu(self.project_bn(self.project(ops.concatenate(branches, axis=-1)), training=training))
-        if self.dropout_layer is not None:
-            x = self.dropout_layer(x, training=training)
-        return x
-
-    def compute_output_shape(self, input_shape):
-        return (*input_shape[:-1], self.filters)
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "filters": self.filters,
-            "rates": list(self.rates),
-            "branch_filters": self.branch_filters,
-            "dropout": self.dropout,
-            "bn_momentum": self.bn_momentum,
-        }
+    A portable block is recognised by its layer names (a HAC block ``X`` has ``X``, ``X_fuse`` and
+    ``X_sa_conv``; a CASPP block ``X`` has ``X`` and ``X_image_pool_conv``); a legacy layer by its
+    class (``HACBlock``, ``CASPPBlock``).
+    """
+    names = {layer.name for layer in model.layers}
+    legacy = {"HACBlock": "hac", "CASPPBlock": "caspp"}
+    found = {}
+    for layer in model.layers:
+        kind = legacy.get(type(layer).__name__)
+        if kind is None:
+            if {f"{layer.name}_fuse", f"{layer.name}_sa_conv"} <= names:
+                kind = "hac"
+            elif f"{layer.name}_image_pool_conv" in names:
+                kind = "caspp"
+        if kind:
+            found[layer.name] = kind
+    return found
 
 
 def attention_gate(gating, skip, name: str):

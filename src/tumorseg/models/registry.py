@@ -95,10 +95,11 @@ def count_flops(model: keras.Model) -> int:
     """FLOPs of one forward pass on ONE image, by the convention 1 multiply-add = 2 FLOPs.
 
     Counted: the multiply-accumulates of every Conv2D, DepthwiseConv2D, SeparableConv2D,
-    Conv2DTranspose and Dense call, wherever it sits (top level, inside HAC/CASPP layers or the
-    nested encoder), from the shapes actually seen in one inference pass on a zero image
+    Conv2DTranspose and Dense call, wherever it sits (top level - the HAC/CASPP sub-graphs -, inside
+    legacy HAC/CASPP layers or the nested encoder; a layer called twice, as channel attention's
+    shared MLP, counts twice), from the shapes actually seen in one inference pass on a zero image
     (same padding counted as full-size output). Not counted: bias additions, BatchNorm (foldable
-    into the conv), activations, pooling, up-sampling, concatenation and the attention
+    into the conv), activations, pooling, up-sampling, reshapes, concatenation and the attention
     element-wise products - together a few percent at most. This is the usual "FLOPs = 2 x MACs"
     convention of segmentation papers (some papers report MACs and call them FLOPs: halve ours).
     """

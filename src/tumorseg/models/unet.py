@@ -8,8 +8,11 @@ Layout for ``depth = d`` and ``base_filters = f`` (level i has ``f * 2**i`` filt
     decoder level i = d-1..0:  ConvTranspose 2x2/2 (f*2^i) -> concat skip_i -> block(f*2^i) [-> dropout]
     head:                      1x1 conv -> sigmoid (float32)
 
-``block`` is :class:`~tumorseg.models.blocks.HACBlock` when ``use_hac`` and a plain
+``block`` is :func:`~tumorseg.models.blocks.hac_block` when ``use_hac`` and a plain
 "3x3 conv-BN-ReLU x2" otherwise; with both switches off this is the classic U-Net (ablation base).
+Every block is a sub-graph of stock Keras layers whose output layer bears the block's name
+(``enc1`` ... ``dec1``, ``caspp`` or ``bottleneck``), so a saved model loads with plain
+``keras.models.load_model`` anywhere, without tumorseg.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import keras
 from keras import layers
 
 from tumorseg.models._validate import check_bool, check_float, check_input_shape, check_int, check_int_list
-from tumorseg.models.blocks import CASPPBlock, HACBlock, attention_gate
+from tumorseg.models.blocks import attention_gate, caspp_block, hac_block
 from tumorseg.models.inputs import INPUT_NAME
 
 
@@ -63,7 +66,7 @@ def build_unet(
 
     def block(x, filters: int, name: str):
         if use_hac:
-            x = HACBlock(filters, bn_momentum=bn_momentum, name=name)(x)
+            x = hac_block(x, filters, name, bn_momentum=bn_momentum)
         else:
             x = conv_block(x, filters, name, bn_momentum)
         if dropout > 0:
@@ -80,7 +83,7 @@ def build_unet(
 
     bottleneck_filters = base_filters * 2**depth
     if use_caspp:
-        x = CASPPBlock(bottleneck_filters, rates=caspp_rates, dropout=dropout, bn_momentum=bn_momentum, name="caspp")(x)
+        x = caspp_block(x, bottleneck_filters, "caspp", rates=caspp_rates, dropout=dropout, bn_momentum=bn_momentum)
     else:
         x = block(x, bottleneck_filters, "bottleneck")
 
