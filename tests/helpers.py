@@ -124,7 +124,9 @@ def randomise_batchnorm(model, seed: int = 0) -> None:
 
 # Run by `python -I` in an empty folder, where an import hook refuses tumorseg even when it is
 # installed (editable installs included): only Keras can load the files.
-_WITHOUT_TUMORSEG = """
+# The start of a `python -I -c` script in which `import tumorseg` fails (an import hook: -I alone
+# still finds an editable install), and which stops if tumorseg were importable anyway.
+_WITHOUT_TUMORSEG_PREAMBLE = """
 import importlib.abc, json, sys
 
 class NoTumorseg(importlib.abc.MetaPathFinder):
@@ -139,6 +141,9 @@ except ImportError:
     pass
 else:
     raise SystemExit("tumorseg is importable: the check would prove nothing")
+"""
+
+_WITHOUT_TUMORSEG = _WITHOUT_TUMORSEG_PREAMBLE + """
 import numpy as np, keras
 folder, paths = sys.argv[1], sys.argv[2:]
 errors = {}

@@ -270,7 +270,8 @@ def log_keras_model(model, input_example, *, name: str = "model", params: Mappin
                 signature=infer_signature(input_example, prediction),
                 input_example=input_example,
                 # Explicit requirements: inferring them costs ~9 s per model.
-                pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}", "tumorseg"],
+                # the models are graphs of stock Keras layers: TensorFlow and Keras are all they need
+                pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
             )
             mlflow.MlflowClient().log_model_artifacts(logged.model_id, str(target))
     except BaseException:
@@ -321,7 +322,7 @@ def active_run_id() -> str | None:
 
 def load_keras_model(model_uri: str, uri: str | None = None):
     """Load a Keras model logged by :func:`log_keras_model` (``runs:/<id>/model``, ``models:/<name>/<version>``)."""
-    import tumorseg.models  # noqa: F401 - registers the custom layers, losses and metrics
+    import tumorseg.models  # noqa: F401 - registers the legacy layers of models logged before they were stock Keras layers
 
     mlflow = _mlflow()
     store = uri or tracking_uri()
