@@ -53,6 +53,10 @@ def test_every_shipped_file_is_listed_with_its_checksum_and_a_model_card():
     if SHIPPED:
         card = (WEIGHTS / "MODEL_CARD.md").read_text()
         assert all(name in card for name in SHIPPED) and "CC BY 4.0" in card and "not a medical device" in card
+    for name in SHIPPED:  # a machine-readable card beside every file, naming its data, licence and checksum
+        machine = json.loads(card_path(WEIGHTS / name).read_text())
+        assert machine["file"] == name and machine["sha256"] == checksums()[name] and machine["data"]["licence"] in card
+        assert machine["intended_use"].endswith("not a medical device") and machine["test"]["n_images"] > 0
     for name in LGG:  # non-commercial data: the licence travels with the file, in both cards
         machine = json.loads(card_path(WEIGHTS / name).read_text())
         assert machine["data"]["licence"] == "CC BY-NC-SA 4.0" and "CC BY-NC-SA 4.0" in card and "TCIA" in machine["data"]["attribution"]
