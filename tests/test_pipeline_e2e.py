@@ -137,7 +137,10 @@ def test_mlflow_holds_one_tagged_run_per_model_with_test_metrics(project):
         assert {"val_dice", "best_val_dice", "test_dice", "test_hd95", "ms_per_step"} <= r.data.metrics.keys()
         assert len(client.get_metric_history(r.info.run_id, "val_dice")) == 2
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
-        assert {"model", "history", "evaluation"} <= artifacts
+        assert {"history", "evaluation", "metrics"} <= artifacts
+        # the model is a LoggedModel of the run (the Models tab), not a run artifact
+        (logged,) = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], filter_string=f"source_run_id = '{r.info.run_id}'", output_format="list")
+        assert logged.name == "model" and str(logged.status).endswith("READY")
 
 
 @pytest.mark.slow
