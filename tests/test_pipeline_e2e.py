@@ -139,7 +139,8 @@ def test_mlflow_holds_one_tagged_run_per_model_with_test_metrics(project):
         artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
         assert {"history", "evaluation", "metrics"} <= artifacts
         # the model is a LoggedModel of the run (the Models tab), not a run artifact
-        (logged,) = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], filter_string=f"source_run_id = '{r.info.run_id}'", output_format="list")
+        found = f"source_run_id = '{r.info.run_id}'"
+        (logged,) = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], filter_string=found, output_format="list")
         assert logged.name == "model" and str(logged.status).endswith("READY")
 
 
