@@ -23,25 +23,11 @@ from collections.abc import Sequence
 import keras
 from keras import layers, ops
 
+from tumorseg.models.blocks import _bn, _conv  # the same conv/BN constructors the stock-layer blocks use
+
 __all__ = ["CASPPBlock", "ChannelAttention", "HACBlock", "SpatialAttention", "copy_legacy_state", "is_legacy", "saved_with_legacy_layers", "to_portable"]
 
 _PACKAGE = "tumorseg"
-
-
-def _conv(filters: int, kernel: int, name: str, dilation: int = 1, use_bias: bool = False) -> layers.Conv2D:
-    return layers.Conv2D(
-        filters,
-        kernel,
-        padding="same",
-        dilation_rate=dilation,
-        use_bias=use_bias,
-        kernel_initializer="he_normal",
-        name=name,
-    )
-
-
-def _bn(momentum: float, name: str) -> layers.BatchNormalization:
-    return layers.BatchNormalization(momentum=momentum, name=name)
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
