@@ -50,17 +50,25 @@ def pair_folder(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def blob_model(tmp_path_factory):
-    """A tiny HAC U-Net (32x32, depth 2) trained for a few seconds to segment ``blob_pair`` discs,
-    and its ``.keras`` file: a model that really segments, for Grad-CAM and the web app."""
+    """A small HAC U-Net (32x32, depth 2, 8 base filters) trained for a few seconds to segment
+    ``blob_pair`` discs, and its ``.keras`` file: a model that really segments, for Grad-CAM and the
+    web app.
+
+    The seed matters for a model this small and this briefly trained: with 4 base filters (one
+    channel per HAC branch) seed 0 collapses to all-background, and at 8 filters seed 0's ``dec2``
+    carries no positive evidence for some discs, so its Grad-CAM there is all zero (correct, but
+    useless for checking that the heat map follows the disc). Seed 2 gives a model whose
+    ``dec2`` and ``dec1`` both localise the disc; the Dice check below guards the first property.
+    """
     import keras
 
     from tumorseg.models import build_model
 
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(2)
     pairs = [blob_pair(32, seed) for seed in range(192)]
     x = np.stack([image for image, _ in pairs]).astype("float32")[..., None]
     y = (np.stack([mask for _, mask in pairs]) > 0).astype("float32")[..., None]
-    model = build_model("unet", (32, 32, 1), base_filters=4, depth=2, use_hac=True, use_caspp=False, dropout=0.0)
+    model = build_model("unet", (32, 32, 1), base_filters=8, depth=2, use_hac=True, use_caspp=False, dropout=0.0)
     model.compile(keras.optimizers.Adam(1e-2), "binary_crossentropy")
     model.fit(x, y, batch_size=16, epochs=4, verbose=0)
     held_out = [blob_pair(32, seed) for seed in range(1000, 1016)]

@@ -140,7 +140,7 @@ def test_mlflow_holds_one_tagged_run_per_model_with_test_metrics(project):
         assert {"history", "evaluation", "metrics"} <= artifacts
         # the model is a LoggedModel of the run (the Models tab), not a run artifact
         found = f"source_run_id = '{r.info.run_id}'"
-        (logged,) = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], filter_string=found, output_format="list")
+        (logged,) = client.search_logged_models(experiment_ids=[experiment.experiment_id], filter_string=found)
         assert logged.name == "model" and str(logged.status).endswith("READY")
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tumorseg.errors import TrackingError  # noqa: F401 - raised here, defined with the other user errors
+from tumorseg.errors import TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,38 @@ def run(uri: str, *, run_id: str | None, run_name: str, tags: Mapping[str, str],
         found = mlflow.search_runs([experiment.experiment_id], filter_string=f"tags.`{RESUME_TAG}` = '{resume_token}'", output_format="list", max_results=1)
         run_id = found[0].info.run_id if found else None
     create_tags = {RESUME_TAG: resume_token} if resume_token and run_id is None else None
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=create_tags) as active:
+    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=create_tags)
+    try:
         mlflow.set_tags(dict(tags))
         yield active
+    except BaseException:
+        # mark it FAILED if the store still answers; when it does not (the usual reason for getting
+        # here), the caller's error is the one to report, not a second one from this call
+        try:
+            mlflow.end_run("FAILED")
+        except Exception as exc:
+            log.debug("could not mark MLflow run %s failed: %s", active.info.run_id, exc)
+        raise
+    mlflow.end_run()
+
+
+def store_failures() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the tracking store stopped answering or refused a write"."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, requests.exceptions.RequestException)
+
+
+def lost_store(uri: str, exc: BaseException, consequence: str) -> TrackingError:
+    """One line for a store that failed mid-work: ``consequence`` (what is safe, what to do) first,
+    since an error line is clipped at 300 characters, then the cause in brief."""
+    text = " ".join(str(exc).split())
+    if "Max retries exceeded" in text or "Connection refused" in text or isinstance(exc, ConnectionError):
+        cause = "no answer: connection refused" if "refused" in text.lower() else "no answer"
+    else:
+        cause = f"{type(exc).__name__}: {text[:120]}"
+    return TrackingError(f"MLflow tracking store {uri} failed ({cause}); {consequence}")
 
 
 def log_params(params: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
@@ -413,15 +442,17 @@ def study_runs(uri: str | None = None, *, history_metric: str = "val_dice") -> l
     runs = []
     for item in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"], max_results=5000):
         history = client.get_metric_history(item.info.run_id, history_metric)
-        runs.append({
-            "run_id": item.info.run_id,
-            "run_name": item.info.run_name,
-            "status": item.info.status,
-            "start_time": item.info.start_time,
-            "tags": dict(item.data.tags),
-            # a run resumed with changed params: the values it trained on last (its params keep the first)
-            "params": dict(item.data.params) | json.loads(item.data.tags.get(PARAMS_IN_EFFECT_TAG, "{}")),
-            "metrics": dict(item.data.metrics),
-            "history": sorted((int(m.step), float(m.value)) for m in history),
-        })
+        runs.append(
+            {
+                "run_id": item.info.run_id,
+                "run_name": item.info.run_name,
+                "status": item.info.status,
+                "start_time": item.info.start_time,
+                "tags": dict(item.data.tags),
+                # a run resumed with changed params: the values it trained on last (its params keep the first)
+                "params": dict(item.data.params) | json.loads(item.data.tags.get(PARAMS_IN_EFFECT_TAG, "{}")),
+                "metrics": dict(item.data.metrics),
+                "history": sorted((int(m.step), float(m.value)) for m in history),
+            }
+        )
     return runs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -15,6 +16,7 @@ from tumorseg.config import Config
 from tumorseg.io import info_path, sha256_file, write_metrics
 from tumorseg.pipeline.runs import data_record, log_split_inputs, run_tags
 from tumorseg.resume import ResumeState, clear_state, read_state, remember_run_id, sweep_temporaries, update_state
+from tumorseg.runtime import worker_role
 from tumorseg.training import initial_weights_file, train_model
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,31 @@ def train_step(
     params_path: Path,
     progress: bool = True,
 ):
-    """Train one model with MLflow tracking; resumable (state in ``models_dir/.state/<name>``)."""
+    """Train one model with MLflow tracking; resumable (state in ``models_dir/.state/<name>``).
+
+    Under ``train.distribute: multi_worker`` only the chief (see :func:`worker_role`) does what is
+    described here; every other worker trains in step with it and writes nothing of the project's
+    (:func:`_train_as_worker`).
+    """
+    training = {
+        "architecture": getattr(cfg.models, name),
+        "loss": cfg.loss,
+        "train": cfg.train,
+        "augment": cfg.augment,
+        "sequences": cfg.data.sequences,
+        "lr": cfg.lr * cfg.train.lr_scale,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "image_size": cfg.image_size,
+        "seed": cfg.train.effective_seed(cfg.seed),
+        "prepared_dir": prepared_dir,
+        "augmented_dir": augmented_dir,
+        "progress": progress,
+    }
+    if cfg.train.distribute == "multi_worker":
+        kind, index, chief = worker_role()
+        if not chief:
+            return _train_as_worker(name, f"{kind}{index}", training, models_dir=models_dir, init_from=getattr(cfg.train.init_from, name))
 
     record = data_record(prepared_dir)
     uri = tracking.tracking_uri()
@@ -86,85 +112,102 @@ def train_step(
     token = state.get("resume_token") or update_state(state_dir, resume_token=uuid.uuid4().hex)["resume_token"]
     sweep_temporaries(metrics_dir / f"train_{name}.json")
 
-    with tracking.run(uri, run_id=previous_run, run_name=f"{name}-{tags['pipeline']}", tags=tags, resume_token=token) as active:
-        if active.info.run_id != previous_run:
-            remember_run_id(state_dir, active.info.run_id)
-        param_changes = _note_param_changes(name, state_dir, tracking.log_params(cfg.flat() | {"model": name}))
-        log_split_inputs(prepared_dir, record, ("train", "val"))
-        repaired = tracking.log_missing_epochs(state.get("history", {}))
-        if repaired:
-            log.info("%s: logged %d completed epoch(s) that MLflow had missed", name, repaired)
-        result = train_model(
-            name,
-            architecture=getattr(cfg.models, name),
-            loss=cfg.loss,
-            train=cfg.train,
-            augment=cfg.augment,
-            init_from=init_from,
-            sequences=cfg.data.sequences,
-            lr=cfg.lr * cfg.train.lr_scale,
-            epochs=cfg.epochs,
-            batch_size=cfg.batch_size,
-            image_size=cfg.image_size,
-            seed=cfg.train.effective_seed(cfg.seed),
-            prepared_dir=prepared_dir,
-            augmented_dir=augmented_dir,
-            model_path=model_path,
-            history_path=history_path,
-            state_dir=state_dir,
-            on_epoch=lambda epoch, row: tracking.log_metrics(row, step=epoch),
-            progress=progress,
-        )
-        import keras
+    try:
+        with tracking.run(uri, run_id=previous_run, run_name=f"{name}-{tags['pipeline']}", tags=tags, resume_token=token) as active:
+            if active.info.run_id != previous_run:
+                remember_run_id(state_dir, active.info.run_id)
+            param_changes = _note_param_changes(name, state_dir, tracking.log_params(cfg.flat() | {"model": name}))
+            log_split_inputs(prepared_dir, record, ("train", "val"))
+            repaired = tracking.log_missing_epochs(state.get("history", {}))
+            if repaired:
+                log.info("%s: logged %d completed epoch(s) that MLflow had missed", name, repaired)
+            result = train_model(
+                name,
+                **training,
+                init_from=init_from,
+                model_path=model_path,
+                history_path=history_path,
+                state_dir=state_dir,
+                on_epoch=lambda epoch, row: tracking.log_metrics(row, step=epoch),
+            )
+            import keras
 
-        import tumorseg.models  # noqa: F401 - registers custom objects for loading
+            import tumorseg.models  # noqa: F401 - registers custom objects for loading
 
-        best = keras.models.load_model(model_path)
-        model_id = tracking.log_keras_model(
-            best,
-            np.zeros((1, cfg.image_size, cfg.image_size, len(cfg.data.channels)), np.float32),
-            params={f"models.{name}.{k}": v for k, v in getattr(cfg.models, name).model_dump().items()} | {"image_size": cfg.image_size},
-            tags={"model": name, "sha256": sha256_file(model_path), "sequences": tags["sequences"], "data_source": record["data_source"]},
-        )
-        summary = {
-            "model": name,
-            "best_epoch": result.best_epoch,
-            "best_val_dice": result.best_val_dice,
-            "epochs_run": result.epochs_run,
-            "epochs_planned": cfg.epochs,
-            "init_from": str(init_from) if init_from is not None else "none",
-            "params_changed_on_resume": param_changes,
-            "seconds_per_epoch": result.seconds_per_epoch,
-            "ms_per_step": result.ms_per_step,
-            "params_total": result.params_total,
-            "image_size": cfg.image_size,
-            "batch_size": cfg.batch_size,
-            "effective_lr": cfg.lr * cfg.train.lr_scale,
-            "mlflow_run_id": active.info.run_id,
-            "mlflow_model_id": model_id,  # models:/<id> loads it; evaluate links the test metrics to it
-            **record,
-        }
-        metrics_path = metrics_dir / f"train_{name}.json"
-        write_metrics(metrics_path, summary)  # numbers; the rest (run ids, data) in train_<name>.info.json
-        tracking.log_metrics_once(
-            {
-                "best_val_dice": result.best_val_dice,
+            best = keras.models.load_model(model_path)
+            model_id = tracking.log_keras_model(
+                best,
+                np.zeros((1, cfg.image_size, cfg.image_size, len(cfg.data.channels)), np.float32),
+                params={f"models.{name}.{k}": v for k, v in getattr(cfg.models, name).model_dump().items()} | {"image_size": cfg.image_size},
+                tags={"model": name, "sha256": sha256_file(model_path), "sequences": tags["sequences"], "data_source": record["data_source"]},
+            )
+            summary = {
+                "model": name,
                 "best_epoch": result.best_epoch,
-                "ms_per_step": result.ms_per_step,
+                "best_val_dice": result.best_val_dice,
+                "epochs_run": result.epochs_run,
+                "epochs_planned": cfg.epochs,
+                "init_from": str(init_from) if init_from is not None else "none",
+                "params_changed_on_resume": param_changes,
                 "seconds_per_epoch": result.seconds_per_epoch,
+                "ms_per_step": result.ms_per_step,
                 "params_total": result.params_total,
-            },
-            model_id=model_id,
-        )
-        tracking.log_artifact(history_path, "history")
-        from tumorseg.reporting import learning_curves_chart
+                "image_size": cfg.image_size,
+                "batch_size": cfg.batch_size,
+                "effective_lr": cfg.lr * cfg.train.lr_scale,
+                "mlflow_run_id": active.info.run_id,
+                "mlflow_model_id": model_id,  # models:/<id> loads it; evaluate links the test metrics to it
+                **record,
+            }
+            metrics_path = metrics_dir / f"train_{name}.json"
+            write_metrics(metrics_path, summary)  # numbers; the rest (run ids, data) in train_<name>.info.json
+            tracking.log_metrics_once(
+                {
+                    "best_val_dice": result.best_val_dice,
+                    "best_epoch": result.best_epoch,
+                    "ms_per_step": result.ms_per_step,
+                    "seconds_per_epoch": result.seconds_per_epoch,
+                    "params_total": result.params_total,
+                },
+                model_id=model_id,
+            )
+            tracking.log_artifact(history_path, "history")
+            from tumorseg.reporting import learning_curves_chart
 
-        with tempfile.TemporaryDirectory() as scratch:
-            chart = Path(scratch) / f"learning_curves_{name}.png"
-            learning_curves_chart({name: pd.read_csv(history_path)}, chart, f"{name} on {record['data_source']} data")
-            tracking.log_artifact(chart, "history")
-        tracking.log_artifact(metrics_path, "metrics")
-        tracking.log_artifact(info_path(metrics_path), "metrics")
+            with tempfile.TemporaryDirectory() as scratch:
+                chart = Path(scratch) / f"learning_curves_{name}.png"
+                learning_curves_chart({name: pd.read_csv(history_path)}, chart, f"{name} on {record['data_source']} data")
+                tracking.log_artifact(chart, "history")
+            tracking.log_artifact(metrics_path, "metrics")
+            tracking.log_artifact(info_path(metrics_path), "metrics")
+    except tracking.store_failures() as exc:
+        done = ResumeState(state_dir).epochs_done
+        consequence = (
+            f"training stopped with {done} of {cfg.epochs} epochs saved; bring the store back (`tumorseg server start`) and run this stage again "
+            "to continue in the same MLflow run"
+        )
+        raise tracking.lost_store(uri, exc, consequence) from None
     clear_state(state_dir)
     log.info("%s: best val Dice %.4f at epoch %d (%.0f ms/step) -> %s", name, result.best_val_dice, result.best_epoch, result.ms_per_step, model_path)
     return summary
+
+
+def _train_as_worker(name: str, worker: str, training: dict, *, models_dir: Path, init_from: str) -> dict:
+    """A non-chief worker of multi-worker training: the chief's training, step for step (the
+    collectives need every worker in every step), but what it writes - checkpoints, its copy of the
+    model - stays in its own folder ``models_dir/.state/<name>-<worker>/``, kept until training
+    completes so that it resumes with the chief after a kill. No model file, metric file or MLflow
+    run: those are the chief's."""
+    own = models_dir / ".state" / f"{name}-{worker}"
+    log.info("%s: multi-worker training as %s (not the chief): outputs and MLflow are the chief's; scratch in %s", name, worker, own)
+    result = train_model(
+        name,
+        **training,
+        init_from=initial_weights_file(init_from, key=f"train.init_from.{name}"),
+        model_path=own / f"{name}.keras",
+        history_path=own / f"history_{name}.csv",
+        state_dir=own / "resume",
+    )
+    shutil.rmtree(own, ignore_errors=True)
+    log.info("%s: %s finished %d epochs with the chief", name, worker, result.epochs_run)
+    return {"model": name, "worker": worker, "epochs_run": result.epochs_run, "best_val_dice": result.best_val_dice}
