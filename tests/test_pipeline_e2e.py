@@ -169,3 +169,25 @@ def test_outputs_round_trip_through_a_local_dvc_remote(project, tmp_path: Path):
     assert (root / "data" / "prepared" / "manifest.csv").exists()
     status = run([sys.executable, "-m", "dvc", "status"], root, env)
     assert "changed" not in status.stdout, status.stdout
+
+
+@pytest.mark.slow
+def test_a_second_clone_pulls_and_reproduces_without_training(project, tmp_path: Path):
+    """A teammate's clone: `git clone` + `dvc pull` from the shared remote gives the same data,
+    models and metrics, and `dvc repro` there runs no stage (nothing is retrained)."""
+    root, env = project
+    remote = tmp_path / "shared-remote"
+    run([sys.executable, "-m", "dvc", "remote", "add", "-d", "-f", "team", str(remote)], root, env)  # in .dvc/config: travels with git
+    run([sys.executable, "-m", "dvc", "push"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "commit", "-qm", "results of dvc repro"], root, env)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    assert not (clone / "models").exists(), "models must come from the DVC remote, not from git"
+    run([sys.executable, "-m", "dvc", "pull"], clone, env)
+    for name in ("models/unet.keras", "models/umobilenetv2.keras", "data/prepared/manifest.csv", "metrics/evaluate_unet.json", "reports/comparison.json"):
+        assert (clone / name).read_bytes() == (root / name).read_bytes(), name
+    result = run([sys.executable, "-m", "dvc", "repro"], clone, env)
+    assert "Running stage" not in result.stdout + result.stderr, result.stdout[-3000:]
+    status = run([sys.executable, "-m", "dvc", "status"], clone, env)
+    assert "changed" not in status.stdout, status.stdout
