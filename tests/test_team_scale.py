@@ -128,7 +128,7 @@ def test_training_survives_a_killed_server_and_resumes_into_one_run(stack, tmp_p
     lines = stderr.strip().splitlines()
     assert process.returncode == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
-    refused = r"failed \(no answer: connection refused\)"
+    refused = r"failed \(no answer(: connection refused)?\)"  # refused, or cut off mid-request
     one_line = rf"error: MLflow tracking store {re.escape(uri)} {refused}; training stopped with (\d+) of {EPOCHS} epochs saved; .+"
     stopped = re.fullmatch(one_line, lines[-1])
     assert stopped, lines[-1]
