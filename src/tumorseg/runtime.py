@@ -50,8 +50,8 @@ def _keras_multi_worker_strategy():
     Keras 3's ``fit`` (3.15, keras-team/keras#20585, open) asks this strategy to ``reduce`` a whole
     ``(x, y)`` batch structure at once (it reduces leaves only) and scalar metrics with ``axis=0``
     (no such axis); either fails every multi-worker ``fit`` before its first step. ``reduce`` here
-    reduces leaf by leaf and drops the axis for scalars - what MirroredStrategy does for Keras -
-    so the numbers are the stock strategy's. Checked by tests/test_team_scale.py with two workers.
+    reduces leaf by leaf and drops the axis for scalars, so each number is the one the stock
+    ``reduce`` gives for that leaf. Checked by tests/test_team_scale.py with two workers.
     """
     import tensorflow as tf
 
