@@ -338,7 +338,15 @@ def log_dataset(frame, *, name: str, origin: str, context: str, tags: Mapping[st
             dataset = mlflow.data.from_pandas(frame, source=origin, name=name)
         else:  # a Kaggle slug, synthetic phantoms: said in words
             dataset = PandasDataset(frame, source=CodeDatasetSource({"origin": origin}), name=name)
-        mlflow.log_input(dataset, context=context, tags=dict(tags or {}) or None)
+        try:
+            mlflow.log_input(dataset, context=context, tags=dict(tags or {}) or None)
+        except mlflow.exceptions.MlflowException as exc:
+            # two runs logging the same rows at once (queued experiments on one server) race to
+            # create the dataset row: the loser's insert violates its key; once it exists, the
+            # second call only links it to this run
+            if "unique" not in str(exc).lower():
+                raise
+            mlflow.log_input(dataset, context=context, tags=dict(tags or {}) or None)
 
 
 def active_run_id() -> str | None:
