@@ -30,6 +30,55 @@ def shared_dataset(name: str, expect: str = "images") -> Path:
     return path
 
 
+# The quick profile at toy size: the whole DVC pipeline in a minute or two (40 phantoms, 32x32, 2 epochs).
+TINY_PIPELINE = {
+    "epochs": 2,
+    "image_size": 32,
+    "data": {"synthetic_count": 40, "synthetic_size": 64},
+    "augment": {"copies_per_image": 1, "preview_pairs": 2},
+    "prepare": {"group_by": "none", "workers": 1},
+    "models": {
+        "unet": {"base_filters": 4, "depth": 2, "caspp_rates": [1, 2]},
+        "umobilenetv2": {"alpha": 0.35, "encoder_weights": "none", "decoder_filters": [16, 8, 8, 8, 8]},
+    },
+    "train": {"deterministic": False, "early_stopping_patience": 0, "seed": 7},
+}
+
+
+def copy_pipeline(root: Path, quick_profile: dict) -> Path:
+    """Copy the pipeline (dvc.yaml, params.yaml, .gitignore, stages/, src/) into a new folder
+    ``root``, set to synthetic data under the quick profile replaced by ``quick_profile``; no git
+    or DVC repository yet (the caller initialises them with its own environment)."""
+    import shutil
+
+    import yaml
+
+    root.mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    for folder in ("stages", "src"):
+        shutil.copytree(PROJECT_ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["profile"] = "quick"
+    params["data"]["source"] = "synthetic"
+    params["profiles"]["quick"] = quick_profile
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+def missing_postgres() -> str | None:
+    """Why ``tumorseg server`` cannot run PostgreSQL here (one line), or None when it can."""
+    from tumorseg import server
+    from tumorseg.errors import ServerError
+
+    try:
+        server.postgres_bindir()
+        server.postgres_account()
+    except ServerError as exc:
+        return str(exc)
+    return None
+
+
 def train_stage_command(root: Path, model: str = "unet") -> list[str]:
     """The train stage as a subprocess in workspace ``root`` (its params.yaml and data/prepared; no augmented copies)."""
     import sys

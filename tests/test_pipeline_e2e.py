@@ -10,23 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from helpers import PROJECT_ROOT
+from helpers import TINY_PIPELINE, copy_pipeline
 from tumorseg.io import is_metric, read_metrics
-
-TINY = {
-    "epochs": 2,
-    "image_size": 32,
-    "data": {"synthetic_count": 40, "synthetic_size": 64},
-    "augment": {"copies_per_image": 1, "preview_pairs": 2},
-    "prepare": {"group_by": "none", "workers": 1},
-    "models": {
-        "unet": {"base_filters": 4, "depth": 2, "caspp_rates": [1, 2]},
-        "umobilenetv2": {"alpha": 0.35, "encoder_weights": "none", "decoder_filters": [16, 8, 8, 8, 8]},
-    },
-    "train": {"deterministic": False, "early_stopping_patience": 0, "seed": 7},
-}
 
 
 def run(command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -37,17 +23,7 @@ def run(command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> tuple[Path, dict]:
-    root = tmp_path_factory.mktemp("e2e") / "project"
-    root.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(PROJECT_ROOT / name, root / name)
-    for folder in ("stages", "src"):
-        shutil.copytree(PROJECT_ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["profile"] = "quick"
-    params["data"]["source"] = "synthetic"
-    params["profiles"]["quick"] = TINY
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root = copy_pipeline(tmp_path_factory.mktemp("e2e") / "project", TINY_PIPELINE)
 
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_TRACKING", "DVC_"))}
     env.update(

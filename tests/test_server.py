@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import missing_postgres
 from tumorseg import server
 from tumorseg.errors import ServerError
 
@@ -32,16 +33,7 @@ pytestmark = pytest.mark.server
 HAVE_PROC = Path("/proc/self/stat").exists()
 
 
-def _missing() -> str | None:
-    try:
-        server.postgres_bindir()
-        server.postgres_account()
-    except ServerError as exc:
-        return str(exc)
-    return None
-
-
-MISSING = _missing()
+MISSING = missing_postgres()
 needs_postgres = pytest.mark.skipif(MISSING is not None and not os.environ.get("CI"), reason=str(MISSING))
 
 

@@ -25,23 +25,13 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import PROJECT_ROOT, blob_pair, train_stage_command, write_pair
+from helpers import PROJECT_ROOT, TINY_PIPELINE, blob_pair, copy_pipeline, missing_postgres, train_stage_command, write_pair
 from tumorseg import server
-from tumorseg.errors import ServerError
 
 EPOCHS = 10
 
 
-def _missing_postgres() -> str | None:
-    try:
-        server.postgres_bindir()
-        server.postgres_account()
-    except ServerError as exc:
-        return str(exc)
-    return None
-
-
-MISSING = _missing_postgres()
+MISSING = missing_postgres()
 needs_postgres = pytest.mark.skipif(MISSING is not None and not os.environ.get("CI"), reason=str(MISSING))
 
 
@@ -174,32 +164,12 @@ def test_training_survives_a_killed_server_and_resumes_into_one_run(stack, tmp_p
     assert version.run_id == run.info.run_id and version.status == "READY"
 
 
-TINY_PIPELINE = {
-    "epochs": 3,
-    "image_size": 32,
-    "data": {"synthetic_count": 40, "synthetic_size": 64},
-    "augment": {"copies_per_image": 1, "preview_pairs": 2},
-    "prepare": {"group_by": "none", "workers": 1},
-    "models": {
-        "unet": {"base_filters": 4, "depth": 2, "caspp_rates": [1, 2]},
-        "umobilenetv2": {"alpha": 0.35, "encoder_weights": "none", "decoder_filters": [16, 8, 8, 8, 8]},
-    },
-    "train": {"deterministic": False, "early_stopping_patience": 0, "seed": 7, "threads": 1},
-}
+QUEUED_PIPELINE = TINY_PIPELINE | {"epochs": 3, "train": {**TINY_PIPELINE["train"], "threads": 1}}  # two at once on 2 cores
 
 
 def _dvc_project(root: Path, env: dict) -> Path:
-    """A git + DVC copy of the project running the quick profile at toy size (as test_pipeline_e2e)."""
-    root.mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(PROJECT_ROOT / name, root / name)
-    for folder in ("stages", "src"):
-        shutil.copytree(PROJECT_ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["profile"] = "quick"
-    params["data"]["source"] = "synthetic"
-    params["profiles"]["quick"] = TINY_PIPELINE
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    """A git + DVC copy of the project running the quick profile at toy size."""
+    copy_pipeline(root, QUEUED_PIPELINE)
     for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         subprocess.run(command, cwd=root, env=env, check=True, capture_output=True, timeout=120)
     return root
@@ -268,7 +238,7 @@ def test_queued_experiments_run_two_at_a_time_against_the_server(stack, tmp_path
             if run.data.tags["model"] != "ensemble":
                 assert run.data.params["lr"] == {"lr-1e-3": "0.001", "lr-3e-3": "0.003"}[name]
                 steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_dice"))
-                assert steps == list(range(1, TINY_PIPELINE["epochs"] + 1)), (name, run.data.tags["model"], steps)
+                assert steps == list(range(1, QUEUED_PIPELINE["epochs"] + 1)), (name, run.data.tags["model"], steps)
     measured = {
         "what": "dvc exp run --queue x2, dvc queue start -j 2, against tumorseg server (PostgreSQL + MLflow)",
         "command": "pytest -s -m server tests/test_team_scale.py -k queue (TUMORSEG_RESULTS_DIR=docs/results writes this file)",
