@@ -96,7 +96,11 @@ def check_tracking(uri: str) -> None:
     mlflow.set_tracking_uri(uri)
     try:
         if mlflow.get_experiment_by_name(EXPERIMENT_NAME) is None:
-            mlflow.create_experiment(EXPERIMENT_NAME)
+            try:
+                mlflow.create_experiment(EXPERIMENT_NAME)
+            except Exception:  # another stage created it meanwhile (parallel experiments on one server)
+                if mlflow.get_experiment_by_name(EXPERIMENT_NAME) is None:
+                    raise
     except Exception as exc:  # MlflowException, requests errors, sqlite errors: all "unusable"
         hint = "unset MLFLOW_TRACKING_URI to use the local mlflow.db" if os.environ.get("MLFLOW_TRACKING_URI") else "check that the project folder is writable"
         raise TrackingError(f"MLflow tracking store {uri!r} is not usable ({type(exc).__name__}: {str(exc)[:300]}); {hint}") from None
