@@ -9,6 +9,11 @@ first use: segmentation-models needs tf-keras, which cannot share this project's
 Both: the same TensorFlow version, intra/inter-op threads, op determinism and random input
 (step time does not depend on content); ``train_on_batch`` on batch 8; warm-up steps excluded;
 median of the timed steps.
+
+Ours is also timed with Keras 3's own (unfused) BatchNormalization at 128²
+(``train.fused_batch_norm: false``) in the same process, right after the default (fused)
+row, so the saving of tumorseg.models.fused_norm is measured beside the peer. Goal (issue 25):
+UMobileNetV2's step at 128² <= 0.75x the peer's.
 """
 
 from __future__ import annotations
@@ -85,8 +90,13 @@ def run_peer(
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def ours(name: str, size: int, *, batch: int, warmup: int, steps: int, overrides: dict | None = None) -> dict[str, Any]:
-    """ms/step of one of our models, built and compiled exactly as ``train_model`` does."""
+STEP_GOAL = 0.75  # issue 25: UMobileNetV2 128² step / the peer's
+UNFUSED = {"fused_batch_norm": False}
+
+
+def ours(name: str, size: int, *, batch: int, warmup: int, steps: int, overrides: dict | None = None, train_overrides: dict | None = None) -> dict[str, Any]:
+    """ms/step of one of our models, built and compiled exactly as ``train_model`` does
+    (``train_overrides``: fields of the ``train:`` section, e.g. :data:`UNFUSED`)."""
     import keras
     import numpy as np
 
@@ -97,7 +107,8 @@ def ours(name: str, size: int, *, batch: int, warmup: int, steps: int, overrides
     cfg = Config()
     keras.backend.clear_session()
     model = build_model(name, (size, size, 1), **untrained_params(name, overrides, cfg=cfg))
-    compile_for_training(model, train=cfg.train, loss=cfg.loss, learning_rate=cfg.lr * cfg.train.lr_scale, steps_per_epoch=100, stop_epoch=cfg.epochs)
+    train = cfg.train.model_copy(update=train_overrides or {})
+    compile_for_training(model, train=train, loss=cfg.loss, learning_rate=cfg.lr * cfg.train.lr_scale, steps_per_epoch=100, stop_epoch=cfg.epochs)
     rng = np.random.default_rng(cfg.seed)
     x = rng.uniform(0, 255, (batch, size, size, 1)).astype("float32")
     y = (rng.random((batch, size, size, 1)) > 0.98).astype("float32")
@@ -115,8 +126,10 @@ def train_step_benchmark(
     models: dict[str, dict] | None = None,
     peer: bool = True,
     peer_venv: Path = PEER_VENV,
+    unfused: bool = True,
 ) -> dict[str, Any]:
-    """``models`` maps our model names to parameter overrides (tests use tiny models)."""
+    """``models`` maps our model names to parameter overrides (tests use tiny models);
+    ``unfused``: also time each model with Keras' unfused BatchNormalization at the first size."""
     from tumorseg.config import Config
     from tumorseg.runtime import configure_runtime
 
@@ -131,8 +144,11 @@ def train_step_benchmark(
     rows: list[dict[str, Any]] = []
     for size, w, n in zip(sizes, warmup, steps):
         for name, overrides in models.items():
-            log(f"train_step: {name} at {size}², {w} warm-up + {n} timed steps")
-            rows.append({"model": name, "side": "ours", **ours(name, size, batch=batch, warmup=w, steps=n, overrides=overrides)})
+            variants = [("fused BN", None), ("unfused BN", UNFUSED)] if unfused and size == sizes[0] else [("fused BN", None)]
+            for batch_norm, train_overrides in variants:
+                log(f"train_step: {name} at {size}² ({batch_norm}), {w} warm-up + {n} timed steps")
+                timed = ours(name, size, batch=batch, warmup=w, steps=n, overrides=overrides, train_overrides=train_overrides)
+                rows.append({"model": name, "side": "ours", "batch_norm": batch_norm, **timed})
     peer_info: dict[str, Any] = {}
     notes = []
     if peer:
@@ -140,7 +156,7 @@ def train_step_benchmark(
         peer_info = run_peer(
             sizes, warmup, steps, batch=batch, threads=threads, deterministic=cfg.train.deterministic, seed=cfg.seed, lr=cfg.lr, venv=peer_venv
         )
-        rows += [{"model": "sm.Unet(mobilenetv2)", "side": "peer", **row} for row in peer_info["rows"]]
+        rows += [{"model": "sm.Unet(mobilenetv2)", "side": "peer", "batch_norm": "fused (tf.keras)", **row} for row in peer_info["rows"]]
     else:
         notes.append("peer not run (peer=False)")
     for row in rows:
@@ -152,11 +168,13 @@ def train_step_benchmark(
         if reference is None:
             continue
         for row in rows:
-            if row["side"] == "ours" and row["size"] == size:
+            if row["side"] == "ours" and row["size"] == size and row["batch_norm"] == "fused BN":
+                goal = STEP_GOAL if (row["model"], size) == ("umobilenetv2", 128) else None
                 ratios.append(
                     ratio(
                         f"train step {size}², {row['model']} / sm.Unet(mobilenetv2), ms/step (<1 = ours faster)",
                         row["median_ms"] / reference["median_ms"],
+                        target=goal,
                         higher_is_better=False,
                     )
                 )
@@ -167,19 +185,26 @@ def train_step_benchmark(
                         higher_is_better=False,
                     )
                 )
+    for row in rows:  # what fusing saved, same process, same size
+        twin = next((r for r in rows if r["side"] == "ours" and r["model"] == row["model"] and r["size"] == row["size"] and r["batch_norm"] == "unfused BN"), None)
+        if row["side"] == "ours" and row["batch_norm"] == "fused BN" and twin is not None:
+            ratios.append(ratio(f"train step {row['size']}², {row['model']}: fused / unfused BatchNorm, ms/step", row["median_ms"] / twin["median_ms"], higher_is_better=False))
     return {
         "reference": "segmentation-models Unet('mobilenetv2', encoder_weights=None), loss bce_dice_loss (BCE + Dice), "
         "metrics IoU/F1/precision/recall, Adam, tf-keras in benchmarks/.venv-peer",
         "ours_compiled_as": "tumorseg.training.compile_for_training with Config() defaults: loss BCE + Dice + Tversky, "
-        "metrics dice/iou/precision/recall/specificity/accuracy/tversky, Adam",
+        "metrics dice/iou/precision/recall/specificity/accuracy/tversky, Adam; BatchNorm fused (train.fused_batch_norm) unless a row says unfused",
         "batch": batch,
         "threads": {"intra_op": threads, "inter_op": 2, "deterministic_ops": cfg.train.deterministic, "jit_compile": cfg.train.jit_compile},
         "input": "random float32 images in [0, 255] and random 0/1 masks (step time does not depend on content)",
         "peer_versions": peer_info.get("versions"),
         "rows": rows,
         "table": {
-            "columns": ["model", "size", "ms/step (median)", "params", "ms/step per M params"],
-            "rows": [[r["model"], f"{r['size']}²", r["median_ms"], r["params_total"], r["ms_per_step_per_million_params"]] for r in rows],
+            "columns": ["model", "BatchNorm", "size", "ms/step (median)", "params", "ms/step per M params"],
+            "rows": [
+                [r["model"], r["batch_norm"], f"{r['size']}²", r["median_ms"], r["params_total"], r["ms_per_step_per_million_params"]]
+                for r in rows
+            ],
         },
         "ratios": ratios,
         "notes": notes,

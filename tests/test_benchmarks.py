@@ -128,10 +128,15 @@ def test_train_step_ours_tiny():
 
     body = train_step_benchmark(quick=True, sizes=[32], warmup=[1], steps=[2], models={"unet": TINY_UNET}, peer=False)
     _check_common_fields(_payload("train_step", body))
-    (row,) = body["rows"]
-    assert row["model"] == "unet" and row["side"] == "ours" and row["size"] == 32 and row["n"] == 2
-    assert row["ms_per_step_per_million_params"] == pytest.approx(row["median_ms"] / (row["params_total"] / 1e6), rel=1e-3)
-    assert body["threads"]["inter_op"] == 2 and body["ratios"] == []  # no peer, no ratio
+    fused, unfused = body["rows"]  # the default (fused BatchNorm) and Keras' own, same process
+    assert [fused["batch_norm"], unfused["batch_norm"]] == ["fused BN", "unfused BN"]
+    for row in (fused, unfused):
+        assert row["model"] == "unet" and row["side"] == "ours" and row["size"] == 32 and row["n"] == 2
+        assert row["ms_per_step_per_million_params"] == pytest.approx(row["median_ms"] / (row["params_total"] / 1e6), rel=1e-3)
+    assert body["threads"]["inter_op"] == 2
+    (saving,) = body["ratios"]  # no peer: only what fusing saved
+    assert saving["what"] == "train step 32², unet: fused / unfused BatchNorm, ms/step"
+    assert saving["value"] == pytest.approx(fused["median_ms"] / unfused["median_ms"], abs=1e-3)
 
 
 @pytest.mark.slow

@@ -327,6 +327,9 @@ class TrainConfig(_Strict):
     threads: int = Field(0, ge=0, le=512)  # TensorFlow intra-op threads; 0 = all cores
     deterministic: bool = True  # op determinism: same seed -> same weights (slightly slower)
     jit_compile: bool = False  # XLA; measured 3.7x slower per step on 2 CPU cores
+    # BatchNormalization through TensorFlow's fused kernel (Keras 3 runs it as separate ops); same
+    # function, saved layers stay stock; measured 24% shorter UMobileNetV2 step on 2 CPU cores
+    fused_batch_norm: bool = True
     distribute: Literal["none", "mirrored", "multi_worker"] = "none"
     # Warm start (fine-tuning, progressive resizing: a 128² model continued at 256²). Every weight
     # must fit the model that params.yaml builds; the input size may differ (fully convolutional).

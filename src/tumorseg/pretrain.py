@@ -100,7 +100,7 @@ def pretrain_model(
     ``pretrain`` sections (the epochs and the corruption are ``pretrain``'s)."""
     import keras
 
-    from tumorseg.models import build_model
+    from tumorseg.models import build_model, fuse_batch_norm
 
     configure_runtime(seed=seed, threads=train.threads, deterministic=train.deterministic)
     _, train_x, _ = load_pairs(prepared_dir / "train", image_size)
@@ -115,6 +115,8 @@ def pretrain_model(
     val_ds = reconstruction_dataset(val_x, batch_size=batch_size, seed=seed, corrupted=corrupt_all(val_x, corruption(**settings, seed=seed + 1)))
 
     model = build_model(name, (image_size, image_size, 1), **architecture.model_dump())
+    if train.fused_batch_norm:
+        fuse_batch_norm(model)
     steps = -(-len(train_x) // batch_size)
     schedule = learning_rate_for(
         train.lr_schedule, lr, steps_per_epoch=steps, start_epoch=0, stop_epoch=epochs, warmup_epochs=train.warmup_epochs, min_lr=train.min_lr

@@ -84,10 +84,16 @@ def compile_for_training(
 ) -> None:
     """Compile ``model`` with the reference loss, metrics and optimizer, as training does.
 
-    Shared with benchmarks/bench_train_step.py, so the measured step is the trained step.
+    Shared with benchmarks/bench_train_step.py, so the measured step is the trained step. With
+    ``train.fused_batch_norm`` the model's BatchNormalization layers compute through TensorFlow's
+    fused kernel (:func:`~tumorseg.models.fuse_batch_norm`; the layers stay stock).
     """
     from tumorseg.losses import combined_loss
     from tumorseg.metrics import segmentation_metrics
+    from tumorseg.models import fuse_batch_norm
+
+    if train.fused_batch_norm:
+        fuse_batch_norm(model)
 
     schedule = learning_rate_for(
         train.lr_schedule,

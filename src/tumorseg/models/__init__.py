@@ -11,6 +11,7 @@ training model, and the legacy HAC/CASPP layer classes that files saved before i
 from tumorseg import losses as _losses  # noqa: F401 - registers the serialisable loss
 from tumorseg import metrics as _metrics  # noqa: F401 - registers the serialisable metrics
 from tumorseg.models.blocks import blocks_in, caspp_block, channel_attention, hac_block, spatial_attention
+from tumorseg.models.fused_norm import fuse_batch_norm
 from tumorseg.models.legacy import CASPPBlock, ChannelAttention, HACBlock, SpatialAttention, is_legacy, to_portable
 from tumorseg.models.registry import MODEL_NAMES, build_model, count_flops, model_params, model_summary_stats
 from tumorseg.models.supervision import DeeplySupervised, inference_model, with_deep_supervision
@@ -37,6 +38,7 @@ __all__ = [
     "caspp_block",
     "channel_attention",
     "count_flops",
+    "fuse_batch_norm",
     "get_encoder",
     "hac_block",
     "inference_model",
