@@ -185,10 +185,12 @@ def train_step_benchmark(
                         higher_is_better=False,
                     )
                 )
+    unfused_rows = {(r["model"], r["size"]): r for r in rows if r.get("batch_norm") == "unfused BN"}
     for row in rows:  # what fusing saved, same process, same size
-        twin = next((r for r in rows if r["side"] == "ours" and r["model"] == row["model"] and r["size"] == row["size"] and r["batch_norm"] == "unfused BN"), None)
+        twin = unfused_rows.get((row["model"], row["size"]))
         if row["side"] == "ours" and row["batch_norm"] == "fused BN" and twin is not None:
-            ratios.append(ratio(f"train step {row['size']}², {row['model']}: fused / unfused BatchNorm, ms/step", row["median_ms"] / twin["median_ms"], higher_is_better=False))
+            what = f"train step {row['size']}², {row['model']}: fused / unfused BatchNorm, ms/step"
+            ratios.append(ratio(what, row["median_ms"] / twin["median_ms"], higher_is_better=False))
     return {
         "reference": "segmentation-models Unet('mobilenetv2', encoder_weights=None), loss bce_dice_loss (BCE + Dice), "
         "metrics IoU/F1/precision/recall, Adam, tf-keras in benchmarks/.venv-peer",
