@@ -11,22 +11,24 @@ Both: the same TensorFlow version, intra/inter-op threads, op determinism and ra
 median of the timed steps.
 
 Ours is also timed with Keras 3's own (unfused) BatchNormalization at 128²
-(``train.fused_batch_norm: false``) in the same process, right after the default (fused)
-row, so the saving of tumorseg.models.fused_norm is measured beside the peer. Goal (issue 25):
+(``train.fused_batch_norm: false``) in the same process, in turn with the default (fused)
+rows, so the saving of tumorseg.models.fused_norm is measured beside the peer. Goal (issue 25):
 UMobileNetV2's step at 128² <= 0.75x the peer's.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tomllib
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from common import PROJECT_ROOT, cores, env_for_subprocess, log, ratio, timings_ms, untrained_params
+from common import PROJECT_ROOT, cores, env_for_subprocess, log, ratio, sample_ms, summarise_ms, untrained_params
 
 PEER_VENV = PROJECT_ROOT / "benchmarks" / ".venv-peer"
 PEER_SCRIPT = Path(__file__).resolve().parent / "peer_train_step.py"
@@ -94,10 +96,10 @@ STEP_GOAL = 0.75  # issue 25: UMobileNetV2 128² step / the peer's
 UNFUSED = {"fused_batch_norm": False}
 
 
-def ours(name: str, size: int, *, batch: int, warmup: int, steps: int, overrides: dict | None = None, train_overrides: dict | None = None) -> dict[str, Any]:
-    """ms/step of one of our models, built and compiled exactly as ``train_model`` does
-    (``train_overrides``: fields of the ``train:`` section, e.g. :data:`UNFUSED`)."""
-    import keras
+def ours(name: str, size: int, *, batch: int, overrides: dict | None = None, train_overrides: dict | None = None) -> tuple[Callable[[], Any], int]:
+    """One training step of one of our models, built and compiled exactly as ``train_model`` does
+    (``train_overrides``: fields of the ``train:`` section, e.g. :data:`UNFUSED`), and its
+    parameter count. Models stay alive: rounds of all rows alternate."""
     import numpy as np
 
     from tumorseg.config import Config
@@ -105,15 +107,13 @@ def ours(name: str, size: int, *, batch: int, warmup: int, steps: int, overrides
     from tumorseg.training import compile_for_training
 
     cfg = Config()
-    keras.backend.clear_session()
     model = build_model(name, (size, size, 1), **untrained_params(name, overrides, cfg=cfg))
     train = cfg.train.model_copy(update=train_overrides or {})
     compile_for_training(model, train=train, loss=cfg.loss, learning_rate=cfg.lr * cfg.train.lr_scale, steps_per_epoch=100, stop_epoch=cfg.epochs)
     rng = np.random.default_rng(cfg.seed)
     x = rng.uniform(0, 255, (batch, size, size, 1)).astype("float32")
     y = (rng.random((batch, size, size, 1)) > 0.98).astype("float32")
-    row = timings_ms(lambda: model.train_on_batch(x, y), warmup=warmup, repeats=steps)
-    return {"size": size, **row, "params_total": int(model.count_params())}
+    return (lambda: model.train_on_batch(x, y)), int(model.count_params())
 
 
 def train_step_benchmark(
@@ -127,9 +127,15 @@ def train_step_benchmark(
     peer: bool = True,
     peer_venv: Path = PEER_VENV,
     unfused: bool = True,
+    rounds: int | None = None,
 ) -> dict[str, Any]:
     """``models`` maps our model names to parameter overrides (tests use tiny models);
-    ``unfused``: also time each model with Keras' unfused BatchNormalization at the first size."""
+    ``unfused``: also time each model with Keras' unfused BatchNormalization at the first size.
+
+    ``rounds`` (default 3, quick 1): every row of ours, then the peer, are timed once per round,
+    so a machine whose speed drifts over minutes (measured here: +-20 % between processes) slows
+    both sides alike; ours: the median of all rounds' steps, the peer: the median of its rounds'
+    medians."""
     from tumorseg.config import Config
     from tumorseg.runtime import configure_runtime
 
@@ -141,22 +147,39 @@ def train_step_benchmark(
     threads = cfg.train.threads or cores()
     configure_runtime(seed=cfg.seed, threads=cfg.train.threads, deterministic=cfg.train.deterministic)
 
-    rows: list[dict[str, Any]] = []
+    rounds = rounds or (1 if quick else 3)
+    built: dict[tuple[str, int, str], tuple[Callable[[], Any], int, int, int]] = {}
     for size, w, n in zip(sizes, warmup, steps):
         for name, overrides in models.items():
             variants = [("fused BN", None), ("unfused BN", UNFUSED)] if unfused and size == sizes[0] else [("fused BN", None)]
             for batch_norm, train_overrides in variants:
-                log(f"train_step: {name} at {size}² ({batch_norm}), {w} warm-up + {n} timed steps")
-                timed = ours(name, size, batch=batch, warmup=w, steps=n, overrides=overrides, train_overrides=train_overrides)
-                rows.append({"model": name, "side": "ours", "batch_norm": batch_norm, **timed})
-    peer_info: dict[str, Any] = {}
-    notes = []
+                step, params = ours(name, size, batch=batch, overrides=overrides, train_overrides=train_overrides)
+                built[(name, size, batch_norm)] = (step, params, w, n)
+    samples: dict[tuple[str, int, str], list[float]] = {key: [] for key in built}
+    peer_rounds: list[dict[str, Any]] = []
+    for round_index in range(rounds):
+        for (name, size, batch_norm), (step, _, w, n) in built.items():
+            log(f"train_step: round {round_index + 1}/{rounds}, {name} at {size}² ({batch_norm}), {n} timed steps")
+            samples[(name, size, batch_norm)] += sample_ms(step, warmup=w if round_index == 0 else 1, repeats=n)
+        if peer:
+            log(f"train_step: round {round_index + 1}/{rounds}, the peer (segmentation-models Unet mobilenetv2) in its own venv")
+            peer_rounds.append(
+                run_peer(sizes, warmup, steps, batch=batch, threads=threads, deterministic=cfg.train.deterministic, seed=cfg.seed, lr=cfg.lr, venv=peer_venv)
+            )
+    rows: list[dict[str, Any]] = [
+        {"model": name, "side": "ours", "batch_norm": batch_norm, "size": size, **summarise_ms(samples[(name, size, batch_norm)], w), "params_total": params}
+        for (name, size, batch_norm), (_, params, w, _) in built.items()
+    ]
+    peer_info: dict[str, Any] = peer_rounds[0] if peer_rounds else {}
+    notes = [f"{rounds} round(s): each round times every row of ours, then runs the peer"]
     if peer:
-        log("train_step: the peer (segmentation-models Unet mobilenetv2) in its own venv")
-        peer_info = run_peer(
-            sizes, warmup, steps, batch=batch, threads=threads, deterministic=cfg.train.deterministic, seed=cfg.seed, lr=cfg.lr, venv=peer_venv
-        )
-        rows += [{"model": "sm.Unet(mobilenetv2)", "side": "peer", "batch_norm": "fused (tf.keras)", **row} for row in peer_info["rows"]]
+        for index, first in enumerate(peer_info["rows"]):
+            medians = [run["rows"][index]["median_ms"] for run in peer_rounds]
+            row = {**first, "median_ms": round(statistics.median(medians), 3), "round_medians_ms": medians}
+            row["n"] = sum(run["rows"][index]["n"] for run in peer_rounds)
+            row["min_ms"] = min(run["rows"][index]["min_ms"] for run in peer_rounds)
+            row["max_ms"] = max(run["rows"][index]["max_ms"] for run in peer_rounds)
+            rows.append({"model": "sm.Unet(mobilenetv2)", "side": "peer", "batch_norm": "fused (tf.keras)", **row})
     else:
         notes.append("peer not run (peer=False)")
     for row in rows:

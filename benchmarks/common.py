@@ -167,8 +167,8 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def timings_ms(fn: Callable[[], Any], *, warmup: int, repeats: int) -> dict[str, float]:
-    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times; per-call milliseconds."""
+def sample_ms(fn: Callable[[], Any], *, warmup: int, repeats: int) -> list[float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times: each timed call's milliseconds."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -176,7 +176,12 @@ def timings_ms(fn: Callable[[], Any], *, warmup: int, repeats: int) -> dict[str,
         started = time.perf_counter()
         fn()
         samples.append(1000.0 * (time.perf_counter() - started))
-    return summarise_ms(samples, warmup)
+    return samples
+
+
+def timings_ms(fn: Callable[[], Any], *, warmup: int, repeats: int) -> dict[str, float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times; per-call milliseconds."""
+    return summarise_ms(sample_ms(fn, warmup=warmup, repeats=repeats), warmup)
 
 
 def summarise_ms(samples: list[float], warmup: int = 0) -> dict[str, float]:

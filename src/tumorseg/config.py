@@ -328,7 +328,7 @@ class TrainConfig(_Strict):
     deterministic: bool = True  # op determinism: same seed -> same weights (slightly slower)
     jit_compile: bool = False  # XLA; measured 3.7x slower per step on 2 CPU cores
     # BatchNormalization through TensorFlow's fused kernel (Keras 3 runs it as separate ops); same
-    # function, saved layers stay stock; UMobileNetV2 step 31% shorter on 2 CPU cores (benchmarks/results/train_step.json)
+    # function, saved layers stay stock; UMobileNetV2 step 28-31% shorter with 2 threads (benchmarks/results/train_step.json)
     fused_batch_norm: bool = True
     distribute: Literal["none", "mirrored", "multi_worker"] = "none"
     # Warm start (fine-tuning, progressive resizing: a 128² model continued at 256²). Every weight

@@ -3,8 +3,8 @@
 Keras 3 computes ``BatchNormalization`` on the TensorFlow backend as separate ops - the batch
 moments, then subtract, multiply, add - and the gradient as as many again (keras-team/keras-core#225);
 tf.keras, which the segmentation_models peer runs on, used TensorFlow's single ``FusedBatchNormV3``
-kernel. On these 2 CPU cores fusing makes UMobileNetV2's training step (128², batch 8) 31% shorter
-and the U-Net's 17% (benchmarks/bench_train_step.py, results/train_step.json).
+kernel. On these 2 CPU cores, with 2 threads, fusing made UMobileNetV2's training step (128², batch 8)
+28-31% shorter and the U-Net's 0-17% (benchmarks/bench_train_step.py, results/train_step.json).
 
 :func:`fuse_batch_norm` gives each eligible layer *instance* the fused computation and leaves the
 layer stock - class, config and weights - so a saved model loads anywhere, without tumorseg, and
