@@ -12,8 +12,11 @@ computes the same function (to float rounding: the fused kernel sums in another 
 
 Semantics are Keras': training with a trainable layer normalises with the batch mean and the
 biased batch variance and moves ``moving_mean``/``moving_variance`` towards them by ``momentum``
-(the kernel reports the unbiased variance, so it is scaled back by (n - 1) / n, n = N·H·W);
-otherwise, including a frozen layer in training, it normalises with the moving statistics.
+(the kernel reports the unbiased variance, so it is scaled back by (n - 1) / n, n = N·H·W).
+Otherwise - inference, or a frozen layer in training - the layer normalises with its moving
+statistics through Keras' own computation (two elementwise ops: nothing worth fusing, and no
+gradient through the fused kernel's inference mode, which TensorFlow's op determinism may refuse
+on GPU).
 """
 
 from __future__ import annotations
@@ -43,33 +46,22 @@ def _eligible(layer) -> bool:
 def _fused_call(self, inputs, training=None, mask=None):
     import tensorflow as tf
 
-    if mask is not None or inputs.dtype != tf.float32:
+    # Moving statistics (inference, a frozen layer): two elementwise ops, nothing to fuse
+    if not (training and self.trainable) or mask is not None or inputs.dtype != tf.float32:
         return type(self).call(self, inputs, training=training, mask=mask)
     x = tf.convert_to_tensor(inputs)
     channels = x.shape[-1]
     gamma = tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels], tf.float32)
     beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels], tf.float32)
-    if training and self.trainable:
-        empty = tf.zeros([0], tf.float32)
-        y, mean, unbiased, *_ = tf.raw_ops.FusedBatchNormV3(
-            x=x, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=self.epsilon, data_format="NHWC", is_training=True
-        )
-        count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
-        variance = unbiased * tf.where(count > 1.0, (count - 1.0) / count, 1.0)  # Keras moves the biased variance
-        momentum = self.momentum
-        self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
-        self.moving_variance.assign(self.moving_variance * momentum + variance * (1.0 - momentum))
-        return y
-    y, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=x,
-        scale=gamma,
-        offset=beta,
-        mean=tf.convert_to_tensor(self.moving_mean),
-        variance=tf.convert_to_tensor(self.moving_variance),
-        epsilon=self.epsilon,
-        data_format="NHWC",
-        is_training=False,
+    empty = tf.zeros([0], tf.float32)
+    y, mean, unbiased, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=self.epsilon, data_format="NHWC", is_training=True
     )
+    count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+    variance = unbiased * tf.where(count > 1.0, (count - 1.0) / count, 1.0)  # Keras moves the biased variance
+    momentum = self.momentum
+    self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
+    self.moving_variance.assign(self.moving_variance * momentum + variance * (1.0 - momentum))
     return y
 
 
