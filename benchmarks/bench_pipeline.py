@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from common import PROJECT_ROOT, log, ratio
+from common import PROJECT_ROOT, copy_pipeline, log, ratio
 
 TINY = {
     "epochs": 2,
@@ -82,16 +81,7 @@ def _run(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, str
 
 def make_project(root: Path, profile: dict[str, Any], env: dict[str, str]) -> None:
     """A git + DVC repository holding a copy of the pipeline, every stage wrapped for RSS."""
-    root.mkdir(parents=True)
-    for name in ("params.yaml", ".gitignore"):
-        shutil.copy(PROJECT_ROOT / name, root / name)
-    for folder in ("stages", "src"):
-        shutil.copytree(PROJECT_ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["profile"] = "quick"
-    params["data"]["source"] = "synthetic"
-    params["profiles"]["quick"] = profile
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_pipeline(root, profile)
     pipeline = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
     for name, stage in pipeline["stages"].items():
         body = stage["do"] if "foreach" in stage else stage

@@ -208,7 +208,7 @@ def train_step_benchmark(
                         higher_is_better=False,
                     )
                 )
-    unfused_rows = {(r["model"], r["size"]): r for r in rows if r.get("batch_norm") == "unfused BN"}
+    unfused_rows = {(r["model"], r["size"]): r for r in rows if r["batch_norm"] == "unfused BN"}
     for row in rows:  # what fusing saved, same process, same size
         twin = unfused_rows.get((row["model"], row["size"]))
         if row["side"] == "ours" and row["batch_norm"] == "fused BN" and twin is not None:

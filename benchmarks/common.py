@@ -261,6 +261,28 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-c", TUMORSEG_CLI, *args]
 
 
+def copy_pipeline(root: Path, quick_profile: dict[str, Any]) -> Path:
+    """Copy the pipeline (dvc.yaml, params.yaml, .gitignore, stages/, src/) into a new folder
+    ``root``, set to synthetic data under the quick profile replaced by ``quick_profile``; no git
+    or DVC repository yet (the caller initialises them with its own environment). The one copy
+    of the toy project for benchmarks and tests (tests/helpers.py re-exports it)."""
+    import shutil
+
+    import yaml
+
+    root.mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    for folder in ("stages", "src"):
+        shutil.copytree(PROJECT_ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["profile"] = "quick"
+    params["data"]["source"] = "synthetic"
+    params["profiles"]["quick"] = quick_profile
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
 def untrained_params(name: str, overrides: dict[str, Any] | None = None, *, cfg: Any = None) -> dict[str, Any]:
     """``name``'s model parameters from ``cfg`` (default: ``Config()``) for an untrained benchmark
     model: UMobileNetV2 without its ImageNet encoder (nothing downloaded; speed does not depend on

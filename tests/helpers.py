@@ -2,7 +2,8 @@
 
 Plain functions and constants only; pytest fixtures and hooks live in ``conftest.py``. Test modules
 import from here (``from helpers import blob_pair``): ``tests/`` is on ``sys.path`` through
-``pythonpath`` in ``[tool.pytest.ini_options]``, so this works whatever the import mode.
+``pythonpath`` in ``[tool.pytest.ini_options]`` (with ``benchmarks/``, whose ``common`` module
+holds what tests and benchmarks share), so this works whatever the import mode.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
+from common import copy_pipeline  # noqa: F401 - benchmarks/common.py: the one toy-project copier, shared with the benchmarks
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
@@ -43,27 +46,6 @@ TINY_PIPELINE = {
     },
     "train": {"deterministic": False, "early_stopping_patience": 0, "seed": 7},
 }
-
-
-def copy_pipeline(root: Path, quick_profile: dict) -> Path:
-    """Copy the pipeline (dvc.yaml, params.yaml, .gitignore, stages/, src/) into a new folder
-    ``root``, set to synthetic data under the quick profile replaced by ``quick_profile``; no git
-    or DVC repository yet (the caller initialises them with its own environment)."""
-    import shutil
-
-    import yaml
-
-    root.mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml", ".gitignore"):
-        shutil.copy(PROJECT_ROOT / name, root / name)
-    for folder in ("stages", "src"):
-        shutil.copytree(PROJECT_ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["profile"] = "quick"
-    params["data"]["source"] = "synthetic"
-    params["profiles"]["quick"] = quick_profile
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return root
 
 
 def missing_postgres() -> str | None:
