@@ -296,6 +296,28 @@ class InitFromConfig(_Strict):
     umobilenetv2: str = "none"
 
 
+class DistillConfig(_Strict):
+    """Knowledge distillation: per model, teacher ``.keras`` files (several = their ensemble mean)
+    whose probabilities on the training images are blended into the targets, so that one model
+    learns what an ensemble knows; ``[]`` = plain masks."""
+
+    unet: tuple[str, ...] = ()
+    umobilenetv2: tuple[str, ...] = ()
+    weight: float = Field(0.5, ge=0.0, le=1.0)  # target = (1 - weight) * mask + weight * teacher probability
+    tta: bool = True  # the teachers predict with flip TTA, as they are scored
+
+    @field_validator("unet", "umobilenetv2", mode="before")
+    @classmethod
+    def _named_files(cls, value: Any) -> Any:
+        value = _list_as_tuple(value)
+        if isinstance(value, tuple) and any(not isinstance(item, str) or not item.strip() or item == "none" for item in value):
+            raise ValueError("a list of teacher model files ([] = no distillation)")
+        return value
+
+    def teachers(self, model: str) -> tuple[str, ...]:
+        return getattr(self, model)
+
+
 class TrainConfig(_Strict):
     """How both models are trained (the shared settings; lr/epochs/batch are top level)."""
 
@@ -334,6 +356,7 @@ class TrainConfig(_Strict):
     # Warm start (fine-tuning, progressive resizing: a 128² model continued at 256²). Every weight
     # must fit the model that params.yaml builds; the input size may differ (fully convolutional).
     init_from: InitFromConfig = InitFromConfig()
+    distill: DistillConfig = DistillConfig()
     # Seed of the training alone (weight init, batch order, online augmentation), so that seeds can
     # be compared on one split; null = the top-level seed, which also draws the split.
     seed: int | None = Field(None, ge=0, le=2**31 - 1)

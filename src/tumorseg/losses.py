@@ -1,7 +1,8 @@
 """Segmentation losses: BCE, soft Dice, Tversky, focal BCE and their weighted sum (the reference
 loss is the first three).
 
-All functions take ``y_true`` (binary masks, 0/1) and ``y_pred`` (sigmoid probabilities) of shape
+All functions take ``y_true`` (binary masks, 0/1, or soft targets in [0, 1] under knowledge
+distillation: every formula below holds for them) and ``y_pred`` (sigmoid probabilities) of shape
 ``(N, H, W, 1)`` (any ``(N, ...)`` works) and return ONE LOSS PER IMAGE, shape ``(N,)``; Keras then
 averages over the batch (``reduction="sum_over_batch_size"``). So Dice and Tversky are computed
 per image and then averaged over the batch - not pooled over the batch's pixels - and every image

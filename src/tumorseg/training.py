@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tumorseg.config import SINGLE_CHANNEL, AugmentConfig, LossConfig, TrainConfig, UMobileNetV2Config, UNetConfig
-from tumorseg.data.pairs import batches_per_epoch, load_pairs, make_dataset
+from tumorseg.data.pairs import batches_per_epoch, load_pairs, make_dataset, soft_targets
 from tumorseg.io import OutputError, describe_os_error
 from tumorseg.resume import MONITOR, ResumeState, epoch_commit_callback, publish, restore_checkpoint, save_model_atomically, swap_ema_weights, sweep_temporaries
 from tumorseg.runtime import configure_runtime, distribution_strategy
@@ -131,6 +132,7 @@ def train_model(
     state_dir: Path,
     init_from: Path | None = None,
     sequences: tuple[str, ...] = (),
+    teacher: Callable[[np.ndarray], np.ndarray] | None = None,
     on_epoch=None,
     progress: bool = True,
 ) -> TrainResult:
@@ -140,6 +142,9 @@ def train_model(
     ``loss``, ``train`` and ``augment`` sections; ``init_from``: a resolved
     ``train.init_from.<name>`` file to start from (a resume restores its own checkpoint instead);
     ``sequences``: ``data.sequences``, the prepared channel folders and the model's input channels.
+    ``teacher``: knowledge distillation (``train.distill``): a function giving the teachers'
+    probability maps ``(N, H, W)`` of the training images ``(N, H, W, C)``; the targets become
+    ``(1 - train.distill.weight) * mask + weight * probability``. Validation keeps the masks.
     ``state_dir`` holds the resume state; it is removed when training completes. ``on_epoch``
     (epoch, metrics) is called after every epoch (MLflow logging).
     """
@@ -170,6 +175,8 @@ def train_model(
     if len(val_x) == 0:  # tiny datasets: validate on training data rather than not at all, and say so
         log.warning("validation split is empty: monitoring val_dice on the training pairs")
         val_x, val_y = train_x, train_y
+    if teacher is not None:  # after the fallback above: validation is always scored against masks
+        train_y = distillation_targets(name, teacher, train_x, train_y, train.distill.weight)
 
     online = None
     if train.online_augment:
@@ -262,6 +269,7 @@ def train_model(
             sequence_dropout_max=train.sequence_dropout_max,
             drop_remainder=split_evenly,
             epochs=(initial_epoch, stop),
+            soft=teacher is not None,
         )
         log.info(
             "%s: %s phase, epochs %d-%d, lr %.2g, %d training / %d validation pairs, batch %d",
@@ -304,6 +312,30 @@ def train_model(
     if not model_path.exists():  # no epoch produced a finite val Dice: keep the last weights
         save_model_atomically(shipped, model_path)
     return result
+
+
+def distillation_targets(name: str, teacher: Callable[[np.ndarray], np.ndarray], images: np.ndarray, masks: np.ndarray, weight: float) -> np.ndarray:
+    """The soft training targets of knowledge distillation (:func:`~tumorseg.data.pairs.soft_targets`).
+    The teachers run once, before the first epoch (and again, with the same result, on a resume);
+    Python's and NumPy's random streams are kept, so the student starts from the weights a run
+    without distillation would draw."""
+    import random
+    import time
+
+    log.info("%s: distillation: the teachers predict the %d training images (weight %.2f)", name, len(images), weight)
+    started, python_state, numpy_state = time.perf_counter(), random.getstate(), np.random.get_state()
+    try:
+        probabilities = np.asarray(teacher(images), np.float32)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    if probabilities.shape[0] != len(images) or probabilities.reshape(len(images), -1).shape[1] != masks[0].size:
+        raise ValueError(f"the distillation teachers gave maps of shape {probabilities.shape} for {len(images)} training images of {masks.shape[1:3]}")
+    targets = soft_targets(masks, probabilities, weight)
+    agreement = float(np.mean((probabilities.reshape(masks.shape) > 0.5) == (masks > 0)))
+    seconds = time.perf_counter() - started
+    log.info("%s: distillation targets ready in %.0f s (the teachers agree with the masks on %.2f%% of the pixels)", name, seconds, 100 * agreement)
+    return targets
 
 
 def initial_weights_file(value: str, *, key: str) -> Path | None:

@@ -55,9 +55,12 @@ def build_augmentation(settings: AugmentConfig, seed: int | None) -> A.Compose:
     return A.Compose(transforms, seed=seed)
 
 
-def apply(pipeline: A.Compose, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Augment one pair; the mask comes back exactly {0, 255}."""
+def apply(pipeline: A.Compose, image: np.ndarray, mask: np.ndarray, *, binary: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Augment one pair; the mask comes back exactly {0, 255} (``binary=False``: a soft 0..255
+    distillation target, moved by the same geometry and kept as it comes out)."""
     result = pipeline(image=image, mask=mask)
+    if not binary:
+        return result["image"], np.asarray(result["mask"], np.uint8)
     out_mask = np.where(result["mask"] > 127, 255, 0).astype(np.uint8)
     return result["image"], out_mask
 

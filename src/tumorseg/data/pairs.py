@@ -49,6 +49,18 @@ def load_pairs(folder: Path, size: int | None = None, channels: Sequence[str] = 
     return names, images, masks
 
 
+def soft_targets(masks: np.ndarray, probabilities: np.ndarray, weight: float) -> np.ndarray:
+    """Distillation targets: ``(1 - weight) * mask + weight * probability`` per pixel, stored as
+    uint8 0..255 like a mask (the quantisation step, 1/255, is below any Dice difference) so they
+    travel through the same pipeline. ``masks`` ``(N, H, W, 1)`` of 0/1; ``probabilities`` the
+    teachers' maps ``(N, H, W)`` or ``(N, H, W, 1)`` in [0, 1]."""
+    probabilities = probabilities.reshape(masks.shape).astype(np.float32)
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"distillation weight must be in [0, 1], got {weight}")
+    blended = (1.0 - weight) * masks.astype(np.float32) + weight * np.clip(probabilities, 0.0, 1.0)
+    return np.rint(255.0 * blended).astype(np.uint8)
+
+
 def make_dataset(
     images: np.ndarray,
     masks: np.ndarray,
@@ -61,8 +73,10 @@ def make_dataset(
     sequence_dropout_max: int = 1,
     drop_remainder: bool = False,
     epochs: tuple[int, int] = (0, 1),
+    soft: bool = False,
 ):
-    """A ``tf.data`` pipeline of (raw float image, 0/1 mask) batches for epochs ``[first, stop)``.
+    """A ``tf.data`` pipeline of (raw float image, 0/1 mask) batches for epochs ``[first, stop)``;
+    ``soft``: ``masks`` are :func:`soft_targets` (0..255), given as floats in [0, 1].
 
     Epoch ``e``'s order is a stateless shuffle seeded by (``seed``, ``e``) and every pair's
     augmentation is seeded by (``seed``, ``e``, position), so nothing depends on what ran before:
@@ -93,20 +107,21 @@ def make_dataset(
                 num_parallel_calls=1,
                 deterministic=True,
             )
-            pairs = pairs.map(_online_augmentation(augment, seed, dropout, sequence_dropout_max), num_parallel_calls=1, deterministic=True)
+            pairs = pairs.map(_online_augmentation(augment, seed, dropout, sequence_dropout_max, soft), num_parallel_calls=1, deterministic=True)
         # Several replicas need equal shares of every batch: drop the ragged last batch.
         return pairs.batch(batch_size, drop_remainder=drop_remainder)
 
-    return as_float_batches(tf.data.Dataset.range(first, stop).flat_map(one_epoch))
+    return as_float_batches(tf.data.Dataset.range(first, stop).flat_map(one_epoch), target_scale=1.0 / 255.0 if soft else 1.0)
 
 
 def batches_per_epoch(pairs: int, batch_size: int, *, drop_remainder: bool = False) -> int:
     return pairs // batch_size if drop_remainder else -(-pairs // batch_size)
 
 
-def _online_augmentation(augment, seed: int, sequence_dropout: float = 0.0, sequence_dropout_max: int = 1):
+def _online_augmentation(augment, seed: int, sequence_dropout: float = 0.0, sequence_dropout_max: int = 1, soft: bool = False):
     """A tf.data map function augmenting one pair (and maybe blanking some of its sequences),
-    reseeded from (seed, epoch, position)."""
+    reseeded from (seed, epoch, position). ``soft``: the target is a 0..255 soft target, moved
+    with the image as a mask is (same geometry) but kept soft."""
     import tensorflow as tf
 
     from tumorseg.data.augment import apply, derived_seed
@@ -115,8 +130,8 @@ def _online_augmentation(augment, seed: int, sequence_dropout: float = 0.0, sequ
         pair_seed = derived_seed(seed, int(epoch), int(position))
         if augment is not None:
             augment.set_random_seed(pair_seed)
-            out_image, out_mask = apply(augment, image if image.shape[-1] > 1 else image[..., 0], mask[..., 0] * 255)
-            image, mask = out_image.reshape(image.shape), (out_mask > 127).astype(np.uint8)[..., None]
+            out_image, out_mask = apply(augment, image if image.shape[-1] > 1 else image[..., 0], mask[..., 0] if soft else mask[..., 0] * 255, binary=not soft)
+            image, mask = out_image.reshape(image.shape), (out_mask if soft else (out_mask > 127).astype(np.uint8))[..., None]
         if sequence_dropout:
             image = drop_sequences(image, np.random.default_rng(pair_seed), sequence_dropout, sequence_dropout_max)
         return image, mask

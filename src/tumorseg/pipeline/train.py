@@ -90,6 +90,8 @@ def train_step(
         "augmented_dir": augmented_dir,
         "progress": progress,
     }
+    teachers = distillation_teachers(cfg, name)  # checked before any run opens
+    training["teacher"] = distillation_teacher(cfg, teachers) if teachers else None
     if cfg.train.distribute == "multi_worker":
         kind, index, chief = worker_role()
         if not chief:
@@ -105,6 +107,8 @@ def train_step(
     init_from = initial_weights_file(getattr(cfg.train.init_from, name), key=f"train.init_from.{name}")  # fails before a run opens
     if init_from is not None:
         tags["init_from_sha256"] = sha256_file(init_from)
+    if teachers:
+        tags["distill_teachers_sha256"] = ",".join(sha256_file(path) for path in teachers)
     state = read_state(state_dir)
     previous_run = state.get("run_id")
     if previous_run:
@@ -148,6 +152,8 @@ def train_step(
                 "epochs_run": result.epochs_run,
                 "epochs_planned": cfg.epochs,
                 "init_from": str(init_from) if init_from is not None else "none",
+                "distill_teachers": [str(path) for path in teachers],
+                "distill_weight": cfg.train.distill.weight if teachers else 0.0,
                 "params_changed_on_resume": param_changes,
                 "seconds_per_epoch": result.seconds_per_epoch,
                 "ms_per_step": result.ms_per_step,
@@ -190,6 +196,37 @@ def train_step(
     clear_state(state_dir)
     log.info("%s: best val Dice %.4f at epoch %d (%.0f ms/step) -> %s", name, result.best_val_dice, result.best_epoch, result.ms_per_step, model_path)
     return summary
+
+
+def distillation_teachers(cfg: Config, name: str) -> list[Path]:
+    """The ``train.distill.<name>`` teacher files, each checked to be a readable model file."""
+    from tumorseg.inference import model_file_problem
+
+    paths = []
+    for value in cfg.train.distill.teachers(name):
+        path = Path(value)
+        problem = "does not exist" if not path.is_file() else model_file_problem(path)
+        if problem:
+            raise FileNotFoundError(f"train.distill.{name}: {path}: {problem}; list trained .keras models of the same input ([] = no distillation)")
+        paths.append(path)
+    return paths
+
+
+def distillation_teacher(cfg: Config, teachers: list[Path]):
+    """The teachers as a function of the training images: their mean probability map (flip TTA
+    when ``train.distill.tta``), through the Predictor that scores and ships models, each teacher
+    at its own input size. The models load when training calls it, after its TensorFlow set-up."""
+
+    def teacher(images: np.ndarray) -> np.ndarray:
+        from tumorseg.inference import Predictor
+        from tumorseg.inference.scans import check_model_sequences
+
+        predictor = Predictor.load(teachers, tta=cfg.train.distill.tta)
+        check_model_sequences(predictor.sequences, cfg.data.sequences, "train.distill")
+        planes = [image if predictor.sequences else image[..., 0] for image in images]
+        return np.stack(predictor.probability_maps(planes))
+
+    return teacher
 
 
 def _train_as_worker(name: str, worker: str, training: dict, *, models_dir: Path, init_from: str) -> dict:
