@@ -90,7 +90,7 @@ def test_the_teacher_is_the_prediction_path_with_flip_tta(prepared: Path, tmp_pa
     teacher_file = tmp_path / "teacher.keras"
     brightness_model(32).save(teacher_file)
     _, images, _ = load_pairs(prepared / "train", 32)
-    teacher = distillation_teacher(CFG, [teacher_file, teacher_file])
+    teacher = distillation_teacher(CFG, [teacher_file, teacher_file], chunk=5)  # 16 images in 4 chunks
     maps = teacher(images)
     expected = Predictor.load(teacher_file, tta=True).probability_maps(list(images[..., 0]))
     assert maps.shape == (16, 32, 32) and np.allclose(maps, np.stack(expected), atol=1e-6)

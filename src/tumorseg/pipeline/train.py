@@ -91,7 +91,7 @@ def train_step(
         "progress": progress,
     }
     teachers = distillation_teachers(cfg, name)  # checked before any run opens
-    training["teacher"] = distillation_teacher(cfg, teachers) if teachers else None
+    training["teacher"] = distillation_teacher(cfg, teachers, progress=progress) if teachers else None
     if cfg.train.distribute == "multi_worker":
         kind, index, chief = worker_role()
         if not chief:
@@ -212,19 +212,27 @@ def distillation_teachers(cfg: Config, name: str) -> list[Path]:
     return paths
 
 
-def distillation_teacher(cfg: Config, teachers: list[Path]):
+def distillation_teacher(cfg: Config, teachers: list[Path], *, progress: bool = False, chunk: int = 64):
     """The teachers as a function of the training images: their mean probability map (flip TTA
     when ``train.distill.tta``), through the Predictor that scores and ships models, each teacher
-    at its own input size. The models load when training calls it, after its TensorFlow set-up."""
+    at its own input size, ``chunk`` images at a time behind a progress bar (minutes for a real
+    training split). The models load when training calls it, after its TensorFlow set-up."""
 
     def teacher(images: np.ndarray) -> np.ndarray:
+        from tqdm import tqdm
+
         from tumorseg.inference import Predictor
         from tumorseg.inference.scans import check_model_sequences
 
         predictor = Predictor.load(teachers, tta=cfg.train.distill.tta)
         check_model_sequences(predictor.sequences, cfg.data.sequences, "train.distill")
-        planes = [image if predictor.sequences else image[..., 0] for image in images]
-        return np.stack(predictor.probability_maps(planes))
+        maps = []
+        with tqdm(total=len(images), desc="distillation teachers", unit="image", disable=not progress) as bar:
+            for start in range(0, len(images), chunk):
+                planes = [image if predictor.sequences else image[..., 0] for image in images[start : start + chunk]]
+                maps.extend(predictor.probability_maps(planes))
+                bar.update(len(planes))
+        return np.stack(maps)
 
     return teacher
 
