@@ -62,3 +62,22 @@ def test_lgg_study_table_compares_runs_per_institution_and_on_common_patients(tm
     assert "DU 0.85 (2), HT 0.20 (1)" in lines[2] and "| **0.600** | 0.600 |" in lines[3]
     saved = json.loads(out.read_text())
     assert saved["common_patients"] == ["A_1", "C_3"] and saved["runs"][1]["patient_dice_by_institution"] == {"DU": {"patients": 2, "patient_dice": 0.6}}
+
+
+def test_volume_filter_keeps_each_patients_3d_components_in_slice_order():
+    """Components are found per patient across neighbouring slices, ordered by the slice number
+    (not the listing order); another patient's blobs never join them."""
+    volume_filter = _script("lgg_volume_filter").volume_filter
+    blank = np.zeros((8, 8), bool)
+    big, small = blank.copy(), blank.copy()
+    big[1:5, 1:5] = True  # 16 px per slice
+    small[6:8, 6:8] = True  # 4 px, not touching the big blob
+    names = ["a_3.png", "a_1.png", "a_2.png", "a_4.png", "b_1.png"]
+    masks = [big, big, blank, big | small, big]
+    patients = ["a", "a", "a", "a", "b"]
+    # in slice order a_1 (big), a_2 (blank), a_3 (big), a_4 (big + small): components of 16, 32 and 4 px
+    largest = volume_filter(masks, names, patients, "largest", None)
+    assert [m.sum() for m in largest] == [16, 0, 0, 16, 16]  # a_3 + a_4's big blob (32) stays; b keeps its own
+    assert [m.sum() for m in volume_filter(masks, names, patients, "min_voxels", 10)] == [16, 16, 0, 16, 16]  # only the 4-px blob goes
+    assert [m.sum() for m in volume_filter(masks, names, patients, "fraction", 0.6)] == [16, 0, 0, 16, 16]  # 16 < 0.6 * 32
+    assert volume_filter(masks, names, patients, "none", None) is masks
