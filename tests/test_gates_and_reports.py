@@ -112,6 +112,7 @@ def test_comparison_adds_the_ensemble_of_exactly_these_models(tmp_path: Path):
             "effective_lr": 3e-4 if model == "unet" else 1e-3,
         }
         facts |= {"init_from": "unet-128.keras"} if model == "unet" else {"init_from": "none", "epochs_planned": 80}  # the U-Net's JSON predates epochs_planned
+        facts |= {"distill_teachers": ["weights/unet-figshare.keras", "weights/umobilenetv2-figshare.keras"]} if model == "umobilenetv2" else {}
         (metrics / f"train_{model}.json").write_text(json.dumps(facts))
     write_metrics(metrics, "ensemble", dice=0.75, n_images=10, members=["unet", "umobilenetv2"])
     summary = compare_step(["unet", "umobilenetv2"], metrics_dir=metrics, reports_dir=tmp_path / "reports")
@@ -122,6 +123,7 @@ def test_comparison_adds_the_ensemble_of_exactly_these_models(tmp_path: Path):
     # each model's own training, whatever params.yaml says now (models from different runs)
     assert "| | unet | umobilenetv2 |" in report and "| input size (px) | 256 | 128 |" in report
     assert "| epochs trained | 6 | 64 |" in report and "| learning rate (peak) | 0.0003 | 0.001 |" in report
+    assert "| distilled from | — | `weights/unet-figshare.keras, weights/umobilenetv2-figshare.keras` |" in report
     assert "| started from | `unet-128.keras` | `none` |" in report and "| epochs planned (early stopping may end sooner) | — | 80 |" in report
     write_metrics(metrics, "ensemble", dice=0.75, n_images=10, members=["unet", "other"])  # stale: not shown
     assert list(compare_step(["unet", "umobilenetv2"], metrics_dir=metrics, reports_dir=tmp_path / "reports")["models"]) == ["unet", "umobilenetv2"]

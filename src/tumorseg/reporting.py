@@ -56,6 +56,7 @@ OPTIONAL_ROWS = {"patient_dice", "detection_sensitivity", "false_positive_rate"}
 TRAINING_ROWS = [
     ("image_size", "input size (px)"),
     ("init_from", "started from"),  # a warm start (`train.init_from`): the epochs below come on top
+    ("distill_teachers", "distilled from"),  # knowledge distillation (`train.distill`): the teacher files
     ("epochs_run", "epochs trained"),
     ("epochs_planned", "epochs planned (early stopping may end sooner)"),
     ("best_epoch", "best epoch (validation)"),
@@ -76,6 +77,7 @@ def training_table(training: dict[str, dict[str, Any]]) -> list[str]:
         values = [training[n].get(key) for n in names]
         if all(v is None for v in values):  # train JSONs written before the key existed
             continue
+        values = [(", ".join(v) or "none") if isinstance(v, list) else v for v in values]
         cells = [f"`{v}`" if isinstance(v, str) else f"{v:g}" if key == "effective_lr" and isinstance(v, float) else format_number(v) for v in values]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
