@@ -75,6 +75,47 @@ def train_stage_command(root: Path, model: str = "unet") -> list[str]:
     ]  # fmt: skip
 
 
+def train_tiny_unet(
+    prepared: Path,
+    out: Path,
+    epochs: int,
+    *,
+    lr: float = 1e-3,
+    image_size: int = 32,
+    seed: int = 0,
+    init_from: str | Path | None = None,
+    teacher=None,
+    **train_overrides,
+):
+    """``train_model`` on a 4-filter, depth-2 U-Net without CASPP, from ``prepared`` (no augmented
+    copies) into ``out``; ``train_overrides`` replace ``train.*`` of params.yaml (determinism off
+    unless given), ``teacher`` is distillation's teacher function."""
+    from tumorseg.config import load_config
+    from tumorseg.training import train_model
+
+    cfg = load_config(PROJECT_ROOT / "params.yaml")
+    return train_model(
+        "unet",
+        architecture=cfg.models.unet.model_copy(update={"base_filters": 4, "depth": 2, "use_caspp": False}),
+        loss=cfg.loss,
+        train=cfg.train.model_copy(update={"deterministic": False} | train_overrides),
+        augment=cfg.augment,
+        init_from=Path(init_from) if init_from is not None else None,
+        lr=lr,
+        epochs=epochs,
+        batch_size=8,
+        image_size=image_size,
+        seed=seed,
+        prepared_dir=prepared,
+        augmented_dir=None,
+        model_path=out / "unet.keras",
+        history_path=out / "history.csv",
+        state_dir=out / "state",
+        teacher=teacher,
+        progress=False,
+    )
+
+
 def write_pair(root: Path, name: str, image: np.ndarray, mask: np.ndarray) -> None:
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import PROJECT_ROOT, blob_pair, brightness_model, write_pair
+from helpers import PROJECT_ROOT, blob_pair, brightness_model, train_tiny_unet, write_pair
 from tumorseg.config import ConfigError, load_config
 from tumorseg.data.pairs import load_pairs, make_dataset, soft_targets
-from tumorseg.training import train_model
 
 CFG = load_config(PROJECT_ROOT / "params.yaml")
 
@@ -104,25 +103,8 @@ def test_the_teacher_is_the_prediction_path_with_flip_tta(prepared: Path, tmp_pa
 
 
 def _train(prepared: Path, out: Path, epochs: int, teacher=None, weight: float = 0.5):
-    return train_model(
-        "unet",
-        architecture=CFG.models.unet.model_copy(update={"base_filters": 4, "depth": 2, "use_caspp": False}),
-        loss=CFG.loss,
-        train=CFG.train.model_copy(update={"deterministic": True, "online_augment": True, "distill": CFG.train.distill.model_copy(update={"weight": weight})}),
-        augment=CFG.augment,
-        lr=1e-3,
-        epochs=epochs,
-        batch_size=8,
-        image_size=32,
-        seed=0,
-        prepared_dir=prepared,
-        augmented_dir=None,
-        model_path=out / "unet.keras",
-        history_path=out / "history.csv",
-        state_dir=out / "state",
-        teacher=teacher,
-        progress=False,
-    )
+    distill = CFG.train.distill.model_copy(update={"weight": weight})
+    return train_tiny_unet(prepared, out, epochs, teacher=teacher, deterministic=True, online_augment=True, distill=distill)
 
 
 def _weights(path: Path) -> list[np.ndarray]:

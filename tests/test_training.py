@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from helpers import PROJECT_ROOT, blob_pair, write_pair
+from helpers import train_tiny_unet as _train
 from tumorseg.config import load_config
 from tumorseg.data.pairs import load_pairs, make_dataset
 from tumorseg.resume import read_state
-from tumorseg.training import train_model
 
 CFG = load_config(PROJECT_ROOT / "params.yaml")
 
@@ -58,38 +58,6 @@ def test_online_augmentation_keeps_pairs_aligned(prepared: Path):
         bright = x > 150
         overlap = np.logical_and(bright, y > 0).sum() / max(1, np.logical_or(bright, y > 0).sum())
         assert overlap > 0.5
-
-
-def _train(
-    prepared: Path,
-    out: Path,
-    epochs: int,
-    *,
-    lr: float = 1e-3,
-    image_size: int = 32,
-    seed: int = 0,
-    init_from: str | Path | None = None,
-    **train_overrides,
-):
-    return train_model(
-        "unet",
-        architecture=CFG.models.unet.model_copy(update={"base_filters": 4, "depth": 2, "use_caspp": False}),
-        loss=CFG.loss,
-        train=CFG.train.model_copy(update={"deterministic": False} | train_overrides),
-        augment=CFG.augment,
-        init_from=Path(init_from) if init_from is not None else None,
-        lr=lr,
-        epochs=epochs,
-        batch_size=8,
-        image_size=image_size,
-        seed=seed,
-        prepared_dir=prepared,
-        augmented_dir=None,
-        model_path=out / "unet.keras",
-        history_path=out / "history.csv",
-        state_dir=out / "state",
-        progress=False,
-    )
 
 
 @pytest.mark.slow
