@@ -76,15 +76,23 @@ server-status: | $(STAMP)
 	@$(VENV)/bin/tumorseg server status
 
 # pytest exits 5 when it collects no tests: for this suite that is a failure, said plainly.
+# pytest-xdist: one worker per core this process may use, at most 4 (each worker holds TensorFlow
+# and some tests start trainings and servers of their own); TEST_WORKERS=0 runs one process (to
+# debug with -s or pdb). Each test module runs whole in one worker (its module fixtures are built
+# once); tests/conftest.py gives each worker one TensorFlow thread, so the workers share the cores
+# instead of fighting over them.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
+XDIST := -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	@$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@$(VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The edit-test loop: every test not marked `slow` (no model training, no TFLite/ONNX conversion, no
 # pipeline runs or heavy subprocesses). `make test` is the whole suite, as CI runs it.
 test-fast: $(STAMP)
 	@echo "make test-fast: pytest -m 'not slow' (no training, no conversion); 'make test' runs everything, as CI does"
-	@$(VENV)/bin/python -m pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	@$(VENV)/bin/python -m pytest $(XDIST) -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The linters CI runs before the tests: ruff (rules and line length in pyproject.toml's [tool.ruff])

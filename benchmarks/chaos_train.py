@@ -55,7 +55,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PROJECT_ROOT, RESULTS_DIR, env_for_subprocess  # noqa: E402
+from common import PROJECT_ROOT, RESULTS_DIR, TINY_UNET, env_for_subprocess  # noqa: E402
 
 MODEL = "unet"
 EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+)")
@@ -81,7 +81,7 @@ def make_project(root: Path, *, epochs: int, size: int, count: int) -> None:
 
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params.update(profile="full", epochs=epochs, image_size=size, batch_size=8, lr=1e-3)
-    params["models"]["unet"].update(base_filters=4, depth=2, use_caspp=False, dropout=0.1)
+    params["models"]["unet"].update(TINY_UNET, dropout=0.1)
     params["train"].update(
         deterministic=True, threads=1, early_stopping_patience=epochs, reduce_lr_patience=1, reduce_lr_factor=0.5,
         online_augment=True, use_augmented=False, lr_scale=1, lr_schedule="plateau",

@@ -31,6 +31,13 @@ QUIET_FOREIGN_FRACTION = 0.10
 QUIET_ENV = {"TF_CPP_MIN_LOG_LEVEL": "2", "NO_ALBUMENTATIONS_UPDATE": "1", "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
 # ``python -c TUMORSEG_CLI ARGS...`` runs ``tumorseg ARGS...`` with this interpreter (no console script needed).
 TUMORSEG_CLI = "import sys; from tumorseg.cli import main; sys.exit(main(sys.argv[1:]))"
+# The U-Net of the tests and benchmarks that exercise training itself (resume, faults, chaos,
+# distillation, the team server), not the architecture: 4 filters, depth 2, plain blocks. HAC's
+# parallel branches make the training graph ~5x larger (286 weights against 56), and tracing that
+# graph, not the few steps, is where such a short run spends its time. The HAC and CASPP blocks
+# keep their own tests (tests/test_models.py), and the pipeline end to end trains them
+# (tests/test_pipeline_e2e.py, `make run`).
+TINY_UNET = {"base_filters": 4, "depth": 2, "use_hac": False, "use_caspp": False}
 
 
 def cores() -> int:

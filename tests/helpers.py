@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
-from common import copy_pipeline  # noqa: F401 - benchmarks/common.py: the one toy-project copier, shared with the benchmarks
+from common import TINY_UNET, copy_pipeline  # noqa: F401 - benchmarks/common.py: the toy project and model, shared with the benchmarks
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
@@ -87,16 +87,18 @@ def train_tiny_unet(
     teacher=None,
     **train_overrides,
 ):
-    """``train_model`` on a 4-filter, depth-2 U-Net without CASPP, from ``prepared`` (no augmented
-    copies) into ``out``; ``train_overrides`` replace ``train.*`` of params.yaml (determinism off
-    unless given), ``teacher`` is distillation's teacher function."""
+    """``train_model`` on ``TINY_UNET`` (4 filters, depth 2, no HAC, no CASPP), from ``prepared`` (no
+    augmented copies) into ``out``; ``train_overrides`` replace ``train.*`` of params.yaml
+    (determinism off unless given), ``teacher`` is distillation's teacher function.
+
+    Plain blocks (``TINY_UNET``): these tests are about training, not the architecture."""
     from tumorseg.config import load_config
     from tumorseg.training import train_model
 
     cfg = load_config(PROJECT_ROOT / "params.yaml")
     return train_model(
         "unet",
-        architecture=cfg.models.unet.model_copy(update={"base_filters": 4, "depth": 2, "use_caspp": False}),
+        architecture=cfg.models.unet.model_copy(update=TINY_UNET),
         loss=cfg.loss,
         train=cfg.train.model_copy(update={"deterministic": False} | train_overrides),
         augment=cfg.augment,

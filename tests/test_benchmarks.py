@@ -9,14 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import PROJECT_ROOT
+from helpers import PROJECT_ROOT, TINY_UNET
 
 sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
 
 import common  # noqa: E402
 from run import BENCHMARKS, write_summary  # noqa: E402
-
-TINY_UNET = {"base_filters": 4, "depth": 2, "caspp_rates": [1, 2]}
 
 
 def _payload(name: str, body: dict) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import PROJECT_ROOT
+from helpers import PROJECT_ROOT, TINY_UNET
 from tumorseg.cli import main as cli_main
 from tumorseg.io import OUTPUT_MARKER, atomic_write_bytes, hash_tree, sha256_file
 
@@ -215,7 +215,7 @@ def tiny_project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("faulty-train")
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params.update(profile="full", epochs=2, image_size=32, batch_size=8, lr=1e-3)
-    params["models"]["unet"].update(base_filters=4, depth=2, use_caspp=False)
+    params["models"]["unet"].update(TINY_UNET)
     params["train"].update(deterministic=False, early_stopping_patience=0, reduce_lr_patience=0, online_augment=False, lr_scale=1, lr_schedule="plateau")
     params["prepare"].update(group_by="none", workers=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params))

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import PROJECT_ROOT, blob_pair, brightness_model, train_tiny_unet, write_pair
+from helpers import PROJECT_ROOT, TINY_UNET, blob_pair, brightness_model, train_tiny_unet, write_pair
 from tumorseg.config import ConfigError, load_config
 from tumorseg.data.pairs import load_pairs, make_dataset, soft_targets
 
@@ -168,7 +168,7 @@ def test_the_train_stage_distils_from_the_listed_teachers_and_records_them(tmp_p
     brightness_model(32).save(teacher_file)
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params.update(profile="full", epochs=1, image_size=32, batch_size=8, lr=3e-3)
-    params["models"]["unet"].update(base_filters=4, depth=2, use_caspp=False)
+    params["models"]["unet"].update(TINY_UNET)
     params["train"].update(threads=1, use_augmented=False, early_stopping_patience=0)
     params["train"]["distill"].update(unet=[str(teacher_file)], weight=0.5)
     params["prepare"].update(group_by="none", workers=1)

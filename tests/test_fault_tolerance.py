@@ -15,12 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import PROJECT_ROOT, train_stage_command
+from helpers import PROJECT_ROOT, TINY_UNET, train_stage_command
 from tumorseg.config import load_config
 from tumorseg.data.synthetic import write_synthetic_dataset
 from tumorseg.pipeline.prepare import prepare_step
-
-TINY_MODEL = {"base_filters": 4, "depth": 2, "use_caspp": False}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +26,7 @@ def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("killed")
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params.update(epochs=5, image_size=32, lr=1e-3)
-    params["models"]["unet"].update(TINY_MODEL)
+    params["models"]["unet"].update(TINY_UNET)
     params["train"].update(deterministic=False, early_stopping_patience=0, reduce_lr_patience=0)
     params["prepare"].update(group_by="none", workers=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params))

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import PROJECT_ROOT, blob_pair, write_pair
+from helpers import PROJECT_ROOT, TINY_UNET, blob_pair, write_pair
 from tumorseg.config import load_config
 from tumorseg.pretrain import corrupt_all, corruption
 
 CFG = load_config(PROJECT_ROOT / "params.yaml")
-TINY_UNET = CFG.models.unet.model_dump() | {"base_filters": 4, "depth": 2, "use_caspp": False}
+TINY_UNET_PARAMS = CFG.models.unet.model_dump() | TINY_UNET  # every build_model argument
 
 
 def test_corruption_blanks_patches_reproducibly():
@@ -43,7 +43,7 @@ def test_pretraining_learns_to_restore_and_its_file_warm_starts_the_model(tmp_pa
     raw = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     raw.update(image_size=32, lr=0.01)
     raw["pretrain"].update(epochs=4, holes=2, hole_fraction=0.25, noise_std=0.02)
-    raw["models"]["unet"].update(base_filters=4, depth=2, use_caspp=False)
+    raw["models"]["unet"].update(TINY_UNET)
     raw["train"]["deterministic"] = False
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(raw))
@@ -61,7 +61,7 @@ def test_pretraining_learns_to_restore_and_its_file_warm_starts_the_model(tmp_pa
     assert len(losses) == 4 and min(losses[1:]) < 0.8 * losses[0]  # it learns to restore the images
     assert run.data.metrics["best_val_loss"] == pytest.approx(min(losses), rel=1e-6)
 
-    model = build_model("unet", (64, 64, 1), **TINY_UNET)  # segmentation at another size
+    model = build_model("unet", (64, 64, 1), **TINY_UNET_PARAMS)  # segmentation at another size
     load_initial_weights(model, out, key="train.init_from.unet")
     pretrained = keras.models.load_model(out)
     assert getattr(pretrained, "optimizer", None) is None  # published without the optimizer state

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import PROJECT_ROOT, blob_pair, train_stage_command, write_pair
+from helpers import PROJECT_ROOT, TINY_UNET, blob_pair, train_stage_command, write_pair
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("resume")
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params.update(profile="full", epochs=EPOCHS, image_size=32, batch_size=8, lr=3e-3)
-    params["models"]["unet"].update(base_filters=8, depth=2, use_caspp=False, dropout=0.1)
+    params["models"]["unet"].update(TINY_UNET, base_filters=8, dropout=0.1)
     params["train"].update(
         deterministic=True, threads=1, online_augment=True, use_augmented=False, lr_scale=1, lr_schedule="plateau",
         reduce_lr_patience=1, reduce_lr_factor=0.5, early_stopping_patience=3,

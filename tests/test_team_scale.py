@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import PROJECT_ROOT, TINY_PIPELINE, blob_pair, copy_pipeline, missing_postgres, train_stage_command, write_pair
+from helpers import PROJECT_ROOT, TINY_PIPELINE, TINY_UNET, blob_pair, copy_pipeline, missing_postgres, train_stage_command, write_pair
 from tumorseg import server
 
 EPOCHS = 10
@@ -43,7 +43,7 @@ def _prepared_project(root: Path, **train) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
     params.update(profile="full", epochs=EPOCHS, image_size=32, batch_size=8, lr=3e-3)
-    params["models"]["unet"].update(base_filters=8, depth=2, use_caspp=False, dropout=0.0)
+    params["models"]["unet"].update(TINY_UNET, base_filters=8, dropout=0.0)
     params["models"]["umobilenetv2"].update(alpha=0.35, encoder_weights="none", decoder_filters=[16, 8, 8, 8, 8])
     params["train"].update(deterministic=False, threads=1, use_augmented=False, early_stopping_patience=0, **train)
     params["prepare"].update(group_by="none", workers=1)
@@ -164,7 +164,11 @@ def test_training_survives_a_killed_server_and_resumes_into_one_run(stack, tmp_p
     assert version.run_id == run.info.run_id and version.status == "READY"
 
 
-QUEUED_PIPELINE = TINY_PIPELINE | {"epochs": 3, "train": {**TINY_PIPELINE["train"], "threads": 1}}  # two at once on 2 cores
+QUEUED_PIPELINE = TINY_PIPELINE | {  # two at once on 2 cores
+    "epochs": 3,
+    "models": {**TINY_PIPELINE["models"], "unet": TINY_UNET},
+    "train": {**TINY_PIPELINE["train"], "threads": 1},
+}
 
 
 def _dvc_project(root: Path, env: dict) -> Path:
