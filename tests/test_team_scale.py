@@ -246,7 +246,7 @@ def test_queued_experiments_run_two_at_a_time_against_the_server(stack, tmp_path
     measured = {
         "what": "dvc exp run --queue x2, dvc queue start -j 2, against tumorseg server (PostgreSQL + MLflow)",
         "command": "pytest -s -m server tests/test_team_scale.py -k queue (TUMORSEG_RESULTS_DIR=docs/results writes this file)",
-        "data_source": "synthetic phantoms, quick profile at toy size (40 images, 32x32, 3 epochs)",
+        "data_source": "synthetic phantoms, quick profile at toy size (40 images, 32x32, 3 epochs; TINY_UNET plain U-Net, tiny UMobileNetV2)",
         "machine": f"{os.cpu_count()} CPUs",
         "experiments": len(names),
         "jobs": 2,

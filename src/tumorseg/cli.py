@@ -520,7 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        return friendly_errors(_run)(args)
+        code = friendly_errors(_run)(args)
+        sys.stdout.flush()  # what is still buffered for a reader that left fails here, not at exit
+        return code
     except BrokenPipeError:  # `tumorseg config | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 1
