@@ -75,7 +75,6 @@ server-stop: | $(STAMP)
 server-status: | $(STAMP)
 	@$(VENV)/bin/tumorseg server status
 
-# pytest exits 5 when it collects no tests: for this suite that is a failure, said plainly.
 # pytest-xdist: one worker per core this process may use, at most 4 (each worker holds TensorFlow
 # and some tests start trainings and servers of their own); TEST_WORKERS=0 runs one process (to
 # debug with -s or pdb). Each test module runs whole in one worker (its module fixtures are built
@@ -84,6 +83,7 @@ server-status: | $(STAMP)
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
 XDIST := -n $(TEST_WORKERS) --dist loadfile
 
+# pytest exits 5 when it collects no tests: for this suite that is a failure, said plainly.
 test: $(STAMP)
 	@$(VENV)/bin/python -m pytest $(XDIST) $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
