@@ -89,9 +89,7 @@ def train_tiny_unet(
 ):
     """``train_model`` on ``TINY_UNET`` (4 filters, depth 2, no HAC, no CASPP), from ``prepared`` (no
     augmented copies) into ``out``; ``train_overrides`` replace ``train.*`` of params.yaml
-    (determinism off unless given), ``teacher`` is distillation's teacher function.
-
-    Plain blocks (``TINY_UNET``): these tests are about training, not the architecture."""
+    (determinism off unless given), ``teacher`` is distillation's teacher function."""
     from tumorseg.config import load_config
     from tumorseg.training import train_model
 
