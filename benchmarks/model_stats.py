@@ -1,4 +1,4 @@
-"""Parameters and FLOPs per image of each model (and the U-Net ablation variants) at 256x256.
+"""Parameters and FLOPs per image of each model (the U-Net ablation variants, the transformer switch) at 256x256.
 
     python benchmarks/model_stats.py [--size 256]
 
@@ -35,7 +35,9 @@ def main() -> int:
         "unet, HAC only": ("unet", unet | {"use_caspp": False}),
         "unet, CASPP only": ("unet", unet | {"use_hac": False}),
         "unet, plain": ("unet", unet | {"use_hac": False, "use_caspp": False}),
+        "unet + 2 transformer layers": ("unet", unet | {"transformer_depth": 2}),
         f"umobilenetv2 (alpha {mobile['alpha']})": ("umobilenetv2", mobile),
+        "umobilenetv2 + 2 transformer layers": ("umobilenetv2", mobile | {"transformer_depth": 2}),
     }
     rows = {}
     for label, (name, params) in variants.items():

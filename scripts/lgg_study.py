@@ -80,14 +80,15 @@ def table(folders: list[Path], cases_csv: Path | None, out: Path | None) -> str:
         by_site: dict[str, list[float]] = {}
         for patient, value in by_patient.items():
             by_site.setdefault(sites.get(patient, "?"), []).append(value)
+        members = s.get("members") or []  # an ensemble: no training of its own, scored as it is
         record = {
             "folder": run["folder"],
-            "model": run["model"],
+            "model": run["model"] if not members else f"ensemble of {' + '.join(members)}",
             "sequences": (params.get("data") or {}).get("sequences") or [],
             "image_size": params.get("image_size"),
             "epochs": run["train"].get("epochs_run"),
             "best_epoch": run["train"].get("best_epoch"),
-            "val_dice": run["train"].get("best_val_dice"),
+            "val_dice": run["train"].get("best_val_dice", s.get("val_dice_tuned") if members else None),
             "n_patients": s.get("n_patients"),
             "patient_dice": s.get("patient_dice"),
             "patient_dice_common": float(np.mean([by_patient[p] for p in sorted(common)])) if common else None,
@@ -105,10 +106,11 @@ def table(folders: list[Path], cases_csv: Path | None, out: Path | None) -> str:
             return "—" if value is None else f"{value:.{digits}f}"
 
         institutions = ", ".join(f"{k} {v['patient_dice']:.2f} ({v['patients']})" for k, v in record["patient_dice_by_institution"].items())
+        trained = f"{record['epochs']} (best {record['best_epoch']})" if not members else "the members' runs above"
         cells = [
-            run["model"],
+            record["model"],
             ", ".join(record["sequences"]).upper() or "image",
-            f"{record['image_size']}², {record['epochs']} (best {record['best_epoch']})",
+            f"{record['image_size']}², {trained}",
             f(record["val_dice"]),
             str(record["n_patients"]),
             f"**{f(record['patient_dice'])}**",

@@ -78,6 +78,19 @@ def test_onnx_export_via_the_command(tmp_path: Path, unet_path: Path, capsys):
         np.testing.assert_allclose(b.probability, a.probability, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_a_model_with_the_transformer_bottleneck_exports_and_passes_its_check(tmp_path: Path, fmt: str):
+    """Self-attention, LayerNorm and the MLP's activation convert to both formats (exact GELU would
+    not: tf2onnx has no Erfc); the export's own check compares its masks with Keras'."""
+    from tumorseg.models import build_model
+
+    model = build_model("unet", (32, 32, 1), base_filters=4, depth=2, use_caspp=False, dropout=0.0, transformer_depth=1, transformer_heads=2)
+    model.save(tmp_path / "attended.keras")
+    result = export_model(str(tmp_path / "attended.keras"), fmt, tmp_path / f"attended.{fmt}", sample_count=4, timing_repeats=1)
+    check = json.loads((tmp_path / f"attended.{fmt}.check.json").read_text())
+    assert result.passed and check["passed"] and check["images"] == 4
+
+
 def test_int8_export_calibrates_on_given_images(tmp_path: Path, bright_path: Path):
     for index in range(8):
         write_pair(tmp_path / "calib", f"{index}.png", *blob_pair(32, seed=index))

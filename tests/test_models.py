@@ -472,6 +472,70 @@ def test_attention_gates_weight_every_skip_and_survive_a_round_trip(name, params
     np.testing.assert_allclose(np.asarray(model(images, training=False)), np.asarray(loaded(images, training=False)), atol=1e-6)
 
 
+# --- transformer bottleneck --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "tokens", "channels"),
+    [
+        ("unet", {"base_filters": 4, "depth": 2, "use_hac": False}, 16 * 16, 16),  # after CASPP, stride 4
+        ("umobilenetv2", {**SMALL_MOBILE, "decoder_filters": (16, 8, 8, 8, 8)}, 2 * 2, 112),  # stride 32
+    ],
+)
+def test_transformer_bottleneck_attends_over_every_position_and_survives_a_round_trip(name, params, tokens, channels, tmp_path):
+    plain = build_model(name, (64, 64, 1), **params)
+    model = build_model(name, (64, 64, 1), **params, transformer_depth=2, transformer_heads=4)
+    assert "transformer" not in {layer.name for layer in plain.layers}
+    attention = [layer for layer in model.layers if isinstance(layer, keras.layers.MultiHeadAttention)]
+    assert [layer.name for layer in attention] == ["transformer1_attention", "transformer2_attention"]
+    assert all(layer.num_heads == 4 and layer.key_dim == channels // 4 for layer in attention)
+    # the map leaves the block with the shape it came in with, so the decoder is unchanged
+    map_in, map_out = model.get_layer("transformer_position").input, model.get_layer("transformer").output
+    assert tuple(map_out.shape[1:]) == tuple(map_in.shape[1:]) and map_out.shape[-1] == channels
+    assert [tuple(w.shape) for w in model.get_layer("dec1_conv1").weights] == [tuple(w.shape) for w in plain.get_layer("dec1_conv1").weights]
+    # self-attention: every token's output depends on every other token (a conv's would not)
+    probe = keras.Model(model.inputs, [model.get_layer("transformer_tokens").output, model.get_layer("transformer1_attention").output])
+    token_in, token_out = probe(_images(1, 64), training=False)
+    assert tuple(token_in.shape) == tuple(token_out.shape) == (1, tokens, channels)
+    layer = model.get_layer("transformer1_attention")
+    moved = np.asarray(token_in).copy()
+    moved[0, 0] += np.random.default_rng(1).normal(0.0, 5.0, channels)  # not a constant shift: LayerNorm removes those
+    normed = model.get_layer("transformer1_norm1")
+    before = np.asarray(layer(normed(token_in), normed(token_in), training=False))
+    after = np.asarray(layer(normed(moved), normed(moved), training=False))
+    assert np.abs(after - before)[0, -1].max() > 1e-4  # the last token sees a change at the first
+    # stock layers only: saves and loads with no custom objects, same predictions
+    model.save(tmp_path / "transformer.keras")
+    loaded = keras.models.load_model(tmp_path / "transformer.keras")
+    images = _images(2, 64, seed=3)
+    np.testing.assert_allclose(np.asarray(model(images, training=False)), np.asarray(loaded(images, training=False)), atol=1e-6)
+    # no weight depends on the input size: the 64-px model warm-starts a 128-px one (train.init_from)
+    bigger = build_model(name, (128, 128, 1), **params, transformer_depth=2, transformer_heads=4)
+    bigger.load_weights(tmp_path / "transformer.keras")
+    for mine, theirs in zip(bigger.get_layer("transformer2_mlp2").weights, model.get_layer("transformer2_mlp2").weights):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
+
+
+def test_transformer_flops_count_its_projections_attention_and_mlp():
+    params = {"base_filters": 4, "depth": 2, "use_hac": False, "use_caspp": False, "dropout": 0.0}
+    plain = count_flops(build_model("unet", (32, 32, 1), **params))
+    model = build_model("unet", (32, 32, 1), **params, transformer_depth=1, transformer_heads=2)
+    tokens, channels, heads, key_dim = 8 * 8, 16, 2, 8
+    position = tokens * channels * 9  # the 3x3 depthwise positional encoding
+    attention = tokens * channels * heads * key_dim * 3 + tokens * heads * key_dim * channels + tokens * tokens * heads * key_dim * 2
+    mlp = tokens * channels * 2 * channels * 2  # C -> 2C -> C
+    assert count_flops(model) == plain + 2 * (position + attention + mlp)
+
+
+def test_transformer_settings_are_checked_with_their_names():
+    for bad, message in [({"transformer_depth": -1}, "unet.transformer_depth"), ({"transformer_depth": 1, "transformer_heads": 0}, "unet.transformer_heads")]:
+        with pytest.raises(ValueError, match=message):
+            build_model("unet", (32, 32, 1), base_filters=4, depth=2, **bad)
+    with pytest.raises(ValueError, match="transformer_heads"):
+        UMobileNetV2Config(transformer_heads=0)
+    assert UNetConfig().transformer_depth == UMobileNetV2Config().transformer_depth == 0  # off by default
+
+
 # --- deep supervision -------------------------------------------------------------------------------
 
 

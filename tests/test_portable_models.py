@@ -55,11 +55,18 @@ def test_fresh_unet_loads_and_predicts_without_tumorseg(tmp_path):
     assert "tumorseg" not in config and '"Lambda"' not in config  # stock layers only, nothing safe mode refuses
     assert not saved_with_legacy_layers(portable) and saved_with_legacy_layers(legacy)
 
+    attended = build_model("unet", (32, 32, 1), **TINY, transformer_depth=1, transformer_heads=2)  # + self-attention
+    attended.save(tmp_path / "transformer.keras")
+
     probe = _images(3, 32, seed=2)
-    loaded, refused = predict_without_tumorseg([(portable, probe), (legacy, probe)], tmp_path / "elsewhere")
+    loaded, refused, loaded_attended = predict_without_tumorseg(
+        [(portable, probe), (legacy, probe), (tmp_path / "transformer.keras", probe)], tmp_path / "elsewhere"
+    )
     assert isinstance(loaded, np.ndarray), loaded
     difference = float(np.abs(loaded - model.predict(probe, verbose=0)).max())
     assert difference < 1e-5, difference
+    assert isinstance(loaded_attended, np.ndarray), loaded_attended
+    assert float(np.abs(loaded_attended - attended.predict(probe, verbose=0)).max()) < 1e-5
     assert float(loaded.std()) > 1e-3  # the predictions are not a constant that anything would match
     # the check can fail: the same process refuses a legacy file, as it refused unet-figshare.keras before
     assert isinstance(refused, str) and "HACBlock" in refused, refused

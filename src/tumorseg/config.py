@@ -258,6 +258,8 @@ class UNetConfig(_Strict):
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     bn_momentum: float = Field(0.9, gt=0.0, lt=1.0)
     attention_gates: bool = False  # additive attention gates on the skip connections
+    transformer_depth: int = Field(0, ge=0, le=12)  # transformer layers on the deepest feature map (TransUNet); 0 = off
+    transformer_heads: int = Field(8, ge=1, le=64)  # attention heads of each transformer layer
 
     @field_validator("caspp_rates")
     @classmethod
@@ -280,6 +282,8 @@ class UMobileNetV2Config(_Strict):
     freeze_epochs: int = Field(0, ge=0)
     fine_tune_lr_factor: float = Field(0.1, gt=0.0, le=1.0)
     attention_gates: bool = False  # additive attention gates on the skip connections
+    transformer_depth: int = Field(0, ge=0, le=12)  # transformer layers on the deepest feature map (TransUNet); 0 = off
+    transformer_heads: int = Field(8, ge=1, le=64)  # attention heads of each transformer layer
 
     @field_validator("decoder_filters")
     @classmethod

@@ -1,11 +1,13 @@
-"""The two building blocks of the hybrid U-Net, HAC and CASPP, as functional sub-graphs of stock Keras layers.
+"""The blocks of both models as functional sub-graphs of stock Keras layers: HAC and CASPP (the hybrid
+U-Net), attention gates and the transformer bottleneck (switches of both models).
 
 The reference work names the blocks and their purpose only; the designs below are ours and are
 documented here and in the README (section "Models").
 
 Every block is a function ``block(x, ..., name=...)`` that adds plain Keras layers (Conv2D,
 BatchNormalization, ReLU, Add, Concatenate, Dense, global pooling, Reshape, UpSampling2D,
-Multiply) to the graph: no custom layer class and no Lambda. A saved model therefore loads with
+Multiply; LayerNormalization and MultiHeadAttention in :func:`transformer_bottleneck`) to the
+graph: no custom layer class and no Lambda. A saved model therefore loads with
 plain ``keras.models.load_model(path)`` (safe mode, no ``custom_objects``) in a Python that has
 never heard of tumorseg. Each sub-layer is named ``<block>_<part>`` (``enc1_branch2_bn``) and the
 block's output layer carries the block's name (``enc1``, ``dec2``, ``caspp``), so a block's
@@ -268,3 +270,34 @@ def attention_gate(gating, skip, name: str):
     joint = layers.ReLU(name=f"{name}_relu")(layers.Add(name=f"{name}_add")([theta, phi]))
     coefficients = layers.Conv2D(1, 1, activation="sigmoid", name=f"{name}_psi")(joint)
     return layers.Multiply(name=f"{name}_gate")([skip, coefficients])
+
+
+def transformer_bottleneck(x, name: str, *, depth: int, heads: int, mlp_ratio: int = 2, dropout: float = 0.0):
+    """Self-attention over the deepest feature map: TransUNet's bottleneck (Chen et al. 2021),
+    the reference work's other named next step; ``depth`` pre-norm transformer layers.
+
+    Every pixel of the map becomes a token of its channels; each layer is
+    ``t = t + MHA(LN(t))`` then ``t = t + MLP(LN(t))`` (MLP: Dense ``mlp_ratio x C``, SiLU, Dense C;
+    SiLU rather than ViT's exact GELU, whose ``Erfc`` op tf2onnx cannot export),
+    and the tokens go back to the map, so the decoder sees the same shape as without it. A CNN
+    bottleneck sees a neighbourhood; attention lets every position weigh every other (the whole
+    slice at stride 16/32), e.g. the opposite hemisphere. Position comes from a 3x3 depthwise
+    convolution added to the map first (conditional positional encoding, Chu et al., CPVT 2023),
+    not from a learnt table, so no weight depends on the input size: a model trained at 128² still
+    warm-starts one at 256² (``train.init_from``). Stock layers only (``<name>_*``, output ``name``).
+    """
+    height, width, channels = (int(v) for v in x.shape[1:])
+    position = layers.DepthwiseConv2D(3, padding="same", name=f"{name}_position")(x)
+    x = layers.Add(name=f"{name}_with_position")([x, position])
+    tokens = layers.Reshape((height * width, channels), name=f"{name}_tokens")(x)
+    key_dim = max(channels // heads, 1)
+    for layer in range(1, depth + 1):
+        prefix = f"{name}{layer}"
+        h = layers.LayerNormalization(epsilon=1e-6, name=f"{prefix}_norm1")(tokens)
+        h = layers.MultiHeadAttention(heads, key_dim, dropout=dropout, name=f"{prefix}_attention")(h, h)
+        tokens = layers.Add(name=f"{prefix}_attention_add")([tokens, h])
+        h = layers.LayerNormalization(epsilon=1e-6, name=f"{prefix}_norm2")(tokens)
+        h = layers.Dense(channels * mlp_ratio, activation="silu", name=f"{prefix}_mlp1")(h)
+        h = layers.Dense(channels, name=f"{prefix}_mlp2")(h)
+        tokens = layers.Add(name=f"{prefix}_mlp_add")([tokens, h])
+    return layers.Reshape((height, width, channels), name=name)(tokens)

@@ -66,6 +66,7 @@ _FLOP_LAYERS = (
     layers.SeparableConv2D,
     layers.Conv2DTranspose,
     layers.Dense,
+    layers.MultiHeadAttention,
 )
 
 
@@ -88,6 +89,11 @@ def _macs(layer: layers.Layer, in_shape: tuple[int, ...], out_shape: tuple[int, 
         return int(np.prod(out_shape[1:])) * kh * kw * (in_shape[-1] // groups)
     if isinstance(layer, layers.Dense):
         return int(np.prod(in_shape[1:])) * layer.units
+    if isinstance(layer, layers.MultiHeadAttention):  # self-attention over T tokens of C channels
+        tokens, channels = int(np.prod(in_shape[1:-1])), in_shape[-1]
+        heads, key_dim, value_dim = layer.num_heads, layer.key_dim, layer.value_dim or layer.key_dim
+        projections = tokens * channels * heads * (2 * key_dim + value_dim) + tokens * heads * value_dim * out_shape[-1]
+        return projections + tokens * tokens * heads * (key_dim + value_dim)  # scores QK^T and their weighted sum of V
     return 0
 
 
@@ -95,7 +101,8 @@ def count_flops(model: keras.Model) -> int:
     """FLOPs of one forward pass on ONE image, by the convention 1 multiply-add = 2 FLOPs.
 
     Counted: the multiply-accumulates of every Conv2D, DepthwiseConv2D, SeparableConv2D,
-    Conv2DTranspose and Dense call, wherever it sits (top level - the HAC/CASPP sub-graphs -, inside
+    Conv2DTranspose and Dense call and of self-attention (its four projections, the scores and
+    their weighted sum of the values), wherever it sits (top level - the HAC/CASPP sub-graphs -, inside
     legacy HAC/CASPP layers or the nested encoder; a layer called twice, as channel attention's
     shared MLP, counts twice), from the shapes actually seen in one inference pass on a zero image
     (same padding counted as full-size output). Not counted: bias additions, BatchNorm (foldable
@@ -149,5 +156,5 @@ def model_summary_stats(model: keras.Model) -> dict[str, Any]:
         "gflops_per_image": flops / 1e9,
         "macs_per_image": flops // 2,
         "input_shape": tuple(model.input_shape[1:]),
-        "flops_convention": "2 FLOPs per multiply-add of conv/dense layers; bias, BN, activations not counted",
+        "flops_convention": "2 FLOPs per multiply-add of conv/dense layers and self-attention; bias, BN, activations not counted",
     }

@@ -8,7 +8,7 @@ Layout (strides relative to the input, H and W divisible by 32)::
         stride  4: block_3_expand_relu    -> skip
         stride  8: block_6_expand_relu    -> skip
         stride 16: block_13_expand_relu   -> skip
-        stride 32: block_16_project       -> bottleneck
+        stride 32: block_16_project       -> bottleneck [-> transformer layers if transformer_depth]
     decoder stage k = 1..5 (filters decoder_filters[k-1]):
         UpSampling2D x2 (bilinear) -> concat skip (stages 1-4; stage 5 at full resolution has none)
         -> (3x3 conv-BN-ReLU) x 2 [-> dropout]
@@ -30,7 +30,7 @@ import keras
 from keras import layers
 
 from tumorseg.models._validate import check_bool, check_float, check_input_shape, check_int, check_int_list
-from tumorseg.models.blocks import attention_gate
+from tumorseg.models.blocks import attention_gate, transformer_bottleneck
 from tumorseg.models.inputs import INPUT_NAME
 
 ENCODER_NAME = "encoder"
@@ -149,6 +149,8 @@ def build_umobilenetv2(
     freeze_epochs: int = 0,
     fine_tune_lr_factor: float = 0.1,
     attention_gates: bool = False,
+    transformer_depth: int = 0,
+    transformer_heads: int = 8,
 ) -> keras.Model:
     """Build UMobileNetV2. Input ``(N, H, W, 1 or 3)`` raw pixels in [0, 255], H and W divisible by
     32; output ``(N, H, W, 1)`` sigmoid probabilities (float32).
@@ -168,6 +170,8 @@ def build_umobilenetv2(
     check_int("umobilenetv2.freeze_epochs", freeze_epochs, 0)
     check_float("umobilenetv2.fine_tune_lr_factor", fine_tune_lr_factor, 0.0, 1.0, low_open=True)
     attention_gates = check_bool("umobilenetv2.attention_gates", attention_gates)
+    transformer_depth = check_int("umobilenetv2.transformer_depth", transformer_depth, 0, 12)
+    transformer_heads = check_int("umobilenetv2.transformer_heads", transformer_heads, 1, 64)
     if encoder_weights is not None and not isinstance(encoder_weights, (str, os.PathLike)):
         raise ValueError(f"umobilenetv2.encoder_weights must be imagenet, none or a path, got {encoder_weights!r}")
     height, width, channels = check_input_shape(input_shape, 32, "umobilenetv2")
@@ -186,6 +190,8 @@ def build_umobilenetv2(
         x = layers.Conv2D(3, 1, use_bias=False, kernel_initializer=keras.initializers.Constant(1.0 / channels), name="sequences_to_rgb")(inputs)
     x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="mobilenetv2_preprocess")(x)
     *skips, x = encoder(x)
+    if transformer_depth:
+        x = transformer_bottleneck(x, "transformer", depth=transformer_depth, heads=transformer_heads, dropout=dropout)
     for stage, filters in enumerate(decoder_filters, start=1):
         x = layers.UpSampling2D(2, interpolation="bilinear", name=f"dec{stage}_up")(x)
         if stage <= len(skips):

@@ -5,6 +5,7 @@ Layout for ``depth = d`` and ``base_filters = f`` (level i has ``f * 2**i`` filt
     raw image (0..255) -> Rescaling(1/255)
     encoder level i = 0..d-1:  block(f*2^i) [-> dropout] -> skip_i ; MaxPool 2x2
     bottleneck:                CASPP(f*2^d)  if use_caspp  else  block(f*2^d) [-> dropout]
+                               [-> transformer layers  if transformer_depth]
     decoder level i = d-1..0:  ConvTranspose 2x2/2 (f*2^i) -> concat skip_i -> block(f*2^i) [-> dropout]
     head:                      1x1 conv -> sigmoid (float32)
 
@@ -23,7 +24,7 @@ import keras
 from keras import layers
 
 from tumorseg.models._validate import check_bool, check_float, check_input_shape, check_int, check_int_list
-from tumorseg.models.blocks import attention_gate, caspp_block, hac_block
+from tumorseg.models.blocks import attention_gate, caspp_block, hac_block, transformer_bottleneck
 from tumorseg.models.inputs import INPUT_NAME
 
 
@@ -48,6 +49,8 @@ def build_unet(
     dropout: float = 0.1,
     bn_momentum: float = 0.9,
     attention_gates: bool = False,
+    transformer_depth: int = 0,
+    transformer_heads: int = 8,
 ) -> keras.Model:
     """Build the (hybrid) U-Net. Input ``(N, H, W, C)`` raw pixels in [0, 255], H and W divisible
     by ``2**depth``; output ``(N, H, W, 1)`` sigmoid probabilities (float32).
@@ -62,6 +65,8 @@ def build_unet(
     dropout = check_float("unet.dropout", dropout, 0.0, 1.0, high_open=True)
     bn_momentum = check_float("unet.bn_momentum", bn_momentum, 0.0, 1.0, low_open=True, high_open=True)
     attention_gates = check_bool("unet.attention_gates", attention_gates)
+    transformer_depth = check_int("unet.transformer_depth", transformer_depth, 0, 12)
+    transformer_heads = check_int("unet.transformer_heads", transformer_heads, 1, 64)
     height, width, channels = check_input_shape(input_shape, 2**depth, "unet")
 
     def block(x, filters: int, name: str):
@@ -86,6 +91,8 @@ def build_unet(
         x = caspp_block(x, bottleneck_filters, "caspp", rates=caspp_rates, dropout=dropout, bn_momentum=bn_momentum)
     else:
         x = block(x, bottleneck_filters, "bottleneck")
+    if transformer_depth:
+        x = transformer_bottleneck(x, "transformer", depth=transformer_depth, heads=transformer_heads, dropout=dropout)
 
     for level in reversed(range(depth)):
         filters = base_filters * 2**level
@@ -95,5 +102,5 @@ def build_unet(
         x = block(x, filters, f"dec{level + 1}")
 
     outputs = layers.Conv2D(1, 1, activation="sigmoid", dtype="float32", name="mask")(x)
-    suffix = ("_hac" if use_hac else "") + ("_caspp" if use_caspp else "")
+    suffix = ("_hac" if use_hac else "") + ("_caspp" if use_caspp else "") + ("_transformer" if transformer_depth else "")
     return keras.Model(inputs, outputs, name=f"unet{suffix}")
