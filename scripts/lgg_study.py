@@ -6,6 +6,9 @@ the README's table from them, per patient, per institution and on the patients e
     # the table (Markdown to stdout, JSON beside it):
     python scripts/lgg_study.py table --cases ../shared/data/lgg-256/cases.csv \\
         --out docs/results/lgg-study.json docs/results/lgg-*/
+    # one run's patients: Dice, false-positive slices, sequences, and the means without the worst one
+    python scripts/lgg_study.py patients --cases ../shared/data/lgg-256/cases.csv \\
+        --out docs/results/lgg-umobilenetv2-t1-flair-t1ce/patients.json docs/results/lgg-umobilenetv2-t1-flair-t1ce
 
 Only JSON, CSV and params are copied (no slice images: they are copies of ../shared data).
 """
@@ -134,6 +137,50 @@ def table(folders: list[Path], cases_csv: Path | None, out: Path | None) -> str:
     return text
 
 
+def patients(folder: Path, cases_csv: Path | None, out: Path | None) -> str:
+    """Per patient of one run (its per_image.csv): Dice of the stacked slices, tumour-free slices
+    flagged, the sequences the patient has; and the run's two goal numbers with and without its
+    worst patient, so one atypical scan is told apart from a general shortfall."""
+    cases = {}
+    if cases_csv and cases_csv.exists():
+        with open(cases_csv, newline="") as handle:
+            cases = {row["case"]: row for row in csv.DictReader(handle)}
+    with open(folder / "per_image.csv", newline="") as handle:
+        slices = list(csv.DictReader(handle))
+    rows: dict[str, dict] = {}
+    for s in slices:
+        row = rows.setdefault(s["patient"], {"tp": 0, "fp": 0, "fn": 0, "tumour_free": 0, "tumour_free_flagged": 0})
+        for key in ("tp", "fp", "fn"):
+            row[key] += int(s[key])
+        if int(s["truth_pixels"]) == 0:
+            row["tumour_free"] += 1
+            row["tumour_free_flagged"] += int(s["pred_pixels"]) > 0
+    for patient, row in rows.items():
+        row["dice"] = 2 * row["tp"] / max(2 * row["tp"] + row["fp"] + row["fn"], 1)
+        row["sequences"] = cases.get(patient, {}).get("sequences", "?")
+        row["institution"] = cases.get(patient, {}).get("institution", "?")
+
+    def goal_numbers(keep: list[str]) -> dict:
+        free = sum(rows[p]["tumour_free"] for p in keep)
+        return {
+            "patients": len(keep),
+            "patient_dice": float(np.mean([rows[p]["dice"] for p in keep])),
+            "false_positive_rate": sum(rows[p]["tumour_free_flagged"] for p in keep) / free if free else None,
+        }
+
+    ordered = sorted(rows, key=lambda p: rows[p]["dice"])
+    summary = {"all": goal_numbers(ordered), "without_worst": {"patient": ordered[0], **goal_numbers(ordered[1:])}}
+    if out:
+        out.write_text(json.dumps({"run": folder.as_posix(), **summary, "patients": {p: rows[p] for p in ordered}}, indent=2) + "\n")
+    lines = ["| patient | institution | sequences | per-patient Dice | FP px | FN px | tumour-free slices flagged |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for p in ordered:
+        r = rows[p]
+        lines.append(f"| {p} | {r['institution']} | {r['sequences']} | {r['dice']:.3f} | {r['fp']} | {r['fn']} | {r['tumour_free_flagged']} / {r['tumour_free']} |")
+    for label, numbers in summary.items():
+        lines.append(f"{label}: {numbers}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,9 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folders", nargs="+", type=Path)
     p.add_argument("--cases", type=Path, default=None, help="lgg-256's cases.csv (institution per case)")
     p.add_argument("--out", type=Path, default=None, help="JSON of the table")
+    p = sub.add_parser("patients")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--cases", type=Path, default=None, help="lgg-256's cases.csv (sequences, institution per case)")
+    p.add_argument("--out", type=Path, default=None, help="JSON of the table")
     args = parser.parse_args(argv)
     if args.command == "collect":
         collect(args.workspace, args.model, args.out)
+    elif args.command == "patients":
+        print(patients(args.folder, args.cases, args.out))
     else:
         print(table(args.folders, args.cases, args.out))
     return 0
