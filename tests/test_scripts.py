@@ -64,6 +64,39 @@ def test_lgg_study_table_compares_runs_per_institution_and_on_common_patients(tm
     assert saved["common_patients"] == ["A_1", "C_3"] and saved["runs"][1]["patient_dice_by_institution"] == {"DU": {"patients": 2, "patient_dice": 0.6}}
 
 
+def test_lgg_study_table_shows_an_ensemble_with_its_members_and_tuned_validation_dice(tmp_path):
+    import json
+
+    lgg_study = _script("lgg_study")
+    folder = tmp_path / "ensemble"
+    folder.mkdir()
+    (folder / "evaluate_ensemble.json").write_text(json.dumps({"patient_dice": 0.7, "n_patients": 1, "val_dice_tuned": 0.79}))
+    (folder / "evaluate_ensemble.info.json").write_text(json.dumps({"patient_dice_by_patient": {"A_1": 0.7}, "members": ["unet", "umobilenetv2"]}))
+    (folder / "params.yaml").write_text("image_size: 128\n")
+    row = lgg_study.table([folder], None, None).splitlines()[2]
+    assert row.startswith("| ensemble of unet + umobilenetv2 | image | 128², the members' runs above | 0.790 | 1 | **0.700** |"), row
+
+
+def test_lgg_study_patients_finds_the_patient_behind_a_gap(tmp_path):
+    import json
+
+    lgg_study = _script("lgg_study")
+    cases = tmp_path / "cases.csv"
+    cases.write_text("case,institution,slices,tumour_slices,sequences\nA,DU,2,1,t1;flair\nB,FG,2,1,flair\n")
+    header = "file,patient,tp,fp,fn,truth_pixels,pred_pixels\n"
+    rows = [  # A: Dice 2*8/(16+2+2) = 0.8, its tumour-free slice clean; B: 2*1/(2+30) = 0.0625, its tumour-free slice flagged
+        "A_1.png,A,8,2,2,10,10", "A_2.png,A,0,0,0,0,0", "B_1.png,B,1,20,0,1,21", "B_2.png,B,0,10,0,0,10",
+    ]
+    (tmp_path / "per_image.csv").write_text(header + "\n".join(rows) + "\n")
+    out = tmp_path / "patients.json"
+    text = lgg_study.patients(tmp_path, cases, out)
+    assert "| B | FG | flair | 0.062 | 30 | 0 | 1 / 1 |" in text
+    saved = json.loads(out.read_text())
+    assert list(saved["patients"]) == ["B", "A"]  # worst first
+    assert saved["all"] == {"patients": 2, "patient_dice": pytest.approx((0.8 + 0.0625) / 2), "false_positive_rate": 0.5}
+    assert saved["without_worst"] == {"patient": "B", "patients": 1, "patient_dice": pytest.approx(0.8), "false_positive_rate": 0.0}
+
+
 def test_volume_filter_keeps_each_patients_3d_components_in_slice_order():
     """Components are found per patient across neighbouring slices, ordered by the slice number
     (not the listing order); another patient's blobs never join them."""
