@@ -172,10 +172,14 @@ def patients(folder: Path, cases_csv: Path | None, out: Path | None) -> str:
     summary = {"all": goal_numbers(ordered), "without_worst": {"patient": ordered[0], **goal_numbers(ordered[1:])}}
     if out:
         out.write_text(json.dumps({"run": folder.as_posix(), **summary, "patients": {p: rows[p] for p in ordered}}, indent=2) + "\n")
-    lines = ["| patient | institution | sequences | per-patient Dice | FP px | FN px | tumour-free slices flagged |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| patient | institution | sequences | per-patient Dice | FP px | FN px | tumour-free slices flagged |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
     for p in ordered:
         r = rows[p]
-        lines.append(f"| {p} | {r['institution']} | {r['sequences']} | {r['dice']:.3f} | {r['fp']} | {r['fn']} | {r['tumour_free_flagged']} / {r['tumour_free']} |")
+        flagged = f"{r['tumour_free_flagged']} / {r['tumour_free']}"
+        lines.append(f"| {p} | {r['institution']} | {r['sequences']} | {r['dice']:.3f} | {r['fp']} | {r['fn']} | {flagged} |")
     for label, numbers in summary.items():
         lines.append(f"{label}: {numbers}")
     return "\n".join(lines)
