@@ -85,18 +85,20 @@ def train_tiny_unet(
     seed: int = 0,
     init_from: str | Path | None = None,
     teacher=None,
+    architecture: dict | None = None,
     **train_overrides,
 ):
-    """``train_model`` on ``TINY_UNET`` (4 filters, depth 2, no HAC, no CASPP), from ``prepared`` (no
-    augmented copies) into ``out``; ``train_overrides`` replace ``train.*`` of params.yaml
-    (determinism off unless given), ``teacher`` is distillation's teacher function."""
+    """``train_model`` on ``TINY_UNET`` (4 filters, depth 2, no HAC, no CASPP; ``architecture``
+    changes some of it), from ``prepared`` (no augmented copies) into ``out``; ``train_overrides``
+    replace ``train.*`` of params.yaml (determinism off unless given), ``teacher`` is
+    distillation's teacher function."""
     from tumorseg.config import load_config
     from tumorseg.training import train_model
 
     cfg = load_config(PROJECT_ROOT / "params.yaml")
     return train_model(
         "unet",
-        architecture=cfg.models.unet.model_copy(update=TINY_UNET),
+        architecture=cfg.models.unet.model_copy(update=TINY_UNET | (architecture or {})),
         loss=cfg.loss,
         train=cfg.train.model_copy(update={"deterministic": False} | train_overrides),
         augment=cfg.augment,

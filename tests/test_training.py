@@ -116,6 +116,19 @@ def test_cosine_training_logs_a_falling_learning_rate(prepared: Path, tmp_path: 
     assert rates[-1] == pytest.approx(CFG.train.min_lr, rel=1e-3)  # the last step reaches min_lr
 
 
+@pytest.mark.slow  # trains (two 2-epoch runs)
+def test_a_model_with_the_transformer_bottleneck_trains_deterministically(prepared: Path, tmp_path: Path):
+    """Self-attention keeps the project's promise: the same seed gives the same weights."""
+    import keras
+
+    transformer = {"transformer_depth": 1, "transformer_heads": 2}
+    runs = [_train(prepared, tmp_path / name, epochs=2, deterministic=True, architecture=transformer) for name in ("a", "b")]
+    assert all(run.epochs_run == 2 for run in runs)
+    a, b = (keras.models.load_model(tmp_path / name / "unet.keras") for name in ("a", "b"))
+    assert "transformer1_attention" in {layer.name for layer in a.layers}
+    assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+
+
 @pytest.mark.slow  # trains (three 1-epoch runs)
 def test_warm_start_begins_from_the_given_model_at_another_input_size(prepared: Path, tmp_path: Path):
     """Progressive resizing: a model trained at 32² continues at 48² from its own weights."""
