@@ -147,3 +147,43 @@ def test_focal_term_hand_values_and_weight():
     assert keras.losses.deserialize(keras.losses.serialize(only_focal)).get_config() == only_focal.get_config()
     with pytest.raises(ValueError, match="focal_gamma"):
         L.combined_loss(focal_gamma=-1.0)
+
+
+def test_boundary_band_and_term_match_their_formula():
+    from scipy import ndimage
+
+    mask = np.zeros((1, 12, 12, 1), "float32")
+    mask[0, 3:9, 3:9] = 1.0  # a 6x6 square
+    band = np.asarray(L.boundary_band(mask, width=1))[0, ..., 0]
+    window = np.ones((3, 3))
+    expected = ndimage.grey_dilation(mask[0, ..., 0], footprint=window) - ndimage.grey_erosion(mask[0, ..., 0], footprint=window)
+    np.testing.assert_array_equal(band, expected)
+    assert band.sum() == 8 * 8 - 4 * 4  # one ring outside the square and one inside; the centre 4x4 is not outline
+
+    perfect = np.clip(mask, 1e-7, 1 - 1e-7)
+    assert float(L.boundary_loss(mask, perfect, width=1)[0]) == pytest.approx(0.0, abs=1e-5)
+    hollow = mask.copy()
+    hollow[0, 5:7, 5:7] = 0.0  # wrong in the middle, far from the outline: BCE sees it, the boundary term does not
+    assert float(L.boundary_loss(mask, hollow, width=1)[0]) == pytest.approx(0.0, abs=1e-5)
+    assert float(L.bce_loss(mask, hollow)[0]) > 0.1
+    shrunk = mask.copy()
+    shrunk[0, 3, 3:9] = 0.5  # the top row of the outline unsure: 6 band pixels at ln 2 over the 48 of the band
+    assert float(L.boundary_loss(mask, shrunk, width=1)[0]) == pytest.approx(6 * np.log(2) / 48, abs=1e-5)
+    assert float(L.boundary_loss(np.zeros_like(mask), np.full_like(mask, 0.9), width=1)[0]) == 0.0  # no outline: nothing to weigh
+
+
+def test_boundary_term_adds_with_its_weight_and_serializes():
+    rng = np.random.default_rng(6)
+    t = np.zeros((2, 16, 16, 1), "float32")
+    t[:, 4:10, 5:12] = 1.0
+    p = rng.random((2, 16, 16, 1)).astype("float32")
+    with_boundary = L.combined_loss(boundary_weight=0.5, boundary_width=3)
+    expected = float(L.combined_loss()(t, p)) + 0.5 * float(np.mean(L.boundary_loss(t, p, 3)))
+    assert float(with_boundary(t, p)) == pytest.approx(expected, rel=1e-6)
+    clone = keras.losses.deserialize(keras.losses.serialize(with_boundary))
+    assert clone.get_config() == with_boundary.get_config() and clone.boundary_width == 3
+    # a checkpoint compiled before the term existed has no boundary keys: it still loads, term off
+    old = {k: v for k, v in L.combined_loss().get_config().items() if not k.startswith("boundary")}
+    assert L.CombinedLoss.from_config(old).boundary_weight == 0.0
+    with pytest.raises(ValueError, match="boundary_width"):
+        L.combined_loss(boundary_weight=1.0, boundary_width=0)

@@ -229,7 +229,7 @@ class AugmentConfig(_Strict):
 
 
 class LossConfig(_Strict):
-    """The reference loss: weighted BCE + soft Dice + Tversky (+ an optional focal term)."""
+    """The reference loss: weighted BCE + soft Dice + Tversky (+ optional focal and boundary terms)."""
 
     bce_weight: float = Field(1.0, ge=0.0)
     dice_weight: float = Field(1.0, ge=0.0)
@@ -239,11 +239,13 @@ class LossConfig(_Strict):
     smooth: float = Field(1.0, gt=0.0)
     focal_weight: float = Field(0.0, ge=0.0)  # focal BCE term (not in the reference loss)
     focal_gamma: float = Field(2.0, ge=0.0, le=10.0)  # down-weighting of easy pixels; 0 = BCE
+    boundary_weight: float = Field(0.0, ge=0.0)  # BCE on the band around the mask's outline (not in the reference loss)
+    boundary_width: int = Field(2, ge=1, le=16)  # the band: pixels within this many of the outline, both sides
 
     @model_validator(mode="after")
     def _some_term(self) -> LossConfig:
-        if self.bce_weight + self.dice_weight + self.tversky_weight + self.focal_weight <= 0:
-            raise ValueError("at least one of bce_weight, dice_weight, tversky_weight, focal_weight must be > 0")
+        if self.bce_weight + self.dice_weight + self.tversky_weight + self.focal_weight + self.boundary_weight <= 0:
+            raise ValueError("at least one of bce_weight, dice_weight, tversky_weight, focal_weight, boundary_weight must be > 0")
         return self
 
 

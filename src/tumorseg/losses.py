@@ -17,7 +17,13 @@ With p = y_pred clipped to [eps, 1 - eps] (eps = 1e-7), t = y_true, sums over on
             (alpha weighs false positives, beta false negatives; alpha = beta = 0.5 is Dice)
 * Focal:    mean_pixels( (1 - p_t)^gamma * BCE ), p_t = p where t = 1 else 1 - p (Lin et al. 2017,
             Keras' ``binary_focal_crossentropy``); gamma = 0 is BCE
+* Boundary: sum(b * BCE) / max(sum(b), 1), b = dilate_k(t) - erode_k(t) with k = 2 width + 1
+            (grey-scale max/min over a k x k window): BCE over the band of pixels within
+            ``width`` of the mask's outline, inside and out, so the outline weighs as much as
+            the bulk whatever the tumour's size; 0 for a mask without an outline (empty or full).
+            Needs ``(N, H, W, C)``.
 * Combined: bce_weight * BCE + dice_weight * Dice + tversky_weight * Tversky + focal_weight * Focal
+            + boundary_weight * Boundary
 
 The smoothing ``s`` (default 1) keeps Dice/Tversky finite and their gradients defined on empty
 masks and empty predictions: an all-zero mask predicted all-zero gives loss 0, not 0/0.
@@ -30,7 +36,7 @@ from keras import ops
 
 from tumorseg.config import LossConfig
 
-__all__ = ["CombinedLoss", "EPSILON", "bce_loss", "combined_loss", "dice_loss", "focal_loss", "tversky_loss"]
+__all__ = ["CombinedLoss", "EPSILON", "bce_loss", "boundary_band", "boundary_loss", "combined_loss", "dice_loss", "focal_loss", "tversky_loss"]
 
 EPSILON = 1e-7
 
@@ -78,12 +84,34 @@ def focal_loss(y_true, y_pred, gamma: float = 2.0):
     return ops.mean(pixel, axis=axes)
 
 
+def boundary_band(y_true, width: int = 2):
+    """The band within ``width`` pixels of the mask's outline, inside and out: grey-scale dilation
+    minus erosion over a ``(2 width + 1)``-pixel square window, per channel -> ``(N, H, W, C)``."""
+    y_true = ops.cast(y_true, "float32")
+    size = 2 * int(width) + 1
+    dilated = ops.max_pool(y_true, pool_size=size, strides=1, padding="same")
+    eroded = -ops.max_pool(-y_true, pool_size=size, strides=1, padding="same")
+    return dilated - eroded
+
+
+def boundary_loss(y_true, y_pred, width: int = 2):
+    """BCE over the band around the mask's outline, ``sum(band * BCE) / max(sum(band), 1)`` per
+    image -> ``(N,)``. The glioma slices the models find lose their Dice at the outline (median
+    Dice 0.73 where the tumour is found); this term weighs the outline like the bulk, whatever the
+    tumour's size. An image whose mask has no outline scores 0."""
+    y_true, y_pred, axes = _prepare(y_true, y_pred)
+    band = boundary_band(y_true, width)
+    pixel = -(y_true * ops.log(y_pred) + (1.0 - y_true) * ops.log(1.0 - y_pred))
+    return ops.sum(band * pixel, axis=axes) / ops.maximum(ops.sum(band, axis=axes), 1.0)
+
+
 @keras.saving.register_keras_serializable(package="tumorseg")
 class CombinedLoss(keras.losses.Loss):
-    """``bce_weight * BCE + dice_weight * Dice + tversky_weight * Tversky + focal_weight * Focal``
-    (per image, batch mean).
+    """``bce_weight * BCE + dice_weight * Dice + tversky_weight * Tversky + focal_weight * Focal
+    + boundary_weight * Boundary`` (per image, batch mean).
 
-    Parameters are exactly ``LossConfig``'s; a term with weight 0 is not computed.
+    Parameters are exactly ``LossConfig``'s; a term with weight 0 is not computed. The boundary
+    settings have defaults so that checkpoints compiled before they existed still load.
     """
 
     def __init__(
@@ -97,6 +125,8 @@ class CombinedLoss(keras.losses.Loss):
         smooth: float,
         focal_weight: float,
         focal_gamma: float,
+        boundary_weight: float = 0.0,
+        boundary_width: int = 2,
         name: str = "combined_loss",
         reduction: str = "sum_over_batch_size",
         dtype=None,
@@ -113,9 +143,11 @@ class CombinedLoss(keras.losses.Loss):
             smooth=smooth,
             focal_weight=focal_weight,
             focal_gamma=focal_gamma,
+            boundary_weight=boundary_weight,
+            boundary_width=boundary_width,
         )
         for key, value in settings.model_dump().items():
-            setattr(self, key, float(value))
+            setattr(self, key, int(value) if key == "boundary_width" else float(value))
 
     def call(self, y_true, y_pred):
         total = 0.0
@@ -129,6 +161,8 @@ class CombinedLoss(keras.losses.Loss):
             )
         if self.focal_weight:
             total = total + self.focal_weight * focal_loss(y_true, y_pred, self.focal_gamma)
+        if self.boundary_weight:
+            total = total + self.boundary_weight * boundary_loss(y_true, y_pred, self.boundary_width)
         return total
 
     def get_config(self):
@@ -142,6 +176,8 @@ class CombinedLoss(keras.losses.Loss):
             "smooth": self.smooth,
             "focal_weight": self.focal_weight,
             "focal_gamma": self.focal_gamma,
+            "boundary_weight": self.boundary_weight,
+            "boundary_width": self.boundary_width,
         }
 
 
