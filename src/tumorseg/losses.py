@@ -96,9 +96,9 @@ def boundary_band(y_true, width: int = 2):
 
 def boundary_loss(y_true, y_pred, width: int = 2):
     """BCE over the band around the mask's outline, ``sum(band * BCE) / max(sum(band), 1)`` per
-    image -> ``(N,)``. The glioma slices the models find lose their Dice at the outline (median
-    Dice 0.73 where the tumour is found); this term weighs the outline like the bulk, whatever the
-    tumour's size. An image whose mask has no outline scores 0."""
+    image -> ``(N,)``. Where the shipped pair finds a glioma it loses its Dice at the outline
+    (docs/levers.md: glioma median Dice 0.73); this term weighs the outline like the bulk,
+    whatever the tumour's size. An image whose mask has no outline scores 0."""
     y_true, y_pred, axes = _prepare(y_true, y_pred)
     band = boundary_band(y_true, width)
     pixel = -(y_true * ops.log(y_pred) + (1.0 - y_true) * ops.log(1.0 - y_pred))

@@ -291,8 +291,8 @@ def transformer_bottleneck(x, name: str, *, depth: int, heads: int, mlp_ratio: i
     x = layers.Add(name=f"{name}_with_position")([x, position])
     tokens = layers.Reshape((height * width, channels), name=f"{name}_tokens")(x)
     key_dim = max(channels // heads, 1)
-    for layer in range(1, depth + 1):
-        prefix = f"{name}{layer}"
+    for index in range(1, depth + 1):
+        prefix = f"{name}{index}"
         h = layers.LayerNormalization(epsilon=1e-6, name=f"{prefix}_norm1")(tokens)
         h = layers.MultiHeadAttention(heads, key_dim, dropout=dropout, name=f"{prefix}_attention")(h, h)
         tokens = layers.Add(name=f"{prefix}_attention_add")([tokens, h])
