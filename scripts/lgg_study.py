@@ -138,9 +138,13 @@ def table(folders: list[Path], cases_csv: Path | None, out: Path | None) -> str:
 
 
 def patients(folder: Path, cases_csv: Path | None, out: Path | None) -> str:
-    """Per patient of one run (its per_image.csv): Dice of the stacked slices, tumour-free slices
-    flagged, the sequences the patient has; and the run's two goal numbers with and without its
-    worst patient, so one atypical scan is told apart from a general shortfall."""
+    """Per patient of one run: its per-patient Dice as evaluate scored it, pixel errors and
+    tumour-free slices flagged (from per_image.csv), the sequences the patient has; and the run's
+    two goal numbers with and without its worst patient, so one atypical scan is told apart from a
+    general shortfall."""
+    run = _run(folder)
+    if run is None or "patient_dice_by_patient" not in run["scores"]:
+        raise SystemExit(f"{folder}: no evaluate_<model>.json with patient_dice_by_patient (a patient-grouped run's scores)")
     cases = {}
     if cases_csv and cases_csv.exists():
         with open(cases_csv, newline="") as handle:
@@ -156,7 +160,7 @@ def patients(folder: Path, cases_csv: Path | None, out: Path | None) -> str:
             row["tumour_free"] += 1
             row["tumour_free_flagged"] += int(s["pred_pixels"]) > 0
     for patient, row in rows.items():
-        row["dice"] = 2 * row["tp"] / max(2 * row["tp"] + row["fp"] + row["fn"], 1)
+        row["dice"] = run["scores"]["patient_dice_by_patient"][patient]
         row["sequences"] = cases.get(patient, {}).get("sequences", "?")
         row["institution"] = cases.get(patient, {}).get("institution", "?")
 

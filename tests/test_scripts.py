@@ -88,6 +88,7 @@ def test_lgg_study_patients_finds_the_patient_behind_a_gap(tmp_path):
         "A_1.png,A,8,2,2,10,10", "A_2.png,A,0,0,0,0,0", "B_1.png,B,1,20,0,1,21", "B_2.png,B,0,10,0,0,10",
     ]
     (tmp_path / "per_image.csv").write_text(header + "\n".join(rows) + "\n")
+    (tmp_path / "evaluate_unet.json").write_text(json.dumps({"patient_dice_by_patient": {"A": 0.8, "B": 0.0625}}))  # as evaluate scored them
     out = tmp_path / "patients.json"
     text = lgg_study.patients(tmp_path, cases, out)
     assert "| B | FG | flair | 0.062 | 30 | 0 | 1 / 1 |" in text

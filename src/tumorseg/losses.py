@@ -48,11 +48,15 @@ def _prepare(y_true, y_pred):
     return y_true, y_pred, axes
 
 
+def _pixel_bce(y_true, y_pred):
+    """Binary cross-entropy of each pixel (inputs as :func:`_prepare` returns them)."""
+    return -(y_true * ops.log(y_pred) + (1.0 - y_true) * ops.log(1.0 - y_pred))
+
+
 def bce_loss(y_true, y_pred):
     """Binary cross-entropy on probabilities, mean over each image's pixels -> shape ``(N,)``."""
     y_true, y_pred, axes = _prepare(y_true, y_pred)
-    pixel = -(y_true * ops.log(y_pred) + (1.0 - y_true) * ops.log(1.0 - y_pred))
-    return ops.mean(pixel, axis=axes)
+    return ops.mean(_pixel_bce(y_true, y_pred), axis=axes)
 
 
 def dice_loss(y_true, y_pred, smooth: float = 1.0):
@@ -101,8 +105,7 @@ def boundary_loss(y_true, y_pred, width: int = 2):
     whatever the tumour's size. An image whose mask has no outline scores 0."""
     y_true, y_pred, axes = _prepare(y_true, y_pred)
     band = boundary_band(y_true, width)
-    pixel = -(y_true * ops.log(y_pred) + (1.0 - y_true) * ops.log(1.0 - y_pred))
-    return ops.sum(band * pixel, axis=axes) / ops.maximum(ops.sum(band, axis=axes), 1.0)
+    return ops.sum(band * _pixel_bce(y_true, y_pred), axis=axes) / ops.maximum(ops.sum(band, axis=axes), 1.0)
 
 
 @keras.saving.register_keras_serializable(package="tumorseg")
