@@ -77,7 +77,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from tumorseg.config import load_config
-    from tumorseg.evaluation import evaluate_split, load_scoring_split, read_labels
+    from tumorseg.data.sources import read_labels
+    from tumorseg.evaluation import evaluate_split, load_scoring_split
     from tumorseg.inference import KerasBackend, PostProcessing, PredictedSplit, PredictionCache, Predictor, average_maps, open_keras_model
     from tumorseg.io import atomic_write_text, sha256_file
     from tumorseg.losses import combined_loss

@@ -86,12 +86,13 @@ def train_tiny_unet(
     init_from: str | Path | None = None,
     teacher=None,
     architecture: dict | None = None,
+    tumour_types: dict[str, str] | None = None,
     **train_overrides,
 ):
     """``train_model`` on ``TINY_UNET`` (4 filters, depth 2, no HAC, no CASPP; ``architecture``
     changes some of it), from ``prepared`` (no augmented copies) into ``out``; ``train_overrides``
     replace ``train.*`` of params.yaml (determinism off unless given), ``teacher`` is
-    distillation's teacher function."""
+    distillation's teacher function, ``tumour_types`` the manifest's types (``train.oversample``)."""
     from tumorseg.config import load_config
     from tumorseg.training import train_model
 
@@ -114,6 +115,7 @@ def train_tiny_unet(
         history_path=out / "history.csv",
         state_dir=out / "state",
         teacher=teacher,
+        tumour_types=tumour_types,
         progress=False,
     )
 

@@ -12,7 +12,8 @@ import pytest
 
 from helpers import PROJECT_ROOT, blob_pair, write_pair
 from tumorseg.config import load_config
-from tumorseg.evaluation import LabelledImages, breakdowns, evaluate_split, load_scoring_split, read_labels, tune_postprocessing
+from tumorseg.data.sources import read_labels
+from tumorseg.evaluation import LabelledImages, breakdowns, evaluate_split, load_scoring_split, tune_postprocessing
 from tumorseg.inference import PostProcessing, PredictedSplit, Predictor, remove_small_components
 from tumorseg.inference.cache import mean_of, predict_timed
 from tumorseg.losses import combined_loss

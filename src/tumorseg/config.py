@@ -324,6 +324,21 @@ class DistillConfig(_Strict):
         return getattr(self, model)
 
 
+class OversampleConfig(_Strict):
+    """Class-aware sampling: the training pairs of the weak kinds (a tumour type, the smallest
+    tumours) appear ``repeats`` times per epoch, each copy augmented on its own, so the loss sees
+    more of what the models get wrong most; the epoch grows by the extra copies."""
+
+    # a tumour type of the data's labels.csv (prepare copies it into manifest.csv), e.g. glioma; none = off
+    tumour_type: str = Field("none", min_length=1, max_length=100)
+    small_tumours: bool = False  # the smallest third of the training tumours by area
+    repeats: int = Field(2, ge=1, le=10)  # a pair chosen by both is still drawn `repeats` times
+
+    @property
+    def active(self) -> bool:
+        return self.repeats > 1 and (self.tumour_type != "none" or self.small_tumours)
+
+
 class TrainConfig(_Strict):
     """How both models are trained (the shared settings; lr/epochs/batch are top level)."""
 
@@ -363,6 +378,7 @@ class TrainConfig(_Strict):
     # must fit the model that params.yaml builds; the input size may differ (fully convolutional).
     init_from: InitFromConfig = InitFromConfig()
     distill: DistillConfig = DistillConfig()
+    oversample: OversampleConfig = OversampleConfig()
     # Seed of the training alone (weight init, batch order, online augmentation), so that seeds can
     # be compared on one split; null = the top-level seed, which also draws the split.
     seed: int | None = Field(None, ge=0, le=2**31 - 1)

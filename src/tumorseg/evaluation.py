@@ -165,23 +165,6 @@ def tune_postprocessing(probabilities: Sequence[np.ndarray], truths: Sequence[np
     return best
 
 
-def read_labels(labels: str, raw_dir: Path) -> pd.DataFrame | None:
-    """``file,tumour_type`` rows keyed by file stem, or None (``none``, or ``auto`` without a file)."""
-    if labels == "none":
-        return None
-    path = raw_dir / "labels.csv" if labels == "auto" else Path(labels)
-    if not path.is_file():
-        if labels == "auto":
-            return None
-        raise FileNotFoundError(f"evaluate.labels: {path} does not exist (a CSV with columns file,tumour_type; or auto / none)")
-    table = pd.read_csv(path, dtype=str)
-    missing = {"file", "tumour_type"} - set(table.columns)
-    if missing:
-        raise ValueError(f"evaluate.labels: {path} lacks the column(s) {sorted(missing)} (needs file,tumour_type)")
-    table["stem"] = table["file"].map(lambda f: Path(f).stem)
-    return table.drop_duplicates("stem").set_index("stem")
-
-
 def breakdowns(per_image: pd.DataFrame) -> dict[str, Any]:
     """Per-image mean Dice by tumour type and by tumour-size tercile (of the true area on this split)."""
     out: dict[str, Any] = {}

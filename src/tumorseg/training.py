@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tumorseg.config import SINGLE_CHANNEL, AugmentConfig, LossConfig, TrainConfig, UMobileNetV2Config, UNetConfig
-from tumorseg.data.pairs import batches_per_epoch, load_pairs, make_dataset, soft_targets
+from tumorseg.data.pairs import batches_per_epoch, load_pairs, make_dataset, oversample_repeats, soft_targets
 from tumorseg.io import OutputError, describe_os_error
 from tumorseg.resume import MONITOR, ResumeState, epoch_commit_callback, publish, restore_checkpoint, save_model_atomically, swap_ema_weights, sweep_temporaries
 from tumorseg.runtime import configure_runtime, distribution_strategy
@@ -133,6 +133,7 @@ def train_model(
     init_from: Path | None = None,
     sequences: tuple[str, ...] = (),
     teacher: Callable[[np.ndarray], np.ndarray] | None = None,
+    tumour_types: Mapping[str, str] | None = None,
     on_epoch=None,
     progress: bool = True,
 ) -> TrainResult:
@@ -145,6 +146,9 @@ def train_model(
     ``teacher``: knowledge distillation (``train.distill``): a function giving the teachers'
     probability maps ``(N, H, W)`` of the training images ``(N, H, W, C)``; the targets become
     ``(1 - train.distill.weight) * mask + weight * probability``. Validation keeps the masks.
+    ``tumour_types``: {slice name: type} of the prepared pairs (manifest.csv), for
+    ``train.oversample.tumour_type``; oversampling draws chosen pairs of ``prepared_dir/train``
+    several times per epoch (augmented copies from ``augmented_dir`` once).
     ``state_dir`` holds the resume state; it is removed when training completes. ``on_epoch``
     (epoch, metrics) is called after every epoch (MLflow logging).
     """
@@ -165,10 +169,13 @@ def train_model(
         publish(state, model_path, history_path)  # a kill may have come between commit and publish
 
     channels = sequences or (SINGLE_CHANNEL,)
-    _, train_x, train_y = load_pairs(prepared_dir / "train", image_size, channels)
+    train_names, train_x, train_y = load_pairs(prepared_dir / "train", image_size, channels)
+    repeats = oversample_repeats(train_names, train_y, train.oversample, tumour_types or {}) if train.oversample.active else None
     if augmented_dir is not None and train.use_augmented and (augmented_dir / channels[0]).is_dir():
         _, aug_x, aug_y = load_pairs(augmented_dir, image_size, channels)
         train_x, train_y = np.concatenate([train_x, aug_x]), np.concatenate([train_y, aug_y])
+        if repeats is not None:  # the copies are drawn once
+            repeats = np.concatenate([repeats, np.ones(len(aug_x), np.int64)])
     _, val_x, val_y = load_pairs(prepared_dir / "val", image_size, channels)
     if len(train_x) == 0:
         raise FileNotFoundError(f"no training pairs in {prepared_dir / 'train'}; run the prepare stage first")
@@ -177,6 +184,11 @@ def train_model(
         val_x, val_y = train_x, train_y
     if teacher is not None:  # after the fallback above: validation is always scored against masks
         train_y = distillation_targets(name, teacher, train_x, train_y, train.distill.weight)
+    if repeats is not None:
+        over = train.oversample
+        kinds = " or ".join(([over.tumour_type] if over.tumour_type != "none" else []) + (["smallest-third tumours"] if over.small_tumours else []))
+        chosen = int((repeats > 1).sum())
+        log.info("%s: oversampling %d of %d training pairs (%s) %dx: %d draws per epoch", name, chosen, len(repeats), kinds, over.repeats, int(repeats.sum()))
 
     online = None
     if train.online_augment:
@@ -208,7 +220,8 @@ def train_model(
         freeze_epochs = getattr(architecture, "freeze_epochs", 0)  # encoder models only
         transfer = freeze_epochs > 0 and str(getattr(architecture, "encoder_weights", "none")) != "none"
 
-        steps = batches_per_epoch(len(train_x), global_batch, drop_remainder=split_evenly)
+        draws = len(train_x) if repeats is None else int(repeats.sum())
+        steps = batches_per_epoch(draws, global_batch, drop_remainder=split_evenly)
 
         def compile_model(learning_rate: float, start: int, stop: int) -> None:
             compile_for_training(model, train=train, loss=loss, learning_rate=learning_rate, steps_per_epoch=steps, start_epoch=start, stop_epoch=stop)
@@ -270,6 +283,7 @@ def train_model(
             drop_remainder=split_evenly,
             epochs=(initial_epoch, stop),
             soft=teacher is not None,
+            repeats=repeats,
         )
         log.info(
             "%s: %s phase, epochs %d-%d, lr %.2g, %d training / %d validation pairs, batch %d",

@@ -6,14 +6,15 @@ Used by training, pretraining and evaluation (which scores the prepared split or
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from tumorseg.config import SINGLE_CHANNEL
+from tumorseg.config import SINGLE_CHANNEL, OversampleConfig
 
 
 def load_pairs(folder: Path, size: int | None = None, channels: Sequence[str] = (SINGLE_CHANNEL,)) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -49,6 +50,49 @@ def load_pairs(folder: Path, size: int | None = None, channels: Sequence[str] = 
     return names, images, masks
 
 
+def read_tumour_types(prepared_dir: Path, split: str = "train") -> dict[str, str]:
+    """{slice name: tumour type} of one split from prepare's manifest.csv ({} when the data had no
+    labels.csv)."""
+    path = prepared_dir / "manifest.csv"
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as handle:
+        return {row["id"]: row["tumour_type"] for row in csv.DictReader(handle) if row.get("tumour_type") and row["split"] == split}
+
+
+def check_oversample_types(oversample: OversampleConfig, tumour_types: Mapping[str, str]) -> None:
+    """One line naming ``train.oversample.tumour_type`` if no training pair has that type."""
+    if oversample.tumour_type == "none" or not oversample.active:
+        return
+    if not tumour_types:
+        raise ValueError(
+            f"train.oversample.tumour_type={oversample.tumour_type}: the prepared data has no tumour types "
+            "(manifest.csv gets them from the data source's labels.csv, file,tumour_type; re-run prepare after adding one)"
+        )
+    if oversample.tumour_type not in set(tumour_types.values()):
+        known = ", ".join(sorted(set(tumour_types.values())))
+        raise ValueError(f"train.oversample.tumour_type={oversample.tumour_type}: no training pair has that type (types: {known})")
+
+
+def oversample_repeats(names: Sequence[str], masks: np.ndarray, oversample: OversampleConfig, tumour_types: Mapping[str, str]) -> np.ndarray:
+    """How many times each training pair is drawn per epoch (``train.oversample``): ``repeats`` for
+    a pair of ``tumour_type`` or, with ``small_tumours``, one in the smallest third of the split's
+    tumours by area (the cut evaluation's size terciles use), 1 for the rest. ``names``: the pairs'
+    file names; ``masks`` ``(N, H, W, 1)`` 0/1; ``tumour_types``: :func:`read_tumour_types`."""
+    chosen = np.zeros(len(names), bool)
+    if oversample.tumour_type != "none":
+        present = {Path(name).stem: tumour_types[Path(name).stem] for name in names if Path(name).stem in tumour_types}
+        check_oversample_types(oversample, present)
+        chosen |= np.array([present.get(Path(name).stem) == oversample.tumour_type for name in names], bool)
+    if oversample.small_tumours:
+        area = masks.reshape(len(masks), -1).mean(axis=1, dtype=np.float64)
+        tumours = area > 0
+        if tumours.any():
+            cut = np.quantile(area[tumours], 1 / 3)
+            chosen |= tumours & (area <= cut)
+    return np.where(chosen, oversample.repeats, 1).astype(np.int64)
+
+
 def soft_targets(masks: np.ndarray, probabilities: np.ndarray, weight: float) -> np.ndarray:
     """Distillation targets: ``(1 - weight) * mask + weight * probability`` per pixel, stored as
     uint8 0..255 like a mask (the quantisation step, 1/255, is below any Dice difference) so they
@@ -74,6 +118,7 @@ def make_dataset(
     drop_remainder: bool = False,
     epochs: tuple[int, int] = (0, 1),
     soft: bool = False,
+    repeats: np.ndarray | None = None,
 ):
     """A ``tf.data`` pipeline of (raw float image, 0/1 mask) batches for epochs ``[first, stop)``;
     ``soft``: ``masks`` are :func:`soft_targets` (0..255), given as floats in [0, 1].
@@ -85,17 +130,21 @@ def make_dataset(
     (:func:`batches_per_epoch`). ``augment`` (an albumentations Compose) runs in a ``numpy_function``
     before batching, so image and mask go through it together; then, with probability
     ``sequence_dropout``, 1 to ``sequence_dropout_max`` channels of a multi-channel slice are blanked
-    (as a missing sequence is stored), drawn from the same per-pair seed.
+    (as a missing sequence is stored), drawn from the same per-pair seed. ``repeats`` (one count per
+    pair, :func:`oversample_repeats`): pair ``i`` is drawn ``repeats[i]`` times per epoch, each draw
+    in its own place in the order and augmented anew; an epoch is ``sum(repeats)`` draws.
     """
     import tensorflow as tf
 
     first, stop = epochs
     all_images, all_masks = tf.constant(images), tf.constant(masks)
-    count = len(images)
+    if repeats is not None and len(repeats) != len(images):
+        raise ValueError(f"repeats has {len(repeats)} counts for {len(images)} pairs")
+    draws = np.arange(len(images), dtype=np.int64) if repeats is None else np.repeat(np.arange(len(images), dtype=np.int64), repeats)
     dropout = sequence_dropout if images.ndim == 4 and images.shape[-1] > 1 else 0.0  # one channel: nothing to drop
 
     def one_epoch(epoch):
-        order = tf.range(count, dtype=tf.int64)
+        order = tf.constant(draws)
         if shuffle:
             order = tf.random.experimental.stateless_shuffle(order, seed=tf.stack([tf.constant(seed, tf.int64), epoch]))
         indices = tf.data.Dataset.from_tensor_slices(order)

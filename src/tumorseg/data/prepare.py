@@ -15,6 +15,7 @@ import re
 import shutil
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -407,6 +408,7 @@ def prepare_dataset(
     progress: bool = True,
     report_extra: dict | None = None,
     missing_sequences: str = "skip",
+    tumour_types: Mapping[str, str] | None = None,
 ) -> PrepareReport:
     """Check, resize and split every pair; write the split folders, manifest.csv and report.json.
 
@@ -415,7 +417,9 @@ def prepare_dataset(
     slice missing one is skipped or filled with zeros as ``missing_sequences`` says). The output
     folder is replaced atomically, so an interrupted or failed run leaves the previous output
     untouched and the inputs are only ever read. ``report_extra`` (e.g. the data source record)
-    is added to report.json.
+    is added to report.json. ``tumour_types`` ({slice name: type}, the data's labels.csv) becomes
+    manifest.csv's ``tumour_type`` column ("" where a slice has none), which class-aware sampling
+    (``train.oversample``) reads.
     """
     import pandas as pd
 
@@ -480,6 +484,8 @@ def prepare_dataset(
         if multi:  # each sequence's original file ("" where it was filled with zeros)
             columns |= {f"{channel}_path": [o.channel_paths[channel] for o in kept] for channel in channel_dirs}
             columns["filled"] = [";".join(o.filled) for o in kept]
+        if tumour_types:
+            columns["tumour_type"] = [tumour_types.get(o.name, "") for o in kept]
         manifest = pd.DataFrame(columns)
         atomic_write_text(staging / "manifest.csv", manifest.to_csv(index=False))
         split_groups = manifest.groupby("split")["group"].nunique()

@@ -222,6 +222,27 @@ LABELS_FILE = "labels.csv"
 CASES_FILE = "cases.csv"
 
 
+def read_labels(labels: str, raw_dir: Path):
+    """``file,tumour_type`` rows keyed by file stem (a DataFrame), or None (``none``, or ``auto``
+    without a file). ``labels``: ``evaluate.labels`` (a CSV path, ``auto`` = ``raw_dir/labels.csv``,
+    ``none``); prepare copies the types into manifest.csv, evaluate scores per type."""
+    import pandas as pd
+
+    if labels == "none":
+        return None
+    path = raw_dir / LABELS_FILE if labels == "auto" else Path(labels)
+    if not path.is_file():
+        if labels == "auto":
+            return None
+        raise FileNotFoundError(f"evaluate.labels: {path} does not exist (a CSV with columns file,tumour_type; or auto / none)")
+    table = pd.read_csv(path, dtype=str)
+    missing = {"file", "tumour_type"} - set(table.columns)
+    if missing:
+        raise ValueError(f"evaluate.labels: {path} lacks the column(s) {sorted(missing)} (needs file,tumour_type)")
+    table["stem"] = table["file"].map(lambda f: Path(f).stem)
+    return table.drop_duplicates("stem").set_index("stem")
+
+
 def _copy_files(files: list[Path], destination: Path, desc: str, progress: bool) -> None:
     destination.mkdir(parents=True, exist_ok=True)
     for path in tqdm(files, desc=desc, unit="file", disable=not progress, leave=False):

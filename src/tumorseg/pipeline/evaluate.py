@@ -33,7 +33,8 @@ def evaluate_step(
     Every model predicts through :class:`~tumorseg.inference.Predictor`, the path ``tumorseg
     predict`` takes; each model predicts each split once (:class:`~tumorseg.inference.PredictionCache`)
     and the ensemble is scored from its members' maps."""
-    from tumorseg.evaluation import evaluate_split, load_scoring_split, read_labels, write_evaluation
+    from tumorseg.data.sources import read_labels
+    from tumorseg.evaluation import evaluate_split, load_scoring_split, write_evaluation
     from tumorseg.inference import PostProcessing, PredictionCache, Predictor
     from tumorseg.inference.cache import mean_of
     from tumorseg.losses import combined_loss

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tumorseg.config import Config, check_image_size
 from tumorseg.data.prepare import PrepareReport, prepare_dataset
-from tumorseg.data.sources import read_source_info, report_fields
+from tumorseg.data.sources import read_labels, read_source_info, report_fields
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ def prepare_step(
     on_error: str | None = None,
     mask_suffix: str | None = None,
     report_extra: dict | None = None,
+    tumour_types: dict[str, str] | None = None,
 ) -> PrepareReport:
     """Prepare with the config's settings; explicit arguments (from the CLI) win over it."""
     p = cfg.prepare
@@ -44,6 +45,7 @@ def prepare_step(
         progress=progress,
         report_extra=report_extra,
         missing_sequences=p.missing_sequences,
+        tumour_types=tumour_types,
     )
     rate = report.valid_pairs / report.seconds if report.seconds else 0.0
     log.info(
@@ -61,13 +63,16 @@ def prepare_step(
 
 
 def prepare_from_raw(cfg: Config, raw_dir: Path, out_dir: Path, progress: bool = True) -> PrepareReport:
-    """The DVC stage: raw folder from the download stage -> prepared splits (+ data source record)."""
+    """The DVC stage: raw folder from the download stage -> prepared splits (+ data source record,
+    + the tumour types of the source's labels.csv in manifest.csv, if it has one)."""
     extra = report_fields(read_source_info(raw_dir))
+    labels = read_labels("auto", raw_dir)
+    types = labels["tumour_type"].dropna().to_dict() if labels is not None else None
     if not cfg.data.sequences:
-        return prepare_step(cfg, raw_dir / "images", raw_dir / "masks", out_dir, progress, report_extra=extra)
+        return prepare_step(cfg, raw_dir / "images", raw_dir / "masks", out_dir, progress, report_extra=extra, tumour_types=types)
     # The download stage names every raw mask like its slice (layouts.py), whatever data.mask_suffix says.
     sequences = {name: raw_dir / name for name in cfg.data.sequences}
-    return prepare_step(cfg, sequences, raw_dir / "masks", out_dir, progress, mask_suffix="", report_extra=extra)
+    return prepare_step(cfg, sequences, raw_dir / "masks", out_dir, progress, mask_suffix="", report_extra=extra, tumour_types=types)
 
 
 def write_prepare_metrics(report: PrepareReport, path: Path) -> dict:

@@ -13,6 +13,7 @@ import pandas as pd
 
 from tumorseg import tracking
 from tumorseg.config import Config
+from tumorseg.data.pairs import check_oversample_types, read_tumour_types
 from tumorseg.io import info_path, sha256_file, write_metrics
 from tumorseg.pipeline.runs import data_record, log_split_inputs, run_tags
 from tumorseg.resume import ResumeState, clear_state, read_state, remember_run_id, sweep_temporaries, update_state
@@ -90,6 +91,8 @@ def train_step(
         "augmented_dir": augmented_dir,
         "progress": progress,
     }
+    training["tumour_types"] = read_tumour_types(prepared_dir) if cfg.train.oversample.active else {}
+    check_oversample_types(cfg.train.oversample, training["tumour_types"])  # before any run opens
     teachers = distillation_teachers(cfg, name)  # checked before any run opens
     training["teacher"] = distillation_teacher(cfg, teachers, progress=progress) if teachers else None
     if cfg.train.distribute == "multi_worker":
