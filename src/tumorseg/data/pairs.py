@@ -81,9 +81,9 @@ def oversample_repeats(names: Sequence[str], masks: np.ndarray, oversample: Over
     file names; ``masks`` ``(N, H, W, 1)`` 0/1; ``tumour_types``: :func:`read_tumour_types`."""
     chosen = np.zeros(len(names), bool)
     if oversample.tumour_type != "none":
-        present = {Path(name).stem: tumour_types[Path(name).stem] for name in names if Path(name).stem in tumour_types}
-        check_oversample_types(oversample, present)
-        chosen |= np.array([present.get(Path(name).stem) == oversample.tumour_type for name in names], bool)
+        types = [tumour_types.get(Path(name).stem) for name in names]
+        check_oversample_types(oversample, {name: kind for name, kind in zip(names, types) if kind})
+        chosen |= np.array([kind == oversample.tumour_type for kind in types], bool)
     if oversample.small_tumours:
         area = masks.reshape(len(masks), -1).mean(axis=1, dtype=np.float64)
         tumours = area > 0
